@@ -1,0 +1,1 @@
+"""Audio for voicefast: VAD, streaming ASR, incremental TTS, resampling and phone codecs."""

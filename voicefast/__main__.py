@@ -1,0 +1,5 @@
+import sys
+
+from voicefast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,153 @@
+import numpy as np
+import pytest
+from speech import CUSTOMER_SENTENCES, load_wav, speech_wav
+
+from audio.vad import WINDOW_SAMPLES, SileroVadModel, VadParams, VadState, VadStateMachine, VadStream
+
+W = WINDOW_SAMPLES  # 512 samples = 32 ms
+
+
+def run_probs(probs, params=None):
+    m = VadStateMachine(params or VadParams(early_silence_ms=160, silence_duration_ms=500, min_speech_ms=96))
+    out = []
+    for p in probs:
+        out += [(e.kind, e.sample) for e in m.push(p)]
+    return out, m
+
+
+def test_state_machine_turn_with_true_offsets():
+    probs = [0.0] * 10 + [0.9] * 20 + [0.0] * 20
+    events, m = run_probs(probs)
+    # onset is the first speech window (10), reported once min_speech (3 windows = 96 ms) has passed
+    assert events == [("speech_started", 10 * W), ("early_silence", 30 * W), ("speech_stopped", 30 * W)]
+    assert m.state is VadState.QUIET
+
+
+def test_state_machine_progresses_through_states():
+    m = VadStateMachine(VadParams(min_speech_ms=96))
+    seen = [m.state]
+    for p in [0.9, 0.9, 0.9, 0.9, 0.1] + [0.1] * 20:
+        m.push(p)
+        seen.append(m.state)
+    assert seen[:5] == [VadState.QUIET, VadState.STARTING, VadState.STARTING, VadState.SPEAKING, VadState.SPEAKING]
+    assert VadState.STOPPING in seen and seen[-1] is VadState.QUIET
+
+
+def test_click_is_ignored():
+    events, _ = run_probs([0.0] * 5 + [0.95, 0.95] + [0.0] * 30)  # 64 ms < min_speech 96 ms
+    assert events == []
+
+
+def test_early_silence_then_resume_then_stop():
+    # 8 windows of silence = 256 ms: past early_silence (160 ms) but short of silence_duration (500 ms)
+    probs = [0.9] * 10 + [0.05] * 8 + [0.9] * 10 + [0.05] * 20
+    events, _ = run_probs(probs)
+    assert events == [("speech_started", 0), ("early_silence", 10 * W), ("speech_resumed", 18 * W),
+                      ("early_silence", 28 * W), ("speech_stopped", 28 * W)]
+
+
+def test_short_pause_fires_nothing_and_hysteresis_holds_speech():
+    # a 64 ms dip below neg_threshold (< early 160 ms) and probabilities between neg and threshold keep speaking
+    probs = [0.9] * 10 + [0.05] * 2 + [0.9] * 5 + [0.4] * 10 + [0.9] * 3 + [0.0] * 20
+    events, _ = run_probs(probs)
+    assert events == [("speech_started", 0), ("early_silence", 30 * W), ("speech_stopped", 30 * W)]
+
+
+def test_end_of_input_closes_the_turn():
+    m = VadStateMachine(VadParams())
+    for p in [0.9] * 10:
+        m.push(p)
+    ev = m.end_of_input()
+    assert [(e.kind, e.sample) for e in ev] == [("speech_stopped", 10 * W)]
+
+
+def test_params_validation():
+    with pytest.raises(ValueError):
+        VadParams(threshold=1.5)
+    with pytest.raises(ValueError):
+        VadParams(early_silence_ms=600, silence_duration_ms=500)
+    with pytest.raises(ValueError):
+        VadParams(min_speech_ms=-1)
+
+
+class FakeModel:
+    """Probability = 1 when the window's RMS exceeds 0.05 (isolates VadStream's re-buffering/context)."""
+
+    def __init__(self):
+        self.windows = []
+
+    def initial_state(self):
+        return np.zeros(1)
+
+    def __call__(self, window, state):
+        self.windows.append(window.copy())
+        return float(np.sqrt(np.mean(window[-W:] ** 2)) > 0.05), state + 1
+
+
+def test_stream_rebuffers_and_carries_context():
+    fake = FakeModel()
+    s = VadStream(fake, VadParams(min_speech_ms=64, early_silence_ms=64, silence_duration_ms=128))
+    x = np.zeros(40 * W, np.float32)
+    x[10 * W:20 * W] = 0.5
+    rng = np.random.default_rng(1)
+    events, i = [], 0
+    while i < len(x):
+        k = int(rng.integers(1, 900))
+        events += s.process(x[i:i + k])
+        i += k
+    assert all(len(w) == 64 + W for w in fake.windows) and len(fake.windows) == 40
+    for prev, cur in zip(fake.windows, fake.windows[1:], strict=False):
+        np.testing.assert_array_equal(cur[:64], prev[-64:])  # the 64-sample context is the previous tail
+    assert [(e.kind, e.sample) for e in events] == [("speech_started", 10 * W), ("early_silence", 20 * W),
+                                                      ("speech_stopped", 20 * W)]
+    with pytest.raises(ValueError):
+        s.process(np.array([np.nan], np.float32))
+
+
+# ------------------------- real Silero model -------------------------
+
+@pytest.fixture(scope="module")
+def silero():
+    return SileroVadModel()
+
+
+def _truth(clean, lead):
+    idx = np.nonzero(np.abs(clean) > 0.02)[0]
+    return idx[0], idx[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("snr_db", [None, 20])
+@pytest.mark.parametrize("sentence", CUSTOMER_SENTENCES)
+def test_silero_start_stop_within_100ms(silero, sentence, snr_db):
+    x, rate = load_wav(speech_wav(sentence, lead_silence_ms=800, trail_silence_ms=1200))
+    assert rate == 16000
+    on, off = _truth(x, 800)
+    if snr_db is not None:
+        rng = np.random.default_rng(0)
+        p_speech = np.mean(x[on:off] ** 2)
+        x = x + rng.standard_normal(len(x)).astype(np.float32) * np.sqrt(p_speech / 10 ** (snr_db / 10))
+    s = VadStream(silero, VadParams())
+    events = []
+    for i in range(0, len(x), 320):  # 20 ms client frames
+        events += s.process(x[i:i + 320])
+    kinds = [e.kind for e in events]
+    assert kinds == ["speech_started", "early_silence", "speech_stopped"], kinds
+    assert abs(events[0].sample - on) <= 1600, (events[0].sample, on)
+    assert abs(events[-1].sample - off) <= 1600, (events[-1].sample, off)
+    assert events[0].ms == events[0].sample // 16
+
+
+@pytest.mark.slow
+def test_silero_shared_between_interleaved_streams(silero):
+    # two sessions on one model: interleaving must not mix their state
+    x, _ = load_wav(speech_wav(CUSTOMER_SENTENCES[0], lead_silence_ms=500, trail_silence_ms=1000))
+    alone = VadStream(silero)
+    ref = [alone.process(x[i:i + 512]) for i in range(0, len(x), 512)]
+    a, b = VadStream(silero), VadStream(silero)
+    noise = np.random.default_rng(2).standard_normal(len(x)).astype(np.float32) * 0.3
+    got = []
+    for i in range(0, len(x), 512):
+        got.append(a.process(x[i:i + 512]))
+        b.process(noise[i:i + 512])
+    assert got == ref

@@ -1,0 +1,164 @@
+"""Decode attention over the paged KV cache: one query token per sequence.
+
+One program per (sequence, KV head, split): it loads each KV tile once and serves all the G = Hq/Hkv
+query heads of its group with one tl.dot (G padded to 16). Long contexts are split over `num_splits`
+programs (split-K) whose partial outputs are merged by log-sum-exp in a second small kernel. Everything
+is read from device tensors (seq_lens, block_tables), so a CUDA graph can replay it with new contents."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, seq_lens_ptr, bt_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+                        scale, page_size,
+                        sq_b, sq_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, s_bt, so_b, so_h,
+                        G: tl.constexpr, G_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+                        BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    g = tl.arange(0, G_P2)
+    d = tl.arange(0, D_P2)
+    gm = g < G
+    dm = d < HEAD_DIM
+    qh = kvh * G + g  # [G_P2] query heads of this group
+    q = tl.load(q_ptr + b * sq_b + qh[:, None] * sq_h + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
+    seq_len = tl.load(seq_lens_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+    m_i = tl.full([G_P2], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_P2], tl.float32)
+    acc = tl.zeros([G_P2, D_P2], tl.float32)
+    for n in range(start, end, BLOCK_N):
+        offs = n + tl.arange(0, BLOCK_N)
+        nm = offs < end
+        page = tl.load(bt_ptr + b * s_bt + offs // page_size, mask=nm, other=0).to(tl.int64)
+        within = offs % page_size
+        km = nm[:, None] & dm[None, :]
+        k = tl.load(kc_ptr + page[:, None] * skc_b + within[:, None] * skc_s + kvh * skc_h + d[None, :],
+                    mask=km, other=0.0)  # [BLOCK_N, D]
+        s = tl.dot(q, tl.trans(k)) * scale  # [G_P2, BLOCK_N]
+        s = tl.where(nm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + page[:, None] * svc_b + within[:, None] * svc_s + kvh * svc_h + d[None, :],
+                    mask=km, other=0.0)  # [BLOCK_N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    om = gm[:, None] & dm[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b * so_b + qh[:, None] * so_h + d[None, :], o.to(out_ptr.dtype.element_ty), mask=om)
+    else:
+        # partials: o [B, Hq, S, D_P2] fp32, lse [B, Hq, S] fp32 (-inf for an empty split)
+        n_q = tl.num_programs(1) * G
+        row = (b * n_q + qh) * NUM_SPLITS + split  # [G_P2]
+        tl.store(part_o_ptr + row[:, None] * D_P2 + d[None, :], o, mask=om)
+        lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=gm)
+
+
+@triton.jit
+def _merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, so_b, so_h,
+                  HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    n_q = tl.num_programs(1)
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, D_P2)
+    row = (b * n_q + h) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row + s)  # [S]
+    mx = tl.max(lse, axis=0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp(lse - mx_safe)  # exp(-inf) = 0 for empty splits
+    o = tl.load(part_o_ptr + (row + s)[:, None] * D_P2 + d[None, :])  # [S, D_P2]
+    tot = tl.sum(w, axis=0)
+    res = tl.sum(o * w[:, None], axis=0) / tl.where(tot > 0, tot, 1.0)
+    tl.store(out_ptr + b * so_b + h * so_h + d, res.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def pick_num_splits(batch: int, n_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
+    """Enough (sequence, head, split) programs to fill the chip about twice; at most one tile per split."""
+    if device.type != "cuda":
+        sms = 4
+    else:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        sms = _SM_COUNT[idx]
+    want = math.ceil(2 * sms / max(1, batch * n_kv_heads))
+    tiles = max(1, math.ceil(max_seq_len / block_n))
+    return max(1, min(triton.next_power_of_2(want), triton.next_power_of_2(tiles), 64))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                     block_tables: torch.Tensor, scale: float, num_splits: int | None = None,
+                     max_seq_len: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, D] (one token per sequence); caches [num_blocks, block_size, Hkv, D]; seq_lens [B] int32;
+    block_tables [B, max_blocks] int32. Returns out [B, Hq, D]. Rows with seq_len 0 give zeros."""
+    B, n_q, D = q.shape
+    n_kv = k_cache.shape[2]
+    if n_q % n_kv:
+        raise ValueError(f"{n_q} query heads do not group over {n_kv} KV heads")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("decode_attention wants the head dim contiguous")
+    G = n_q // n_kv
+    block_n = 64 if D <= 128 else 32
+    if num_splits is None:
+        ms = max_seq_len if max_seq_len is not None else block_tables.shape[1] * k_cache.shape[1]
+        num_splits = pick_num_splits(B, n_kv, ms, block_n, q.device)
+    if num_splits & (num_splits - 1):
+        raise ValueError("num_splits must be a power of two")
+    if out is None:
+        out = torch.empty((B, n_q, D), dtype=q.dtype, device=q.device)  # [B, Hq, D]
+    if B == 0:
+        return out
+    d_p2 = triton.next_power_of_2(D)
+    if num_splits > 1:
+        part_o = torch.empty((B, n_q, num_splits, d_p2), dtype=torch.float32, device=q.device)  # [B, Hq, S, D]
+        part_lse = torch.empty((B, n_q, num_splits), dtype=torch.float32, device=q.device)  # [B, Hq, S]
+    else:
+        part_o = part_lse = out
+    _decode_attn_kernel[(B, n_kv, num_splits)](
+        q, k_cache, v_cache, seq_lens, block_tables, out, part_o, part_lse, scale, k_cache.shape[1],
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0),
+        out.stride(1),
+        G=G, G_P2=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, D_P2=d_p2, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, num_warps=4, num_stages=2)
+    if num_splits > 1:
+        _merge_kernel[(B, n_q)](part_o, part_lse, out, out.stride(0), out.stride(1),
+                                HEAD_DIM=D, D_P2=d_p2, NUM_SPLITS=num_splits, num_warps=1)
+    return out
+
+
+def reference_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale) -> torch.Tensor:
+    B, n_q, D = q.shape
+    n_kv = k_cache.shape[2]
+    bs = k_cache.shape[1]
+    out = torch.zeros_like(q)
+    for i in range(B):
+        n = int(seq_lens[i])
+        if n == 0:
+            continue
+        pages = block_tables[i, : (n + bs - 1) // bs].long()
+        k = k_cache[pages].reshape(-1, n_kv, D)[:n].float()  # [n, Hkv, D]
+        v = v_cache[pages].reshape(-1, n_kv, D)[:n].float()
+        k = k.repeat_interleave(n_q // n_kv, dim=1)  # [n, Hq, D]
+        v = v.repeat_interleave(n_q // n_kv, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[i].float(), k) * scale
+        out[i] = torch.einsum("hn,nhd->hd", s.softmax(-1), v).to(q.dtype)
+    return out

@@ -1,0 +1,88 @@
+"""Int4 weight-only Linear, asymmetric group-wise: w[n, k] ~= q[n, k] * scale[n, g] + min[n, g], q in [0, 15],
+g = k // group (group 128, or 64/32 where K is not a multiple of 128). Two codes per byte along K:
+packed[n, j] = q[n, 2j] | q[n, 2j+1] << 4."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SMALL_BATCH_MAX = 16
+
+
+def pick_group(k: int, group: int = 128) -> int:
+    for g in (group, 64, 32):
+        if k % g == 0:
+            return g
+    raise ValueError(f"in_features {k} is not a multiple of 32: cannot group-quantize to int4")
+
+
+def quantize_int4(w: torch.Tensor, group: int = 128):
+    """w [N, K] -> (packed uint8 [N, K/2], scale fp16 [N, K/group], min fp16 [N, K/group], group)."""
+    N, K = w.shape
+    group = pick_group(K, group)
+    wg = w.float().reshape(N, K // group, group)  # [N, G, group]
+    lo = wg.amin(dim=2)
+    hi = wg.amax(dim=2)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.float16)  # [N, G]
+    mn = lo.to(torch.float16)  # [N, G]
+    q = torch.round((wg - mn.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    q = q.reshape(N, K)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()  # [N, K/2]
+    return packed, scale, mn, group
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K/2] uint8 -> [N, K] uint8 codes."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(packed, scale, mn, group: int, dtype: torch.dtype) -> torch.Tensor:
+    q = unpack_int4(packed).float()
+    N, K = q.shape
+    w = q.reshape(N, K // group, group) * scale.float()[..., None] + mn.float()[..., None]
+    return w.reshape(N, K).to(dtype)
+
+
+def reference_int4_linear(x, packed, scale, mn, group, bias=None):
+    return F.linear(x, dequantize_int4(packed, scale, mn, group, x.dtype), bias)
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=torch.bfloat16,
+                 group: int = 128):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group = pick_group(in_features, group)
+        ng = in_features // self.group
+        self.register_buffer("qweight", torch.zeros((out_features, in_features // 2), dtype=torch.uint8,
+                                                    device=device))
+        self.register_buffer("scale", torch.ones((out_features, ng), dtype=torch.float16, device=device))
+        self.register_buffer("wmin", torch.zeros((out_features, ng), dtype=torch.float16, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, group: int = 128) -> Int4Linear:
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.device, lin.weight.dtype, group)
+        packed, s, mn, _ = quantize_int4(lin.weight.data, m.group)
+        m.qweight.copy_(packed)
+        m.scale.copy_(s)
+        m.wmin.copy_(mn)
+        if lin.bias is not None:
+            m.bias.data.copy_(lin.bias.data)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x.is_cuda and x2.shape[0] <= SMALL_BATCH_MAX:
+            from llm_engine.quant.kernels import int4_matmul
+            y = int4_matmul(x2, self.qweight, self.scale, self.wmin, self.group, self.bias)
+        else:
+            y = reference_int4_linear(x2, self.qweight, self.scale, self.wmin, self.group, self.bias)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 group {self.group}"

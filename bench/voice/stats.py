@@ -1,0 +1,81 @@
+"""Percentiles per concurrency level, and the summary.md table (pure Python bookkeeping)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+METRICS = ("e2e_ms", "end_of_turn_delay_ms", "asr_final_ms", "llm_ttft_ms", "tts_first_audio_ms",
+           "speech_stopped_ms", "transcript_ms", "first_text_ms", "tokens_per_s", "wer")
+QUANTILES = (50, 90, 99)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default method); None for no values."""
+    xs = sorted(v for v in values if v is not None)
+    if not xs:
+        return None
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def level_of(turn: dict) -> str:
+    return turn.get("level") or str(turn["concurrency"])
+
+
+def group_by_level(turns: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for t in turns:
+        groups[level_of(t)].append(t)
+    return dict(groups)
+
+
+def summarize(turns: list[dict]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """{level: {metric: {"p50": .., "p90": .., "p99": .., "n": ..}}} over successful turns."""
+    out = {}
+    for level, ts in group_by_level(turns).items():
+        ok = [t for t in ts if t.get("status") == "ok"]
+        out[level] = {"_turns": {"n": len(ts), "ok": len(ok)}}
+        for m in METRICS:
+            vals = [t[m] for t in ok if t.get(m) is not None]
+            out[level][m] = {f"p{q}": percentile(vals, q) for q in QUANTILES} | {"n": len(vals)}
+    return out
+
+
+def _fmt(v: float | None, metric: str) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.3f}" if metric == "wer" else (f"{v:.1f}" if metric == "tokens_per_s" else f"{v:.0f}")
+
+
+def summary_markdown(meta: dict, turns: list[dict]) -> str:
+    s = summarize(turns)
+    lines = ["# voicefast bench voice", "",
+             f"- command: `{meta.get('command')}`", f"- url: {meta.get('url')}",
+             f"- commit: {meta.get('commit')}", f"- machine: {meta.get('machine')}",
+             f"- started: {meta.get('started')}", f"- mode: {meta.get('mode')}", "",
+             "All latencies in ms from the TRUE end of speech in the audio the caller sent (the wall-clock send time",
+             "of the frame holding its last voiced sample). e2e = first reply audio byte received. Stage columns",
+             "are the server's own `voicefast_timings` (– when the server does not report them).", ""]
+    for level in sorted(s, key=_level_key):
+        st = s[level]
+        lines += [f"## concurrency {level}  ({st['_turns']['ok']}/{st['_turns']['n']} turns ok)", "",
+                  "| metric | n | p50 | p90 | p99 |", "|---|---|---|---|---|"]
+        for m in METRICS:
+            v = st[m]
+            if v["n"]:
+                lines.append(f"| {m} | {v['n']} | {_fmt(v['p50'], m)} | {_fmt(v['p90'], m)} | {_fmt(v['p99'], m)} |")
+        lines.append("")
+    failed = [t for t in turns if t.get("status") != "ok"]
+    if failed:
+        lines += ["## failed turns", ""] + [f"- session {t['session']} turn {t['turn']}: {t['status']}"
+                                             for t in failed] + [""]
+    return "\n".join(lines)
+
+
+def _level_key(level: str) -> tuple:
+    try:
+        return (0, float(level))
+    except ValueError:
+        return (1, level)

@@ -1,0 +1,159 @@
+"""The latency harness's metrics, checked against a scripted fake server with KNOWN delays and known audio timing,
+plus a short real run against `voicefast serve` on the embedded models."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from fake_realtime_server import RATE_HZ, FakeRealtimeServer, FakeScript
+
+from bench.cli import main as bench_main
+from bench.voice.runner import build_parser, run, sweep_levels
+from bench.voice.stats import percentile, summarize
+from bench.voice.utterances import FRAME_SAMPLES, load_wav_dir, make_utterance, speech_end_sample
+from bench.voice.wer import word_error_rate
+
+TONE_MS = 700  # whole frames, so the fake's chunk-level end of speech is the exact sample
+
+
+def _tone_dir(tmp_path: Path, texts: list[str]) -> Path:
+    d = tmp_path / "wavs"
+    d.mkdir()
+    for i, text in enumerate(texts):
+        n = RATE_HZ * TONE_MS // 1000
+        x = 0.4 * np.sin(2 * np.pi * 300 * np.arange(n) / RATE_HZ)
+        x = np.concatenate([x, np.zeros(RATE_HZ // 2)])  # trailing silence the harness must cut off
+        sf.write(d / f"u{i}.wav", x, RATE_HZ, subtype="PCM_16")
+        (d / f"u{i}.txt").write_text(text)
+    return d
+
+
+def _run(args: list[str]) -> dict:
+    argv = [*args, "--quiet"]
+    return run(build_parser().parse_args(argv), argv)
+
+
+def test_speech_end_and_frames():
+    n = RATE_HZ * TONE_MS // 1000 + 123  # not a whole number of frames
+    x = np.concatenate([0.5 * np.sin(np.arange(n) / 5.0), np.zeros(RATE_HZ)]).astype(np.float32)
+    assert abs(speech_end_sample(x) - n) <= RATE_HZ // 100  # within one 10 ms window
+    u = make_utterance("hi", x, RATE_HZ, "test")
+    assert len(u.pcm) % (FRAME_SAMPLES * 2) == 0
+    assert u.speech_end_sample <= len(u.pcm) // 2 < u.speech_end_sample + FRAME_SAMPLES
+    with pytest.raises(ValueError, match="silent"):
+        speech_end_sample(np.zeros(RATE_HZ, np.float32))
+
+
+def test_wer_and_percentiles():
+    assert word_error_rate("What time do you open?", "what time do you open") == 0.0
+    assert word_error_rate("a b c d", "a x c") == 0.5  # one substitution, one deletion
+    assert word_error_rate("a b", "a b c d") == 1.0  # two insertions
+    assert percentile([3, 1, 2, 4], 50) == 2.5
+    assert percentile([], 90) is None
+    assert sweep_levels(4) == [1, 2, 4] and sweep_levels(6) == [1, 2, 4, 6] and sweep_levels(1) == [1]
+
+
+def test_wav_dir_errors(tmp_path):
+    with pytest.raises(ValueError, match="not a directory"):
+        load_wav_dir(tmp_path / "nope")
+    sf.write(tmp_path / "a.wav", np.zeros(100), RATE_HZ)
+    with pytest.raises(ValueError, match="lack a .txt"):
+        load_wav_dir(tmp_path)
+
+
+def test_harness_reports_the_injected_delays(tmp_path):
+    script = FakeScript(silence_ms=300, asr_final_ms=40, llm_ttft_ms=70, tts_first_audio_ms=50, reply_audio_ms=400,
+                        transcripts=["hello there friend", "hello"])
+    wavs = _tone_dir(tmp_path, ["hello there friend"])
+    with FakeRealtimeServer(script) as srv:
+        doc = _run(["--url", srv.url, "--sessions", "1", "--turns", "2", "--wav-dir", str(wavs),
+                    "--out", str(tmp_path / "out"), "--think-ms", "100"])
+    turns = doc["turns"]
+    assert [t["status"] for t in turns] == ["ok", "ok"]
+    assert len(srv.turns) == 2
+    injected = script.silence_ms + script.asr_final_ms + script.llm_ttft_ms + script.tts_first_audio_ms  # 460
+    for t, ft in zip(turns, srv.turns, strict=True):
+        # The fake saw the end of speech exactly where the harness says it is (same 20 ms frame).
+        assert ft.speech_end_sample - ft.speech_start_sample == RATE_HZ * TONE_MS // 1000
+        # What really happened on the server, same clock: silence window (paced by the caller in real time)
+        # + the server's own measured delay from the silence-completing frame to the first audio it sent.
+        truth = script.silence_ms + (ft.t_first_audio_sent - ft.t_speech_end_recv) * 1000
+        assert abs(t["e2e_ms"] - truth) < 10, (t["e2e_ms"], truth)
+        assert abs(t["e2e_ms"] - injected) < 25, (t["e2e_ms"], injected)  # the sleeps themselves may overshoot
+        # The breakdown is the server's report, passed through untouched.
+        assert (t["end_of_turn_delay_ms"], t["asr_final_ms"], t["llm_ttft_ms"], t["tts_first_audio_ms"]) == \
+            (300, 40, 70, 50)
+        assert t["tokens_per_s"] == 42.0
+        # Not anchored on speech_stopped: the fake sends it a full silence window after the true end.
+        assert t["speech_stopped_ms"] >= script.silence_ms - 10
+        assert t["reply_audio_ms"] == pytest.approx(400, abs=1)
+        assert t["reply_text"] == script.reply_text
+    assert turns[0]["wer"] == 0.0 and turns[1]["wer"] == pytest.approx(2 / 3, abs=1e-3)
+    # every append the caller sent was a 20 ms frame
+    sizes = {len(e["audio"]) for e in srv.received if e["type"] == "input_audio_buffer.append"}
+    assert sizes == {len(__import__("base64").b64encode(bytes(FRAME_SAMPLES * 2)))}
+
+
+def test_closed_sweep_and_outputs(tmp_path):
+    script = FakeScript(silence_ms=200, asr_final_ms=10, llm_ttft_ms=20, tts_first_audio_ms=30, reply_audio_ms=200,
+                        report_timings=False, api_key="sekret")
+    wavs = _tone_dir(tmp_path, ["hello there", "hello there"])
+    out = tmp_path / "out"
+    with FakeRealtimeServer(script) as srv:
+        rc = bench_main(["voice", "--url", srv.url, "--sessions", "2", "--turns", "1", "--wav-dir", str(wavs),
+                         "--out", str(out), "--api-key", "sekret", "--quiet", "--think-ms", "0"])
+    assert rc == 0
+    doc = json.loads((out / "turns.json").read_text())
+    assert doc["meta"]["levels"] == [1, 2] and doc["meta"]["commit"]
+    assert sorted(t["concurrency"] for t in doc["turns"]) == [1, 2, 2]
+    for t in doc["turns"]:
+        assert t["status"] == "ok" and t["e2e_ms"] > 260
+        assert t["llm_ttft_ms"] is None  # this server reports no timings: null, not made up
+        assert t["first_text_ms"] < t["e2e_ms"]
+    s = summarize(doc["turns"])
+    assert set(s) == {"1", "2"} and s["2"]["e2e_ms"]["n"] == 2
+    md = (out / "summary.md").read_text()
+    assert "## concurrency 2" in md and "| e2e_ms |" in md
+    for name in ("latency_cdf.png", "latency_vs_concurrency.png", "stage_breakdown.png"):
+        _assert_png(out / name)
+
+
+def test_wrong_api_key_is_a_clear_failure(tmp_path):
+    wavs = _tone_dir(tmp_path, ["hi"])
+    with FakeRealtimeServer(FakeScript(api_key="right")) as srv:
+        doc = _run(["--url", srv.url, "--turns", "1", "--wav-dir", str(wavs), "--out", str(tmp_path / "o"),
+                    "--api-key", "wrong", "--no-plots"])
+    [t] = doc["turns"]
+    assert t["status"].startswith("error:") and "401" in t["status"]
+
+
+def test_open_loop(tmp_path):
+    wavs = _tone_dir(tmp_path, ["hello there"])
+    script = FakeScript(silence_ms=200, asr_final_ms=10, llm_ttft_ms=10, tts_first_audio_ms=10, reply_audio_ms=120)
+    with FakeRealtimeServer(script) as srv:
+        doc = _run(["--url", srv.url, "--mode", "open", "--rate", "20", "--sessions", "3", "--turns", "1",
+                    "--wav-dir", str(wavs), "--out", str(tmp_path / "o"), "--no-plots", "--think-ms", "0"])
+    assert len(doc["turns"]) == 3
+    assert all(t["status"] == "ok" and t["level"] == "open 20/s" and t["concurrency"] >= 1 for t in doc["turns"])
+
+
+def test_bad_arguments_exit_cleanly(tmp_path, capsys):
+    assert bench_main(["voice", "--url", "http://x", "--out", str(tmp_path)]) == 2
+    assert "ws://" in capsys.readouterr().err
+    assert bench_main(["nope"]) == 2
+
+
+def _assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    assert w > 100 and h > 100
+    from PIL import Image
+
+    img = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    assert img.std() > 5  # not a blank canvas

@@ -1,0 +1,64 @@
+"""EngineConfig: every knob of the LLM engine, validated up front (units in names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+_DEVICES = ("auto", "cpu", "cuda")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str | Path | None = None  # HF checkpoint dir or .gguf; None -> embedded SmolLM2 (voicefast.assets)
+    device: str = "auto"  # "cpu" | "cuda" | "auto" (cuda when available)
+    dtype: str = "auto"  # "float32" on CPU, "bfloat16" on CUDA by default
+    max_num_seqs: int = 16  # most sequences in one step (running batch)
+    kv_block_size: int = 16  # tokens per paged-KV block
+    num_kv_blocks: int | None = None  # None -> sized from memory (kv_cache_memory_mib / gpu_memory_utilization)
+    max_num_batched_tokens: int = 512  # per-step token budget: decodes + prefill chunks
+    max_waiting: int = 64  # admission control: a request beyond this raises EngineOverloaded
+    max_model_len: int | None = None  # None -> the model's max_position_embeddings
+    quantize: str | None = None  # reserved for weight-only quantisation (None = off)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # GPU runner: no CUDA graphs
+    # Additions beyond docs/interfaces.md (all optional):
+    cpu_threads: int = 2  # torch intra-op threads on CPU
+    kv_cache_memory_mib: int = 512  # CPU: KV pool budget when num_kv_blocks is None
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of free memory the weights + KV pool may use
+    seed: int = 0  # seed for unseeded random sampling
+
+    def __post_init__(self) -> None:
+        if self.device not in _DEVICES:
+            raise ValueError(f"device must be one of {_DEVICES}, got {self.device!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        for name in ("max_num_seqs", "kv_block_size", "max_num_batched_tokens", "max_waiting", "cpu_threads",
+                     "kv_cache_memory_mib"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.kv_block_size & (self.kv_block_size - 1) or self.kv_block_size > 256:
+            raise ValueError(f"kv_block_size must be a power of two <= 256, got {self.kv_block_size}")
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 2):
+            raise ValueError(f"num_kv_blocks must be an int >= 2 or None, got {self.num_kv_blocks!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len must be an int >= 2 or None, got {self.max_model_len!r}")
+        if self.quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {self.quantize!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def model_path(self) -> Path:
+        """The checkpoint to load; None resolves the embedded model (voicefast imported lazily, only here)."""
+        if self.model is not None:
+            p = Path(self.model).expanduser()
+            if not p.exists():
+                raise FileNotFoundError(f"model {str(self.model)!r} does not exist")
+            return p
+        try:
+            from voicefast.assets import resolve_llm
+        except ImportError as e:  # the GPU machine has no voicefast package
+            raise ValueError("EngineConfig.model is None but voicefast is not installed: pass a model path") from e
+        return Path(resolve_llm().path)

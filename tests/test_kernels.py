@@ -1,0 +1,174 @@
+"""Every Triton kernel against its plain-torch reference, on CPU under TRITON_INTERPRET=1 at tiny shapes
+(fresh random inputs per case). Real shapes run on the GPU: bench/gpu_check.py."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated (no GPU here)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from llm_engine.kernels import decode_attention as DA  # noqa: E402
+from llm_engine.kernels import prefill_attention as PA  # noqa: E402
+from llm_engine.kernels import rms_norm as RN  # noqa: E402
+from llm_engine.kernels import rotary_kv as RK  # noqa: E402
+from llm_engine.kernels import sampling as SA  # noqa: E402
+from llm_engine.kernels import silu_and_mul as SM  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+@pytest.mark.parametrize("T,H", [(1, 8), (3, 40), (4, 64)])
+def test_add_rms_norm_matches_reference(T, H):
+    g = torch.Generator().manual_seed(T * 100 + H)
+    x, r = torch.randn(T, H, generator=g), torch.randn(T, H, generator=g)
+    w = torch.randn(H, generator=g)
+    out, res = RN.add_rms_norm(x.to(DEV), r.to(DEV), w.to(DEV), 1e-5)
+    ref_out, ref_res = RN.reference_add_rms_norm(x, r, w, 1e-5)
+    assert _rel(out.cpu(), ref_out) < 1e-5 and _rel(res.cpu(), ref_res) < 1e-6
+    plain = RN.rms_norm(x.to(DEV), w.to(DEV), 1e-6)
+    assert _rel(plain.cpu(), RN.reference_rms_norm(x, w, 1e-6)) < 1e-5
+    none_out, none_res = RN.add_rms_norm(x.to(DEV), None, w.to(DEV), 1e-5)
+    assert none_res.data_ptr() == x.to(DEV).data_ptr() or torch.equal(none_res.cpu(), x)
+
+
+def test_kernels_agree_with_models_ops_references():
+    """Our references and llm_engine.ops' torch functions define the same maths."""
+    ops = pytest.importorskip("llm_engine.ops")
+    g = torch.Generator().manual_seed(7)
+    x, r, w = torch.randn(3, 32, generator=g), torch.randn(3, 32, generator=g), torch.randn(32, generator=g)
+    a, b = ops.add_rms_norm(x, r, w, 1e-5)
+    ra, rb = RN.add_rms_norm(x, r, w, 1e-5)
+    assert _rel(ra, a) < 1e-5 and _rel(rb, b) < 1e-6
+    y = torch.randn(3, 2 * 24, generator=g)
+    assert _rel(SM.silu_and_mul(y), ops.silu_and_mul(y)) < 1e-6
+    pos = torch.tensor([0, 5, 17])
+    cs = RK.make_cos_sin(32, 8, 10000.0)
+    for inter in (True, False):
+        q = torch.randn(3, 2, 16, generator=g)
+        assert _rel(RK.reference_rotary(q, pos, cs, 8, inter), ops.reference_rotary(q, pos, cs, 8, inter)) < 1e-6
+
+
+@pytest.mark.parametrize("T,I", [(1, 24), (5, 80)])
+def test_silu_and_mul_matches_reference(T, I):
+    x = torch.randn(T, 2 * I, generator=torch.Generator().manual_seed(T + I))
+    assert _rel(SM.silu_and_mul(x.to(DEV)).cpu(), SM.reference_silu_and_mul(x)) < 1e-6
+
+
+# (interleaved, rot_dim, Hq, Hkv, D): GLM partial interleaved, NeoX llama, GGUF-llama full interleaved
+ROTARY_CASES = [(True, 8, 4, 2, 16), (False, 16, 3, 1, 16), (True, 16, 8, 8, 16), (False, 12, 2, 1, 24)]
+
+
+@pytest.mark.parametrize("interleaved,rot_dim,Hq,Hkv,D", ROTARY_CASES)
+def test_rotary_store_kv_matches_reference(interleaved, rot_dim, Hq, Hkv, D):
+    g = torch.Generator().manual_seed(rot_dim * 7 + Hq)
+    T, bs, nb = 5, 4, 8
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=g)  # fused projection output; q/k/v are strided views
+    pos = torch.randint(0, 60, (T,), generator=g)
+    cs = RK.make_cos_sin(64, rot_dim, 10000.0)
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    slots[2] = -1  # a padded token is not stored
+    kc, vc = torch.randn(nb, bs, Hkv, D, generator=g), torch.randn(nb, bs, Hkv, D, generator=g)
+
+    def split(t):
+        q, k, v = t.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        return q.view(T, Hq, D), k.view(T, Hkv, D), v.view(T, Hkv, D)
+
+    qkv_k, kc_k, vc_k = qkv.clone().to(DEV), kc.clone().to(DEV), vc.clone().to(DEV)
+    q, k, v = split(qkv_k)
+    RK.rotary_store_kv(q, k, v, pos.to(DEV), cs.to(DEV), rot_dim, interleaved, kc_k, vc_k, slots.to(DEV))
+    qkv_r, kc_r, vc_r = qkv.clone(), kc.clone(), vc.clone()
+    qr, kr, vr = split(qkv_r)
+    RK.reference_rotary_store_kv(qr, kr, vr, pos, cs, rot_dim, interleaved, kc_r, vc_r, slots)
+    assert _rel(qkv_k.cpu(), qkv_r) < 1e-6
+    assert _rel(kc_k.cpu(), kc_r) < 1e-6 and _rel(vc_k.cpu(), vc_r) < 1e-6
+
+
+# (B, Hq, Hkv, D, seq_lens, num_splits): GQA ratios 1, 2, 16; split-K on and off; a 0-length row
+ATTN_CASES = [(2, 4, 4, 16, [5, 9], 1), (3, 8, 4, 16, [1, 17, 30], 4), (2, 16, 1, 32, [70, 33], 2),
+              (2, 6, 2, 16, [0, 12], 2)]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,D,seq_lens,splits", ATTN_CASES)
+def test_decode_attention_matches_reference(B, Hq, Hkv, D, seq_lens, splits):
+    g = torch.Generator().manual_seed(B * 31 + Hq + D)
+    bs, nb, max_blocks = 4, 64, 20
+    q = torch.randn(B, Hq, D, generator=g)
+    kc, vc = torch.randn(nb, bs, Hkv, D, generator=g), torch.randn(nb, bs, Hkv, D, generator=g)
+    bt = torch.randperm(nb, generator=g)[: B * max_blocks].reshape(B, max_blocks).int()
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    ref = DA.reference_decode_attention(q, kc, vc, sl, bt, D**-0.5)
+    out = torch.full_like(q, float("nan")).to(DEV)  # poisoned: every element must be written
+    DA.decode_attention(q.to(DEV), kc.to(DEV), vc.to(DEV), sl.to(DEV), bt.to(DEV), D**-0.5,
+                        num_splits=splits, out=out)
+    assert not out.isnan().any()
+    assert _rel(out.cpu(), ref) < 1e-5
+
+
+def test_prefill_attention_matches_models_reference():
+    ops = pytest.importorskip("llm_engine.ops")
+    from llm_engine.attn_metadata import AttnMetadata
+
+    g = torch.Generator().manual_seed(3)
+    Hq, Hkv, D, bs, nb = 4, 2, 16, 4, 16
+    qlens, slens = [3, 5], [7, 5]  # a chunk over a cached prefix, and a fresh prompt
+    q = torch.randn(sum(qlens), Hq, D, generator=g)
+    kc, vc = torch.randn(nb, bs, Hkv, D, generator=g), torch.randn(nb, bs, Hkv, D, generator=g)
+    bt = torch.randperm(nb, generator=g)[:8].reshape(2, 4).int()
+    meta = AttnMetadata(query_start_loc=torch.tensor([0, 3, 8], dtype=torch.int32),
+                        seq_lens=torch.tensor(slens, dtype=torch.int32), block_tables=bt,
+                        slot_mapping=torch.zeros(8, dtype=torch.int64), max_query_len=5, max_seq_len=7,
+                        is_decode=False, query_lens_cpu=qlens, seq_lens_cpu=slens)
+    ref = ops.reference_paged_attention(q, kc, vc, meta, D**-0.5)
+    out = PA.prefill_attention(q, kc, vc, bt, qlens, slens, D**-0.5)
+    assert _rel(out, ref) < 1e-5
+
+
+def test_greedy_sampling_is_argmax_and_seeded_sampling_is_reproducible():
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(4, 300, generator=g).to(DEV)
+    temp = torch.tensor([0.0, 0.0, 0.8, 1.0]).to(DEV)
+    seeds = torch.tensor([1, 2, 3, 4]).to(DEV)
+    steps = torch.zeros(4, dtype=torch.int64).to(DEV)
+    a = SA.gumbel_argmax(logits, temp, seeds, steps, block=64)
+    b = SA.gumbel_argmax(logits, temp, seeds, steps, block=64)
+    assert torch.equal(a[:2].cpu(), logits[:2].argmax(1).cpu())
+    assert torch.equal(a.cpu(), b.cpu())
+
+
+def test_gumbel_sampling_follows_the_softmax():
+    """256 rows of the same 6-way distribution, distinct seeds: frequencies track softmax(logits / T)."""
+    base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 512
+    logits = base.repeat(n, 1).to(DEV)
+    temp = torch.full((n,), 0.7).to(DEV)
+    counts = torch.zeros(6)
+    for step in range(4):
+        tok = SA.gumbel_argmax(logits, temp, torch.arange(n).to(DEV), torch.full((n,), step).to(DEV))
+        counts += torch.bincount(tok.cpu(), minlength=6).float()
+    freq = counts / counts.sum()
+    expect = (base / 0.7).softmax(0)
+    assert (freq - expect).abs().max() < 0.03
+
+
+def test_top_k_top_p_filter_and_full_sampler():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0], [0.0, 5.0, 0.1, 0.2, 0.3], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    temp = torch.tensor([1.0, 1.0, 0.0])
+    f = SA.filter_top_k_top_p(logits, temp, torch.tensor([2, 0, 0]), torch.tensor([1.0, 0.5, 1.0]))
+    assert torch.isinf(f[0, 2:]).all() and torch.isfinite(f[0, :2]).all()  # top-k 2
+    assert torch.isfinite(f[1]).sum() == 1 and torch.isfinite(f[1, 1])  # top-p 0.5 keeps the 0.97 token
+    assert torch.isfinite(f[2]).all()  # no filter
+    n = 64
+    lg = logits[0].repeat(n, 1).to(DEV)
+    tok = SA.sample(lg, torch.ones(n).to(DEV), torch.full((n,), 2).to(DEV), torch.ones(n).to(DEV),
+                    torch.arange(n).to(DEV), torch.zeros(n, dtype=torch.int64).to(DEV), needs_filter=True)
+    assert set(tok.cpu().tolist()) <= {0, 1} and len(set(tok.cpu().tolist())) == 2
+    ref = SA.reference_sample(lg.cpu(), torch.ones(n), torch.full((n,), 2), torch.ones(n),
+                              torch.Generator().manual_seed(0))
+    assert set(ref.tolist()) <= {0, 1}

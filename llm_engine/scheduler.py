@@ -50,7 +50,8 @@ class Scheduler:
         self.num_preemptions = 0
 
     # ---- requests --------------------------------------------------------------------------------
-    def add(self, seq: Sequence) -> None:
+    def check_fits(self, seq: Sequence) -> None:
+        """ValueError if the request could never run (read-only, safe from any thread)."""
         n = len(seq)
         if n == 0:
             raise ValueError(f"request {seq.request_id!r}: empty prompt")
@@ -62,6 +63,9 @@ class Scheduler:
         if need > capacity:
             raise ValueError(f"request {seq.request_id!r}: prompt ({n} tokens) + max_tokens "
                              f"({seq.params.max_tokens}) = {need} exceeds the KV cache capacity of {capacity} tokens")
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq)
         if len(self.waiting) >= self.max_waiting:
             raise EngineOverloaded(f"engine overloaded: {len(self.waiting)} requests waiting "
                                    f"(max_waiting={self.max_waiting})")

@@ -1,0 +1,251 @@
+"""LLMEngine: the synchronous core. step() = scheduler.schedule() -> runner.run() -> scheduler.postprocess(),
+then detokenize the new tokens, apply stop strings and build StreamOutputs. Not thread-safe: AsyncLLMEngine
+drives it from one thread."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import torch
+
+from llm_engine.block_manager import BlockManager
+from llm_engine.config import EngineConfig
+from llm_engine.kv_cache import cuda_kv_budget_bytes, num_blocks_for_memory
+from llm_engine.model_config import ModelConfig
+from llm_engine.model_runner import ModelRunner
+from llm_engine.outputs import EngineStats, RequestResult, StreamOutput
+from llm_engine.sampling_params import SamplingParams
+from llm_engine.scheduler import Scheduler
+from llm_engine.sequence import Sequence
+from llm_engine.stop_strings import StopStringMatcher
+
+log = logging.getLogger("llm_engine")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but CUDA is not available")
+    return torch.device(device)
+
+
+def pick_runner_class(device: torch.device) -> type[ModelRunner]:
+    """GpuModelRunner on CUDA when its module imports; the plain runner otherwise."""
+    if device.type == "cuda":
+        try:
+            from llm_engine.gpu_runner import GpuModelRunner
+            return GpuModelRunner
+        except ImportError as e:
+            log.warning("GpuModelRunner unavailable (%s); using the eager ModelRunner", e)
+    return ModelRunner
+
+
+class _Request:
+    """Engine-side per-request state: detokenizer and stop-string matcher."""
+    __slots__ = ("detok", "stop")
+
+    def __init__(self, detok: Any, stop: StopStringMatcher | None):
+        self.detok = detok
+        self.stop = stop
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, *, model: torch.nn.Module | None = None,
+                 tokenizer: Any = None):
+        """Loads config.model (or the embedded model). Tests may pass an already built `model` (a CausalLM with
+        .config) and optionally a tokenizer (None -> token ids only: no text, no stop strings)."""
+        self.config = cfg = config or EngineConfig()
+        self.device = resolve_device(cfg.device)
+        if cfg.dtype != "auto":
+            self.dtype = _DTYPES[cfg.dtype]
+        else:
+            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.cpu_threads)
+        if model is None:
+            model, tokenizer = self._load(cfg)
+        self.model = model
+        self.model_config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        mc = self.model_config
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        num_blocks = cfg.num_kv_blocks or self._size_kv_pool()
+        self.block_manager = BlockManager(num_blocks, cfg.kv_block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=cfg.max_num_seqs,
+                                   max_num_batched_tokens=cfg.max_num_batched_tokens, max_waiting=cfg.max_waiting,
+                                   max_model_len=self.max_model_len)
+        runner_cls = pick_runner_class(self.device)
+        self.runner = runner_cls(model, mc, num_kv_blocks=num_blocks, block_size=cfg.kv_block_size,
+                                 max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                 max_model_len=self.max_model_len, device=self.device, dtype=self.dtype,
+                                 seed=cfg.seed)
+        eos = tokenizer.eos_token_ids if tokenizer is not None else mc.eos_token_ids
+        self.eos_token_ids = frozenset(int(t) for t in eos)
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[StreamOutput] = []  # outputs made outside step() (aborts), returned by the next step
+        self._ids = itertools.count()
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) of recent steps
+        self.num_finished = 0
+
+    def _load(self, cfg: EngineConfig) -> tuple[torch.nn.Module, Any]:
+        from llm_engine.loader import load_model
+        from llm_engine.tokenizer import Tokenizer
+
+        path = cfg.model_path()
+        model, _ = load_model(path, device=self.device, dtype=self.dtype)
+        return model, Tokenizer.from_pretrained(path)
+
+    def _size_kv_pool(self) -> int:
+        cfg, mc = self.config, self.model_config
+        if self.device.type == "cuda":
+            budget = cuda_kv_budget_bytes(self.device, cfg.gpu_memory_utilization)
+        else:
+            budget = cfg.kv_cache_memory_mib * 2**20
+        wanted = cfg.max_num_seqs * ((self.max_model_len + cfg.kv_block_size - 1) // cfg.kv_block_size)
+        return min(wanted, num_blocks_for_memory(mc, cfg.kv_block_size, self.dtype, budget))
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def make_sequence(self, request_id: str | None, prompt_token_ids: list[int],
+                      params: SamplingParams | None = None) -> Sequence:
+        """Validate a request without touching engine state (safe from any thread)."""
+        params = params or SamplingParams()
+        ids = [int(t) for t in prompt_token_ids]
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        seq = Sequence(request_id or self.new_request_id(), ids, params, stop_ids)
+        self.scheduler.check_fits(seq)
+        return seq
+
+    def add_request(self, request_id: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams | None = None) -> str:
+        """Queue a request; raises EngineOverloaded when max_waiting requests wait, ValueError if it can never fit."""
+        seq = self.make_sequence(request_id, prompt_token_ids, params)
+        self.add_sequence(seq)
+        return seq.request_id
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self._seqs:
+            raise ValueError(f"request id {seq.request_id!r} is already in flight")
+        detok = self.tokenizer.incremental_detokenizer() if self.tokenizer is not None else None
+        stop = StopStringMatcher(seq.params.stop) if seq.params.stop else None
+        seq.user = _Request(detok, stop)
+        self.scheduler.add(seq)
+        self._seqs[seq.request_id] = seq
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; its final output (finish_reason "abort") comes from the next
+        step(). Idempotent: False if the request is unknown or already finished."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        self._pending.append(self._final(seq, StreamOutput(request_id)))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs) or bool(self._pending)
+
+    # ---- the step ----------------------------------------------------------------------------------
+    def step(self) -> list[StreamOutput]:
+        outs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        if not len(batch):
+            return outs
+        try:
+            sampled = self.runner.run(batch)
+        except Exception as e:  # the step failed: end the affected requests, keep the engine alive
+            log.error("engine step failed", exc_info=True)
+            for seq in batch.seqs:
+                if seq.request_id in self._seqs:
+                    self.scheduler.finish(seq, "error")
+                    outs.append(self._final(seq, StreamOutput(seq.request_id), error=f"{type(e).__name__}: {e}"))
+            return outs
+        now = time.perf_counter()
+        new = self.scheduler.postprocess(batch, sampled)
+        for seq in new:
+            if seq.first_token_s is None:
+                seq.first_token_s = now
+            seq.last_token_s = now
+            outs.append(self._emit(seq))
+        self._recent.append((now, len(new)))
+        while self._recent and now - self._recent[0][0] > 5.0:
+            self._recent.popleft()
+        return outs
+
+    def _emit(self, seq: Sequence) -> StreamOutput:
+        tok = seq.token_ids[-1]
+        out = StreamOutput(seq.request_id, token_ids=[tok])
+        req: _Request = seq.user
+        if req.detok is not None:
+            hit_stop_id = seq.is_finished and seq.finish_reason == "stop" and tok in seq.stop_token_ids
+            delta = "" if hit_stop_id else req.detok.push(tok)
+            if seq.is_finished:
+                delta += req.detok.flush()
+            if req.stop is not None:
+                delta, matched = req.stop.push(delta, final=seq.is_finished)
+                if matched and not seq.is_finished:
+                    self.scheduler.finish(seq, "stop")
+            out.text = delta
+        if seq.is_finished:
+            return self._final(seq, out)
+        return out
+
+    def _final(self, seq: Sequence, out: StreamOutput, error: str | None = None) -> StreamOutput:
+        self._seqs.pop(seq.request_id, None)
+        self.num_finished += 1
+        req: _Request | None = seq.user
+        text = ""
+        if req is not None and req.detok is not None:
+            text = req.detok.text if req.stop is None else req.stop.text
+        n = seq.num_completion_tokens
+        decode = None
+        if n > 1 and seq.last_token_s and seq.first_token_s and seq.last_token_s > seq.first_token_s:
+            decode = (n - 1) / (seq.last_token_s - seq.first_token_s)
+        out.finished = True
+        out.result = RequestResult(
+            request_id=seq.request_id, prompt_tokens=seq.num_prompt_tokens, completion_tokens=n,
+            cached_tokens=seq.num_cached_tokens,
+            ttft_s=None if seq.first_token_s is None else seq.first_token_s - seq.arrival_s,
+            decode_tok_s=decode, finish_reason=seq.finish_reason or "abort", text=text, error=error)
+        return out
+
+    # ---- introspection -----------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        recent = list(self._recent)
+        tok_s = 0.0
+        if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
+            tok_s = sum(n for _, n in recent[1:]) / (recent[-1][0] - recent[0][0])
+        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                           free_blocks=self.block_manager.num_free_blocks,
+                           total_blocks=self.block_manager.num_blocks,
+                           prefix_hit_tokens=self.block_manager.prefix_hit_tokens, decode_tok_s=tok_s,
+                           num_preemptions=self.scheduler.num_preemptions, finished_requests=self.num_finished)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[tuple[list[int], RequestResult]]:
+        """Run prompts to completion (offline helper): [(completion token ids, result)] in prompt order."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        rids = [self.add_request(None, p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        toks: dict[str, list[int]] = {r: [] for r in rids}
+        results: dict[str, RequestResult] = {}
+        while len(results) < len(rids):
+            for out in self.step():
+                if out.request_id in toks:
+                    toks[out.request_id] += out.token_ids
+                    if out.result is not None:
+                        results[out.request_id] = out.result
+        return [(toks[r], results[r]) for r in rids]

@@ -1,0 +1,18 @@
+"""SwiGLU MLP with one fused gate_up_proj ([gate; up] rows, gate first) and down_proj."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llm_engine import ops
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)  # W [2I, H]
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)  # W [H, I]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, H]

@@ -1,0 +1,193 @@
+"""The model's compute ops in pure torch, one small function each, so that a device backend (Triton on CUDA) can
+replace any of them behind the same name and signature. `reference_*` functions are the slow, obvious
+formulas (float32, dense) that kernels and fast paths are tested against.
+
+Shapes: T = tokens this step, B = sequences, Hq/Hkv = query/kv heads, D = head_dim, H = hidden size."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llm_engine.attn_metadata import AttnMetadata
+
+__all__ = ["add_rms_norm", "rms_norm", "rotary_store_kv", "paged_attention", "silu_and_mul",
+           "reference_rms_norm", "reference_rotary", "reference_paged_attention", "gather_kv"]
+
+
+# ---------------------------------------------------------------- norms
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, H] -> weight * x / rms(x)  [T, H] (no +1 on the weight)."""
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused residual add + RMSNorm: new_residual = x + residual (x itself when residual is None);
+    returns (rms_norm(new_residual) [T, H], new_residual [T, H]). Inputs are not modified."""
+    if residual is not None:
+        x = x + residual
+    return F.rms_norm(x, weight.shape, weight, eps), x
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """float32 formula: weight * x * rsqrt(mean(x^2) + eps), cast back to x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * y).to(x.dtype)
+
+
+# ---------------------------------------------------------------- rotary + KV store
+
+def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> None:
+    """Rotate x [T, Hx, rot_dim] in place (x may be a strided view); cos/sin [T, rot_dim/2] float32."""
+    half = x.shape[-1] // 2
+    if interleaved:
+        # GPT-J pairs (0,1),(2,3)...: one complex multiply per pair.
+        freqs = torch.complex(cos, sin)[:, None, :]  # [T, 1, rot/2] complex64
+        if x.dtype == torch.float32:
+            xc = torch.view_as_complex(x.unflatten(-1, (half, 2)))  # [T, Hx, rot/2] view into x
+            xc.mul_(freqs)
+        else:
+            xc = torch.view_as_complex(x.float().unflatten(-1, (half, 2)))  # [T, Hx, rot/2] fp32 copy
+            x.copy_(torch.view_as_real(xc * freqs).flatten(-2))
+        return
+    # NeoX rotate-half pairs (i, i + rot/2).
+    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, rot/2]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()  # [T, Hx, rot/2] copies
+    x[..., :half] = x1 * c - x2 * s
+    x[..., half:] = x2 * c + x1 * s
+
+
+def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos_sin: torch.Tensor, rot_dim: int, interleaved: bool, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply rotary embedding to the first rot_dim dims of every head of q [T, Hq, D] and k [T, Hkv, D]
+    (in place; q/k may be strided views, e.g. slices of a fused qkv output), then write the rotated k and
+    v [T, Hkv, D] into the paged caches k_cache/v_cache [num_blocks, block_size, Hkv, D] at flat slot
+    slot_mapping [T] (slots < 0 are skipped). cos_sin [max_pos, rot_dim] float32 holds cos | sin halves;
+    positions [T] index it. interleaved: GPT-J adjacent pairs, else NeoX halves. Returns (q, k)."""
+    cs = cos_sin.index_select(0, positions)  # [T, rot_dim]
+    half = rot_dim // 2
+    cos, sin = cs[:, :half], cs[:, half:]
+    _rotate_(q[..., :rot_dim], cos, sin, interleaved)
+    _rotate_(k[..., :rot_dim], cos, sin, interleaved)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write k, v [T, Hkv, D] into the caches [N, block_size, Hkv, D] at flat slots [T]; slots < 0 are skipped."""
+    if slot_mapping.numel() == 0:
+        return
+    if int(slot_mapping.min()) < 0:
+        keep = slot_mapping >= 0  # [T] bool
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def reference_rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, rot_dim: int,
+                     interleaved: bool) -> torch.Tensor:
+    """HF-formula rotary (float32, out of place) for x [T, Hx, D]; dims past rot_dim pass through."""
+    half = rot_dim // 2
+    cs = cos_sin[positions].float()  # [T, rot_dim]
+    cos, sin = cs[:, None, :half], cs[:, None, half:]  # [T, 1, rot/2]
+    xf = x.float()
+    xr, xp = xf[..., :rot_dim], xf[..., rot_dim:]
+    if interleaved:
+        cos2, sin2 = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)  # [c0,c0,c1,c1,...]
+        rot = torch.stack((-xr[..., 1::2], xr[..., 0::2]), -1).flatten(-2)
+    else:
+        cos2, sin2 = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+        rot = torch.cat((-xr[..., half:], xr[..., :half]), -1)
+    return torch.cat((xr * cos2 + rot * sin2, xp), -1).to(x.dtype)
+
+
+# ---------------------------------------------------------------- attention over the paged cache
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """One sequence's first seq_len cached rows: cache [N, bs, Hkv, D], block_table [max_blocks] -> [S, Hkv, D]."""
+    bs = cache.shape[1]
+    n_blocks = (seq_len + bs - 1) // bs
+    return cache[block_table[:n_blocks]].flatten(0, 1)[:seq_len]  # [S, Hkv, D]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata,
+                    scale: float) -> torch.Tensor:
+    """Causal GQA attention of q [T, Hq, D] over the paged caches [N, block_size, Hkv, D] -> out [T, Hq, D].
+
+    Sequence i owns query rows [qsl[i], qsl[i+1]): the LAST query_len_i positions of its seq_len_i keys, which
+    are read through block_tables[i]. Query j of the sequence (absolute position seq_len - query_len + j)
+    sees keys 0..that position. Covers decode (query_len 1), prefill and chunked prefill over a cached prefix."""
+    if meta.is_decode:
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)  # [T, Hq, D]
+    start = 0
+    for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
+        k = gather_kv(k_cache, meta.block_tables[i], slen).transpose(0, 1)  # [Hkv, S, D]
+        v = gather_kv(v_cache, meta.block_tables[i], slen).transpose(0, 1)  # [Hkv, S, D]
+        qi = q[start:start + qlen].transpose(0, 1)  # [Hq, L, D]
+        if qlen == 1:
+            mask = None
+        else:  # query j may see keys <= slen - qlen + j (bottom-right aligned causal mask)
+            mask = torch.ones(qlen, slen, dtype=torch.bool, device=q.device).tril_(slen - qlen)  # [L, S]
+        o = F.scaled_dot_product_attention(qi[None], k[None], v[None], attn_mask=mask, scale=scale,
+                                           enable_gqa=True)  # [1, Hq, L, D]
+        out[start:start + qlen] = o[0].transpose(0, 1)
+        start += qlen
+    return out
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata,
+                      scale: float) -> torch.Tensor:
+    """One query per sequence: gather all sequences' blocks at once, mask keys past each seq_len."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    bs = k_cache.shape[1]
+    n_blocks = (meta.max_seq_len + bs - 1) // bs
+    blocks = meta.block_tables[:, :n_blocks]  # [B, nb]
+    k = k_cache[blocks].view(B, n_blocks * bs, Hkv, D)  # [B, S_pad, Hkv, D]
+    v = v_cache[blocks].view(B, n_blocks * bs, Hkv, D)  # [B, S_pad, Hkv, D]
+    if B == 1:
+        s = meta.seq_lens_cpu[0]
+        k, v, mask = k[:, :s], v[:, :s], None
+    else:
+        s = n_blocks * bs
+        mask = torch.arange(s, device=q.device)[None, :] < meta.seq_lens[:, None]  # [B, S_pad]
+        mask = mask[:, None, None, :]  # [B, 1, 1, S_pad]
+    qg = q.view(B, Hkv, Hq // Hkv, D)  # [B, Hkv, G, D]: each kv head serves G query heads
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, Hkv, G, S]
+    if mask is not None:
+        scores = scores.masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [B, Hkv, G, S]
+    return torch.matmul(probs, v.transpose(1, 2)).view(B, Hq, D)  # [B, Hq, D]
+
+
+def reference_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              meta: AttnMetadata, scale: float) -> torch.Tensor:
+    """Dense float32 formula, one sequence and one head at a time: out [T, Hq, D] in q's dtype."""
+    Hq, Hkv = q.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    out = torch.empty_like(q, dtype=torch.float32)  # [T, Hq, D]
+    start = 0
+    for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
+        k = gather_kv(k_cache, meta.block_tables[i], slen).float()  # [S, Hkv, D]
+        v = gather_kv(v_cache, meta.block_tables[i], slen).float()  # [S, Hkv, D]
+        for j in range(qlen):
+            visible = slen - qlen + j + 1
+            for h in range(Hq):
+                s = (k[:visible, h // group] @ q[start + j, h].float()) * scale  # [visible]
+                out[start + j, h] = torch.softmax(s, 0) @ v[:visible, h // group]
+        start += qlen
+    return out.to(q.dtype)
+
+
+# ---------------------------------------------------------------- MLP
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU gate: x [T, 2I] = [gate | up] -> silu(gate) * up  [T, I]."""
+    inter = x.shape[-1] // 2
+    return F.silu(x[..., :inter]) * x[..., inter:]

@@ -1,0 +1,256 @@
+"""The browser demo (demo/) in real headless Chromium (Debian's /usr/bin/chromium driven by Playwright), with the
+microphone fed from a Piper-spoken WAV through Chromium's fake capture device.
+
+- against a REAL `voicefast serve` on the embedded models: the user's words, the assistant's words, reply audio
+  reaching the playback worklet, a latency readout, a non-blank screenshot; and barge-in (speaking again during
+  the reply stops playback at once and sends conversation.item.truncate with the milliseconds played);
+- against the scripted fake server (tests/fake_realtime_server.py), the page's own logic with exact timing:
+  the API-key subprotocol, settings sent by session.update, the jitter buffer, barge-in and truncate, and the
+  "server unreachable -> reconnecting" error path.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_realtime_server import FakeRealtimeServer, FakeScript
+from speech import speech_wav
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+QUESTION = "What time do you open on Saturday?"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent (apt-get install chromium)"),
+]
+
+
+def _args(wav: Path) -> list[str]:
+    return ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav.resolve()}%noloop"]
+
+
+@pytest.fixture(scope="module")
+def playwright():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def question_wav() -> Path:
+    return speech_wav(QUESTION, rate_hz=48_000, lead_silence_ms=300, trail_silence_ms=200)
+
+
+class _Page:
+    """One browser + page on the demo, with the console kept for failure messages."""
+
+    def __init__(self, playwright, wav: Path, url: str):
+        self.browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=_args(wav))
+        self.page = self.browser.new_page(viewport={"width": 1100, "height": 760})
+        self.console: list[str] = []
+        self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        self.page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        self.page.goto(url)
+        self.page.wait_for_function("window.voicefast && window.voicefast.ready", timeout=15_000)
+
+    def vf(self, expr: str = ""):
+        return self.page.evaluate(f"window.voicefast{expr}")
+
+    def wait(self, js: str, timeout_s: float, what: str) -> None:
+        try:
+            self.page.wait_for_function(js, timeout=timeout_s * 1000)
+        except Exception as e:
+            state = self.page.evaluate("JSON.stringify({state: voicefast.state, error: voicefast.error, "
+                                       "counters: voicefast.counters, playback: voicefast.playback, "
+                                       "events: voicefast.events.slice(-25)})")
+            raise AssertionError(f"timed out waiting for {what}: {state}\nconsole: {self.console[-15:]}") from e
+
+    def close(self) -> None:
+        self.browser.close()
+
+
+def _screenshot_not_blank(page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    from PIL import Image
+
+    img = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    assert img.shape[0] > 300 and img.shape[1] > 300
+    assert img.std() > 10, "screenshot is blank"
+    return path
+
+
+# ---------------------------------------------------------------- against the real server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    with open(log, "wb") as f:
+        cmd = [sys.executable, "-m", "voicefast", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"voicefast serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"voicefast serve never became healthy:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/", log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_real_server_conversation(playwright, question_wav, real_server):
+    url, log = real_server
+    p = _Page(playwright, question_wav, url)
+    try:
+        voices = p.page.eval_on_selector_all("#voice option", "os => os.map(o => o.value)")
+        assert len(voices) >= 2, f"GET /v1/voices filled no voices: {voices}"
+        p.page.click("#talk")
+        p.wait("voicefast.userTranscript.toLowerCase().includes('saturday')", 90, "the user's final transcript")
+        p.wait("voicefast.assistantTranscript.trim().length > 0", 90, "the assistant's words")
+        p.wait("voicefast.playback && voicefast.playback.chunksReceived > 0 && voicefast.playback.samplesPlayed > 0",
+               90, "reply audio in the playback worklet")
+        p.wait("voicefast.lastLatencyMs !== null", 60, "a latency readout")
+        vf = p.vf()
+        assert vf["counters"]["framesSent"] > 50  # > 1 s of 20 ms microphone frames went over the socket
+        assert vf["lastLatencyMs"] > 0 and vf["lastLatencyAnchor"] in ("mic", "server-vad")
+        assert p.page.inner_text("#latency").strip().isdigit()
+        p.wait("voicefast.tokS !== null", 60, "tokens/s from voicefast_timings")
+        assert float(p.page.inner_text("#toks")) > 0
+        assert vf["error"] is None, vf["error"]
+        _screenshot_not_blank(p.page, "demo_real_server.png")
+    finally:
+        p.close()
+
+
+@pytest.mark.slow
+def test_real_server_barge_in(playwright, question_wav, real_server):
+    url, _ = real_server
+    p = _Page(playwright, question_wav, url)
+    try:
+        p.page.click("#talk")
+        p.wait("voicefast.playback && voicefast.playback.playing", 120, "reply playback")
+        # Speak again while the reply plays: a fresh getUserMedia restarts Chromium's capture file.
+        p.page.evaluate("voicefast.restartMic()")
+        p.wait("voicefast.counters.truncatesSent > 0", 60, "barge-in")
+        vf = p.vf()
+        assert vf["counters"]["bargeIns"] >= 1
+        assert vf["lastTruncate"]["audio_end_ms"] > 0  # some of the reply had been heard
+        p.page.wait_for_timeout(300)
+        pb = p.vf(".playback")
+        assert pb["cleared"] >= 1 and pb["queued"] == 0 and not pb["playing"], pb
+        assert "conversation.item.truncated" in p.vf(".events") or p.vf(".error") is None
+    finally:
+        p.close()
+
+
+# ---------------------------------------------------------------- against the scripted fake server
+
+
+def test_fake_server_turn_settings_and_api_key(playwright, question_wav):
+    script = FakeScript(silence_ms=500, reply_audio_ms=1200, api_key="k3y", transcripts=[QUESTION])
+    with FakeRealtimeServer(script) as srv:
+        p = _Page(playwright, question_wav, srv.http_url)
+        try:
+            p.page.fill("#apikey", "k3y")
+            p.page.fill("#instructions", "Be brief.")
+            p.page.fill("#silence", "500")
+            p.page.select_option("#voice", "amy")
+            p.page.click("#talk")
+            p.wait("voicefast.userTranscript === " + repr(QUESTION), 30, "the user's transcript")
+            p.wait("voicefast.playback && voicefast.playback.samplesPlayed >= 24000", 30, "1 s of reply played")
+            p.wait("voicefast.lastLatencyMs !== null && voicefast.tokS !== null", 10, "latency and tok/s")
+            vf = p.vf()
+            assert vf["assistantTranscript"].startswith("Sure,")
+            assert vf["playback"]["chunksReceived"] == vf["counters"]["audioDeltas"] > 0
+            assert vf["lastLatencyAnchor"] == "mic"
+            # client-side latency >= the server's scripted path (silence window + stages), and not absurdly more
+            assert 500 + 160 <= vf["lastLatencyMs"] < 500 + 160 + 1500, vf["lastLatencyMs"]
+            assert srv.session_updates, "no session.update sent"
+            su = srv.session_updates[0]
+            assert su["type"] == "realtime" and su["instructions"] == "Be brief."
+            assert su["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 500
+            assert su["audio"]["output"]["voice"] == "amy"
+            assert su["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
+            appends = [e for e in srv.received if e["type"] == "input_audio_buffer.append"]
+            assert {len(e["audio"]) for e in appends} == {1280}  # 20 ms of 24 kHz PCM16 = 960 bytes -> base64
+            p.wait("voicefast.state === 'listening'", 10, "back to listening after the reply")
+            assert p.page.inner_text("#toks") == "42.0"
+            _screenshot_not_blank(p.page, "demo_fake_server.png")
+        finally:
+            p.close()
+
+
+def test_fake_server_barge_in_truncates_at_played_ms(playwright, question_wav):
+    script = FakeScript(silence_ms=400, reply_audio_ms=8000, transcripts=[QUESTION])
+    with FakeRealtimeServer(script) as srv:
+        p = _Page(playwright, question_wav, srv.http_url)
+        try:
+            p.page.click("#talk")
+            p.wait("voicefast.playback && voicefast.playback.samplesPlayed > 24000", 30, "1 s of reply played")
+            p.page.evaluate("voicefast.restartMic()")  # the question again, over the reply
+            p.wait("voicefast.counters.truncatesSent === 1", 20, "truncate after barge-in")
+            p.page.wait_for_timeout(300)
+            vf = p.vf()
+            pb = vf["playback"]
+            assert pb["cleared"] == 1 and pb["queued"] == 0 and not pb["playing"]
+            truncates = [e for e in srv.received if e["type"] == "conversation.item.truncate"]
+            assert len(truncates) == 1 and truncates[0]["item_id"] == "item_asst_0"
+            played_ms = truncates[0]["audio_end_ms"]
+            # what was actually played of the item: between the 1 s we waited for and the whole reply
+            assert 1000 <= played_ms < 8000
+            assert played_ms == vf["lastTruncate"]["audio_end_ms"]
+            assert srv.turns[0].cancelled  # the fake heard the new speech and cancelled its reply
+            assert pb["samplesPlayed"] == pytest.approx(played_ms * 24, abs=24 * 30)
+        finally:
+            p.close()
+
+
+def test_server_unreachable_shows_reconnecting(playwright, question_wav):
+    with FakeRealtimeServer() as srv:
+        p = _Page(playwright, question_wav, srv.http_url)
+        try:
+            p.page.fill("#server", f"ws://127.0.0.1:{_free_port()}/v1/realtime")  # nothing listens there
+            p.page.click("#talk")
+            p.wait("voicefast.state === 'reconnecting'", 15, "the reconnecting state")
+            assert "unreachable" in p.vf(".error")
+            assert p.page.is_visible("#error")
+            p.page.click("#talk")  # stop: no more retries
+            p.wait("voicefast.state === 'idle'", 5, "idle after stop")
+        finally:
+            p.close()

@@ -1,0 +1,97 @@
+"""Conversation state of one session: ordered message items and the chat messages the LLM sees.
+Pure bookkeeping (no I/O). The context policy drops the oldest turns (never the system prompt) so that
+prompt + max_output_tokens fits max_model_len, counting with the engine tokenizer."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from voicefast.errors import ProtocolError
+
+PER_MESSAGE_OVERHEAD_TOKENS = 6  # chat-template role markers per message (approximate, conservative)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+@dataclass(slots=True)
+class Item:
+    id: str
+    role: str  # "user" | "assistant" | "system"
+    text: str = ""  # what the LLM sees: the transcript (user audio) or text; for assistant audio, what was heard
+    kind: str = "text"  # "text" | "audio": the content part type
+    status: str = "completed"  # "in_progress" | "completed" | "incomplete"
+    audio_ms: int = 0  # assistant audio duration sent so far (for truncate bounds)
+
+    def content(self) -> list[dict]:
+        if self.role == "assistant":
+            if self.kind == "audio":
+                return [{"type": "output_audio", "transcript": self.text}]
+            return [{"type": "output_text", "text": self.text}]
+        if self.kind == "audio":
+            return [{"type": "input_audio", "transcript": self.text or None}]
+        return [{"type": "input_text", "text": self.text}]
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "object": "realtime.item", "type": "message", "role": self.role,
+                "status": self.status, "content": self.content()}
+
+
+@dataclass
+class Conversation:
+    items: list[Item] = field(default_factory=list)
+    _counter: itertools.count = field(default_factory=lambda: itertools.count())
+
+    def find(self, item_id: str) -> Item | None:
+        return next((it for it in self.items if it.id == item_id), None)
+
+    def previous_id(self, item: Item | None = None) -> str | None:
+        """Id of the item before `item` (or of the last item when `item` is None)."""
+        if item is None:
+            return self.items[-1].id if self.items else None
+        i = self.items.index(item)
+        return self.items[i - 1].id if i > 0 else None
+
+    def add(self, item: Item, previous_item_id: str | None = None) -> None:
+        if self.find(item.id) is not None:
+            raise ProtocolError(f"item id {item.id!r} already exists", code="duplicate_item_id", param="item.id")
+        if previous_item_id is None:
+            self.items.append(item)
+            return
+        if previous_item_id == "root":
+            self.items.insert(0, item)
+            return
+        prev = self.find(previous_item_id)
+        if prev is None:
+            raise ProtocolError(f"previous_item_id {previous_item_id!r} not found", code="item_not_found",
+                                param="previous_item_id")
+        self.items.insert(self.items.index(prev) + 1, item)
+
+    def delete(self, item_id: str) -> None:
+        it = self.find(item_id)
+        if it is None:
+            raise ProtocolError(f"item {item_id!r} not found", code="item_not_found", param="item_id")
+        self.items.remove(it)
+
+    def messages(self, instructions: str, *, count_tokens: Callable[[str], int], max_prompt_tokens: int,
+                 extra: list[Item] = ()) -> list[dict]:
+        """Chat messages for the next response: system prompt + the newest turns that fit the budget."""
+        turns = [it for it in [*self.items, *extra] if it.text.strip()]
+        system = [{"role": "system", "content": instructions}] if instructions else []
+        budget = max_prompt_tokens - sum(count_tokens(m["content"]) + PER_MESSAGE_OVERHEAD_TOKENS for m in system)
+        kept: list[dict] = []
+        for it in reversed(turns):
+            cost = count_tokens(it.text) + PER_MESSAGE_OVERHEAD_TOKENS
+            if cost > budget and kept:
+                break
+            budget -= cost
+            kept.append({"role": "system" if it.role == "system" else it.role, "content": it.text})
+        kept.reverse()
+        # Drop a leading assistant message: a turn starts with the user.
+        while len(kept) > 1 and kept[0]["role"] == "assistant":
+            kept.pop(0)
+        return system + kept

@@ -1,0 +1,305 @@
+"""One assistant response: LLM deltas -> phrase chunker -> TTS -> paced audio deltas, all overlapped.
+A response may start *held* (speculative start at the VAD's early silence): it generates but sends nothing
+until `release()`; `discard()` drops it silently. `cancel(reason)` ends it with response.done cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from voicefast.conversation import Item, new_id
+from voicefast.formats import AudioFormat
+from voicefast.metrics import TurnTimings
+from voicefast.playout import PlayoutClock, SpokenTextMap
+
+log = logging.getLogger("voicefast.response")
+
+
+@dataclass(slots=True)
+class ResponseParams:
+    modalities: list[str]
+    voice: str
+    output_format: AudioFormat
+    temperature: float
+    max_output_tokens: int | str
+    frame_ms: int = 100  # audio per output_audio.delta
+    lead_ms: int = 300  # how far ahead of real time audio may be sent
+    speed: float = 1.0
+
+
+class Response:
+    def __init__(self, *, stack, params: ResponseParams, emit: Callable[[dict], None],
+                 messages: Callable[[], Awaitable[list[dict] | None]], timings: TurnTimings, held: bool,
+                 on_start: Callable[[Response], None], on_end: Callable[[Response], None]):
+        self.id = new_id("resp")
+        self.stack, self.p, self._emit, self._messages, self.t = stack, params, emit, messages, timings
+        self.item = Item(new_id("item"), "assistant", kind="audio" if params.modalities == ["audio"] else "text",
+                         status="in_progress")
+        self.audio = params.modalities == ["audio"]
+        self.text = ""  # everything the LLM produced
+        self.status = "in_progress"
+        self.status_details: dict | None = None
+        self.result = None  # engine RequestResult
+        self.started = False  # response.created sent
+        self.clock = PlayoutClock(lead_ms=params.lead_ms)
+        self.spoken = SpokenTextMap()
+        self._gate = asyncio.Event()
+        if not held:
+            self._gate.set()
+        self._on_start, self._on_end = on_start, on_end
+        self._out: asyncio.Queue = asyncio.Queue()
+        self._engine_rid: str | None = None
+        self._producer: asyncio.Task | None = None
+        self._emitted_text_end = 0
+        self.done = asyncio.Event()
+        self.task = asyncio.create_task(self._run(), name=f"response-{self.id}")
+
+    # -- control ---------------------------------------------------------------------------------------
+    @property
+    def held(self) -> bool:
+        return not self._gate.is_set()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def cancel(self, reason: str) -> None:
+        """End now: abort the LLM request (frees its KV blocks), stop TTS and sending."""
+        if self.done.is_set() or self.status != "in_progress":
+            return
+        self.status = "cancelled"
+        self.status_details = {"type": "cancelled", "reason": reason}
+        self._abort_engine()
+        self.task.cancel()
+
+    def discard(self) -> None:
+        """Drop a held (speculative) response without a trace on the wire."""
+        self.status = "discarded"
+        self._abort_engine()
+        self.task.cancel()
+
+    def _abort_engine(self) -> None:
+        if self._engine_rid is not None:
+            self.stack.engine.abort(self._engine_rid)
+        if self._producer is not None:
+            self._producer.cancel()
+
+    def played_ms(self) -> float:
+        return self.clock.played_ms(time.monotonic())
+
+    def heard_text(self, ms: float) -> str:
+        return self.text[: self.spoken.text_offset_at(ms, self.text)].rstrip()
+
+    # -- the pipeline ----------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            messages = await self._messages()
+            if messages is None:
+                self.status = "discarded"
+                return
+            self._producer = asyncio.create_task(self._produce(messages), name=f"produce-{self.id}")
+            await self._gate.wait()
+            self._start()
+            await self._consume()
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # a stage failed: tell the client, keep the session
+            log.error("response %s failed", self.id, exc_info=True)
+            self.status = "failed"
+            self.status_details = {"type": "failed", "error": {"type": "server_error", "code": "stage_failed",
+                                                               "message": f"{type(e).__name__}: {e}"}}
+        finally:
+            if self._producer is not None and not self._producer.done():
+                self._abort_engine()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(asyncio.gather(self._producer, return_exceptions=True))
+            if self.started:
+                self._finish()
+            self.done.set()
+            self._on_end(self)
+
+    async def _produce(self, messages: list[dict]) -> None:
+        """LLM -> (text deltas | phrases -> TTS audio) into self._out, as fast as the stages go."""
+        out = self._out
+        try:
+            max_tokens = 4096 if self.p.max_output_tokens == "inf" else int(self.p.max_output_tokens)
+            sp = self.stack.sampling_params(temperature=self.p.temperature, max_tokens=max_tokens)
+            self._engine_rid = self.id
+            self.t.llm_request_s = time.monotonic()
+            stream = self.stack.engine.generate(sp, messages=messages, request_id=self.id)
+            chunker = self.stack.chunker_factory() if self.audio else None
+            phrases: asyncio.Queue = asyncio.Queue()
+            tts = asyncio.create_task(self._tts(phrases)) if self.audio else None
+            try:
+                async for o in stream:
+                    if o.text:
+                        if self.t.llm_first_token_s is None:
+                            self.t.llm_first_token_s = time.monotonic()
+                        self.text += o.text
+                        if chunker is None:
+                            out.put_nowait(("text", o.text))
+                        else:
+                            for ph in chunker.push(o.text):
+                                phrases.put_nowait(ph)
+                    if o.finished:
+                        self.result = o.result
+                if chunker is not None:
+                    for ph in chunker.flush():
+                        phrases.put_nowait(ph)
+                phrases.put_nowait(None)
+                if tts is not None:
+                    await tts
+            finally:
+                if tts is not None and not tts.done():
+                    tts.cancel()
+            out.put_nowait(("end", None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            out.put_nowait(("error", e))
+
+    async def _tts(self, phrases: asyncio.Queue) -> None:
+        from audio.resample import StreamResampler
+
+        cursor = 0
+        voice = self.stack.voices.get(self.p.voice) or next(iter(self.stack.voices.values()))
+        rs = StreamResampler(voice.sample_rate_hz, self.p.output_format.rate_hz)
+        while (ph := await phrases.get()) is not None:
+            s = self.text.find(ph.strip(), cursor)
+            s = cursor if s < 0 else s
+            e = min(len(self.text), s + len(ph.strip())) if ph.strip() else s
+            cursor = e
+            self._out.put_nowait(("phrase", s, e))
+            if self.t.tts_request_s is None:
+                self.t.tts_request_s = time.monotonic()
+            async for chunk in self.stack.synthesize(self.p.voice, ph):
+                if self.t.tts_first_audio_s is None:
+                    self.t.tts_first_audio_s = time.monotonic()
+                y = rs.process(chunk)
+                if len(y):
+                    self._out.put_nowait(("audio", y))
+            self._out.put_nowait(("phrase_end", s, e))
+        tail = rs.flush()
+        if len(tail):
+            self._out.put_nowait(("audio", tail))
+
+    def _ids(self) -> dict:
+        return {"response_id": self.id, "item_id": self.item.id, "output_index": 0, "content_index": 0}
+
+    def _start(self) -> None:
+        self.started = True
+        self._emit({"type": "response.created", "response": self.to_dict()})
+        self._emit({"type": "response.output_item.added", "response_id": self.id, "output_index": 0,
+                    "item": self.item.to_dict()})
+        self._on_start(self)  # the session adds self.item to the conversation and emits conversation.item.added
+        part = {"type": "output_audio", "transcript": ""} if self.audio else {"type": "output_text", "text": ""}
+        self._emit({"type": "response.content_part.added", **self._ids(), "part": part})
+
+    async def _consume(self) -> None:
+        rate = self.p.output_format.rate_hz
+        frame = max(1, rate * self.p.frame_ms // 1000)
+        phrase_start_ms = 0.0
+        while True:
+            kind, *val = await self._out.get()
+            if kind == "end":
+                break
+            if kind == "error":
+                raise val[0]
+            if kind == "text":
+                self._mark_first_output()
+                self._emit({"type": "response.output_text.delta", **self._ids(), "delta": val[0]})
+                self.item.text = self.text
+            elif kind == "phrase":
+                s, e = val
+                phrase_start_ms = self.clock.sent_ms
+                delta = self.text[self._emitted_text_end:e]
+                self._emitted_text_end = e
+                if delta:
+                    self._emit({"type": "response.output_audio_transcript.delta", **self._ids(), "delta": delta})
+            elif kind == "phrase_end":
+                s, e = val
+                self.spoken.add(phrase_start_ms, self.clock.sent_ms, s, e)
+            elif kind == "audio":
+                y: np.ndarray = val[0]
+                for i in range(0, len(y), frame):
+                    await self._paced_send(y[i:i + frame], rate)
+        if self.audio and self._emitted_text_end < len(self.text):
+            self._emit({"type": "response.output_audio_transcript.delta", **self._ids(),
+                        "delta": self.text[self._emitted_text_end:]})
+            self._emitted_text_end = len(self.text)
+        r = self.result
+        if r is not None and getattr(r, "finish_reason", None) == "length":
+            self.status, self.status_details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
+        elif r is not None and getattr(r, "finish_reason", None) in ("error", "abort"):
+            self.status, self.status_details = "failed", {"type": "failed", "error": {
+                "type": "server_error", "code": "engine_" + r.finish_reason, "message": "LLM request ended early"}}
+        else:
+            self.status = "completed"
+        self.item.text = self.text
+
+    async def _paced_send(self, y: np.ndarray, rate: int) -> None:
+        # Pace to real time plus a small lead, so that a barge-in actually interrupts what is still unsaid.
+        wait = self.clock.wait_s(time.monotonic())
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._mark_first_output()
+        self._emit({"type": "response.output_audio.delta", **self._ids(),
+                    "delta": base64.b64encode(self.p.output_format.encode(y)).decode("ascii")})
+        self.clock.sent(len(y) * 1000.0 / rate, time.monotonic())
+        self.item.audio_ms = int(self.clock.sent_ms)
+
+    def _mark_first_output(self) -> None:
+        if self.t.first_output_s is None:
+            self.t.first_output_s = time.monotonic()
+
+    def _finish(self) -> None:
+        """Terminal events (done ones) for a started response, whatever its status."""
+        if self.status == "in_progress":
+            self.status = "cancelled"
+            self.status_details = {"type": "cancelled", "reason": "client_cancelled"}
+        if self.status == "cancelled" and self.audio:
+            # What the listener heard is what the conversation keeps (the client may refine via truncate).
+            self.item.text = self.heard_text(self.played_ms())
+        elif self.status == "cancelled":
+            self.item.text = self.text
+        self.item.status = "completed" if self.status == "completed" else "incomplete"
+        ids = self._ids()
+        if self.audio:
+            self._emit({"type": "response.output_audio.done", **ids})
+            self._emit({"type": "response.output_audio_transcript.done", **ids, "transcript": self.item.text})
+            part = {"type": "output_audio", "transcript": self.item.text}
+        else:
+            self._emit({"type": "response.output_text.done", **ids, "text": self.item.text})
+            part = {"type": "output_text", "text": self.item.text}
+        self._emit({"type": "response.content_part.done", **ids, "part": part})
+        self._emit({"type": "response.output_item.done", "response_id": self.id, "output_index": 0,
+                    "item": self.item.to_dict()})
+        self._emit({"type": "conversation.item.done", "item": self.item.to_dict()})
+        r = self.result
+        if r is not None:
+            self.t.llm_tokens = getattr(r, "completion_tokens", 0) or 0
+            self.t.llm_tok_s = getattr(r, "decode_tok_s", None)
+        self._emit({"type": "response.done", "response": self.to_dict()})
+
+    def to_dict(self) -> dict:
+        r = self.result
+        inp = getattr(r, "prompt_tokens", 0) or 0
+        outp = getattr(r, "completion_tokens", 0) or 0
+        cached = getattr(r, "cached_tokens", 0) or 0
+        d = {"id": self.id, "object": "realtime.response", "status": self.status,
+             "status_details": self.status_details, "conversation_id": None,
+             "output_modalities": list(self.p.modalities), "max_output_tokens": self.p.max_output_tokens,
+             "audio": {"output": {"format": self.p.output_format.to_ga(), "voice": self.p.voice}},
+             "output": [self.item.to_dict()] if self.status != "in_progress" else [],
+             "usage": {"total_tokens": inp + outp, "input_tokens": inp, "output_tokens": outp,
+                       "input_token_details": {"cached_tokens": cached, "text_tokens": inp, "audio_tokens": 0},
+                       "output_token_details": {"text_tokens": outp, "audio_tokens": 0}}}
+        if self.status != "in_progress":
+            d["metadata"] = {"voicefast_timings": self.t.to_dict()}
+        return d

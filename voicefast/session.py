@@ -1,0 +1,537 @@
+"""One realtime session: client events in -> server events out (through `emit`), driving the shared models.
+Input audio -> 16 kHz -> VAD -> (partials) -> endpoint -> ASR final -> Response (LLM -> TTS -> paced audio).
+Speculative start at the VAD's early silence; barge-in cancels the response after a minimum speech guard."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from voicefast.config import ServerConfig
+from voicefast.conversation import Conversation, Item, new_id
+from voicefast.errors import ProtocolError
+from voicefast.metrics import TurnTimings
+from voicefast.protocol import ClientEvent
+from voicefast.response import Response, ResponseParams
+from voicefast.session_config import SessionConfig
+
+log = logging.getLogger("voicefast.session")
+RATE_HZ = 16_000  # internal rate of VAD and ASR
+
+
+@dataclass(slots=True)
+class Utterance:
+    item_id: str
+    start_sample: int  # absolute 16 kHz sample where speech started
+    announced: bool  # speech_started sent (False while it is only a barge-in candidate)
+    in_silence: bool = False  # the VAD reported early silence and no resumption yet
+    transcriber: object | None = None
+    partial_task: asyncio.Task | None = None
+    last_partial_sample: int = 0
+
+
+class Session:
+    def __init__(self, stack, opts: ServerConfig, *, emit: Callable[[dict], None], beta: bool = False,
+                 defaults: SessionConfig | None = None, metrics=None):
+        from audio.resample import StreamResampler
+
+        self._Resampler = StreamResampler
+        self.stack, self.opts, self._send, self.beta, self.metrics = stack, opts, emit, beta, metrics
+        self.cfg = (defaults or SessionConfig()).copy()
+        self.cfg.id = new_id("sess")
+        self.conv = Conversation()
+        self.in_samples = 0  # 16 kHz samples received so far (the session's input-audio clock)
+        self._arrivals: deque[tuple[int, float]] = deque(maxlen=4096)  # (end sample, monotonic time)
+        self._buf: list[np.ndarray] = []
+        self._buf_start = 0  # absolute sample of the first buffered sample
+        self._resampler = StreamResampler(self.cfg.input_format.rate_hz, RATE_HZ)
+        self._vad = None
+        self._vad_base = 0
+        self._new_vad()
+        self.utt: Utterance | None = None
+        self.active: Response | None = None  # the response on the wire (or about to be)
+        self.spec: Response | None = None  # a held speculative response
+        self._spec_asr: asyncio.Task | None = None
+        self._past: OrderedDict[str, Response] = OrderedDict()  # item id -> response, for truncate
+        self._tasks: set[asyncio.Task] = set()
+        self._pending_user: set[asyncio.Task] = set()  # user-item transcriptions not finished yet
+        self.closed = False
+
+    # -- plumbing --------------------------------------------------------------------------------------
+    def emit(self, event: dict) -> None:
+        if not self.closed:
+            self._send(event)
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        t = asyncio.create_task(coro, name=name)
+        self._tasks.add(t)
+        t.add_done_callback(self._task_done)
+        return t
+
+    def _task_done(self, t: asyncio.Task) -> None:
+        self._tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            log.error("session task %s failed", t.get_name(), exc_info=t.exception())
+
+    def _new_vad(self) -> None:
+        td = self.cfg.turn_detection
+        self._vad = self.stack.vad_factory(td) if td is not None else None
+        self._vad_base = self.in_samples
+
+    def ms(self, sample: int) -> int:
+        return int(sample * 1000 // RATE_HZ)
+
+    def _arrival_time(self, sample: int) -> float:
+        for end, t in self._arrivals:
+            if end >= sample:
+                return t
+        return time.monotonic()
+
+    def _audio(self, start: int, end: int | None = None) -> np.ndarray:
+        x = np.concatenate(self._buf) if self._buf else np.zeros(0, np.float32)
+        if len(self._buf) > 1:
+            self._buf = [x]
+        a = max(0, start - self._buf_start)
+        b = len(x) if end is None else max(a, end - self._buf_start)
+        return x[a:b]
+
+    def _trim_buffer(self, keep_from: int) -> None:
+        x = self._audio(self._buf_start)
+        cut = max(0, keep_from - self._buf_start)
+        if cut:
+            self._buf = [x[cut:]] if cut < len(x) else []
+            self._buf_start += min(cut, len(x))
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.emit({"type": "session.created", "session": self.cfg.to_dict(beta=self.beta)})
+
+    async def close(self) -> None:
+        """Free everything: engine requests aborted, tasks finished, buffers dropped."""
+        self.closed = True
+        for r in (self.active, self.spec):
+            if r is not None:
+                r.cancel("client_cancelled") if not r.held else r.discard()
+        if self.utt is not None and self.utt.partial_task is not None:
+            self.utt.partial_task.cancel()
+        tasks = [t for t in self._tasks] + [r.task for r in (self.active, self.spec) if r is not None]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._buf.clear()
+        self._past.clear()
+        self.utt = self.active = self.spec = None
+
+    # -- client events ---------------------------------------------------------------------------------
+    def handle(self, ev: ClientEvent) -> None:
+        """Apply one validated client event. Raises ProtocolError (the caller sends it as `error`)."""
+        try:
+            getattr(self, "_on_" + ev.type.replace(".", "_"))(ev.data)
+        except ProtocolError as e:
+            e.event_id = ev.event_id
+            raise
+
+    def _on_session_update(self, d: dict) -> None:
+        new = self.cfg.apply(d["session"], beta=self.beta, voices=self.stack.voice_names)
+        old = self.cfg
+        self.cfg = new
+        if new.input_format != old.input_format:
+            self._resampler = self._Resampler(new.input_format.rate_hz, RATE_HZ)
+        if new.turn_detection != old.turn_detection:
+            self._drop_utterance()
+            self._new_vad()
+        self.emit({"type": "session.updated", "session": new.to_dict(beta=self.beta)})
+
+    def _on_input_audio_buffer_append(self, d: dict) -> None:
+        x = self.cfg.input_format.decode(d["audio_bytes"])
+        self.feed_audio(x)
+
+    def _on_input_audio_buffer_commit(self, d: dict) -> None:
+        start = self.utt.start_sample if self.utt else self._buf_start
+        audio = self._audio(start)
+        if len(audio) < RATE_HZ // 10:
+            raise ProtocolError(f"buffer too small: expected at least 100ms of audio, have "
+                                f"{self.ms(len(audio))}ms", code="input_audio_buffer_commit_empty")
+        item_id = self.utt.item_id if self.utt else new_id("item")
+        self._drop_utterance()
+        t = TurnTimings(speech_end_s=self._arrival_time(self.in_samples), speech_end_audio_ms=self.ms(self.in_samples),
+                        endpoint_s=time.monotonic())
+        self._commit(item_id, audio, t, self._spawn(self._transcribe(audio, t), "asr-final"))
+        self._trim_buffer(self.in_samples)
+
+    def _on_input_audio_buffer_clear(self, d: dict) -> None:
+        self._drop_utterance()
+        self._trim_buffer(self.in_samples)
+        self.emit({"type": "input_audio_buffer.cleared"})
+
+    def _on_conversation_item_create(self, d: dict) -> None:
+        it = d["item"]
+        item_id = it.get("id") or new_id("item")
+        if not isinstance(item_id, str) or len(item_id) > 64:
+            raise ProtocolError("item.id must be a string of at most 64 characters", param="item.id")
+        texts, audio = [], []
+        for part in it["content"]:
+            if part["type"] in ("input_audio", "audio"):
+                audio.append(part)
+            else:
+                v = part.get("text", part.get("transcript", ""))
+                if not isinstance(v, str):
+                    raise ProtocolError("content text must be a string", param="item.content.text")
+                texts.append(v)
+        kind = "audio" if audio and it["role"] != "system" else "text"
+        item = Item(item_id, it["role"], " ".join(texts), kind=kind)
+        prev = d.get("previous_item_id")
+        self.conv.add(item, prev)
+        if audio and item.role == "user":
+            x = self._decode_item_audio(audio)
+            task = self._spawn(self._transcribe(x, None), "asr-item")
+            self._track_pending(self._spawn(self._finish_user_item(item, task, added=True), "user-item"))
+        self.emit({"type": "conversation.item.added", "previous_item_id": self.conv.previous_id(item),
+                   "item": item.to_dict()})
+        if not audio:
+            self.emit({"type": "conversation.item.done", "previous_item_id": self.conv.previous_id(item),
+                       "item": item.to_dict()})
+
+    def _decode_item_audio(self, parts: list[dict]) -> np.ndarray:
+        import base64
+        import binascii
+
+        from audio.resample import resample
+
+        chunks = []
+        for p in parts:
+            a = p.get("audio")
+            if a is None:
+                continue
+            try:
+                raw = base64.b64decode(a, validate=True)
+            except (binascii.Error, ValueError, TypeError):
+                raise ProtocolError("content audio is not valid base64", code="invalid_base64",
+                                    param="item.content.audio") from None
+            chunks.append(self.cfg.input_format.decode(raw))
+        x = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        return resample(x, self.cfg.input_format.rate_hz, RATE_HZ)
+
+    def _on_conversation_item_truncate(self, d: dict) -> None:
+        item = self.conv.find(d["item_id"])
+        if item is None:
+            raise ProtocolError(f"item {d['item_id']!r} not found", code="item_not_found", param="item_id")
+        if item.role != "assistant" or item.kind != "audio":
+            raise ProtocolError("only assistant audio items can be truncated", code="invalid_value",
+                                param="item_id")
+        ms = d["audio_end_ms"]
+        if ms > item.audio_ms:
+            raise ProtocolError(f"audio_end_ms {ms} is past the item's audio ({item.audio_ms} ms)",
+                                code="invalid_value", param="audio_end_ms")
+        r = self._past.get(item.id) or (self.active if self.active and self.active.item is item else None)
+        if r is not None and r is self.active and r.status == "in_progress":
+            r.cancel("client_cancelled")
+        item.text = r.heard_text(ms) if r is not None else item.text
+        item.audio_ms = ms
+        self.emit({"type": "conversation.item.truncated", "item_id": item.id, "content_index": 0,
+                   "audio_end_ms": ms})
+
+    def _on_conversation_item_delete(self, d: dict) -> None:
+        self.conv.delete(d["item_id"])
+        self._past.pop(d["item_id"], None)
+        self.emit({"type": "conversation.item.deleted", "item_id": d["item_id"]})
+
+    def _on_conversation_item_retrieve(self, d: dict) -> None:
+        item = self.conv.find(d["item_id"])
+        if item is None:
+            raise ProtocolError(f"item {d['item_id']!r} not found", code="item_not_found", param="item_id")
+        self.emit({"type": "conversation.item.retrieved", "item": item.to_dict()})
+
+    def _on_response_create(self, d: dict) -> None:
+        if self.active is not None and not self.active.done.is_set():
+            raise ProtocolError(f"conversation already has an active response {self.active.id}",
+                                code="conversation_already_has_active_response")
+        self._start_response(d.get("response") or {}, TurnTimings(), None, held=False)
+
+    def _on_response_cancel(self, d: dict) -> None:
+        r = self.active
+        if r is None or r.done.is_set() or r.status != "in_progress":
+            raise ProtocolError("no active response to cancel", code="response_cancel_not_active")
+        if d.get("response_id") not in (None, r.id):
+            raise ProtocolError(f"response {d['response_id']!r} is not active", code="response_cancel_not_active",
+                                param="response_id")
+        r.cancel("client_cancelled")
+
+    def _on_output_audio_buffer_clear(self, d: dict) -> None:
+        if self.active is not None and self.active.status == "in_progress":
+            self.active.cancel("client_cancelled")
+        self.emit({"type": "output_audio_buffer.cleared", "response_id": self.active.id if self.active else None})
+
+    # -- audio in, turn detection ----------------------------------------------------------------------
+    def feed_audio(self, x: np.ndarray) -> None:
+        """float32 samples at the input format's rate."""
+        x16 = self._resampler.process(x)
+        if not len(x16):
+            return
+        cap = int(self.opts.max_input_buffer_s * RATE_HZ)
+        self._buf.append(x16)
+        self.in_samples += len(x16)
+        self._arrivals.append((self.in_samples, time.monotonic()))
+        td = self.cfg.turn_detection
+        if td is None:
+            if self.in_samples - self._buf_start > cap:  # manual mode: keep the newest audio, say so
+                self._trim_buffer(self.in_samples - cap)
+                self.emit(ProtocolError("input audio buffer is full; the oldest audio was dropped",
+                                        code="input_audio_buffer_full").to_event())
+        elif self.utt is None:
+            self._trim_buffer(self.in_samples - int(td.prefix_padding_ms * RATE_HZ / 1000) - RATE_HZ // 2)
+        elif self.in_samples - self._buf_start > cap:
+            self._trim_buffer(self.in_samples - cap)
+        if self.utt is not None:
+            self._feed_partials(x16)
+        if self._vad is not None:
+            for ev in self._vad.process(x16):
+                self._on_vad(ev.kind, self._vad_base + ev.sample)
+        u = self.utt
+        if u is not None and not u.announced and not u.in_silence and self.in_samples - u.start_sample >= \
+                self.opts.barge_in_min_ms * RATE_HZ // 1000:
+            self._barge_in()
+
+    def _on_vad(self, kind: str, sample: int) -> None:
+        td = self.cfg.turn_detection
+        if kind == "speech_started":
+            if self.utt is not None:
+                return
+            busy = self.active is not None and self.active.status == "in_progress"
+            self._begin_utterance(sample, announce=not (busy and td.interrupt_response))
+        elif kind == "early_silence":
+            if self.utt is not None:
+                self.utt.in_silence = True
+            if self.utt and self.utt.announced and td.create_response and self.opts.speculative_start \
+                    and self.spec is None:
+                self._speculate()
+        elif kind == "speech_resumed":
+            if self.utt is not None:
+                self.utt.in_silence = False
+            self._drop_spec()
+        elif kind == "speech_stopped":
+            u = self.utt
+            if u is None:
+                return
+            if not u.announced:  # too short to be a barge-in: noise or echo, not a turn
+                self._drop_utterance()
+                return
+            self._end_utterance(sample)
+
+    def _begin_utterance(self, sample: int, *, announce: bool) -> None:
+        self.utt = u = Utterance(new_id("item"), sample, announce)
+        if self.stack.transcriber_factory is not None and self.opts.asr_partial_interval_ms > 0:
+            u.transcriber = self.stack.transcriber_factory()
+            pad = int(self.cfg.turn_detection.prefix_padding_ms * RATE_HZ / 1000)
+            u.transcriber.feed(self._audio(sample - pad))
+            u.last_partial_sample = self.in_samples
+        if announce:
+            self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": self.ms(sample),
+                       "item_id": u.item_id})
+
+    def _barge_in(self) -> None:
+        u = self.utt
+        u.announced = True
+        r = self.active
+        self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": self.ms(u.start_sample),
+                   "item_id": u.item_id})
+        if r is not None and r.status == "in_progress":
+            log.info("barge-in: cancelling %s after %d ms of speech", r.id, self.ms(self.in_samples - u.start_sample))
+            r.cancel("turn_detected")
+
+    def _feed_partials(self, x16: np.ndarray) -> None:
+        u = self.utt
+        if u.transcriber is None:
+            return
+        u.transcriber.feed(x16)
+        due = self.in_samples - u.last_partial_sample >= self.opts.asr_partial_interval_ms * RATE_HZ // 1000
+        if due and u.announced and (u.partial_task is None or u.partial_task.done()):
+            u.last_partial_sample = self.in_samples
+            u.partial_task = self._spawn(self._partial(u), "asr-partial")
+
+    async def _partial(self, u: Utterance) -> None:
+        delta = await u.transcriber.partial()
+        if delta and self.utt is u:
+            self.emit({"type": "conversation.item.input_audio_transcription.delta", "item_id": u.item_id,
+                       "content_index": 0, "delta": delta})
+
+    def _drop_utterance(self) -> None:
+        self._drop_spec()
+        if self.utt is not None and self.utt.partial_task is not None:
+            self.utt.partial_task.cancel()
+        self.utt = None
+
+    def _utterance_audio(self, u: Utterance) -> np.ndarray:
+        pad = int(self.cfg.turn_detection.prefix_padding_ms * RATE_HZ / 1000) if self.cfg.turn_detection else 0
+        return self._audio(u.start_sample - pad)
+
+    def _speculate(self) -> None:
+        """Early silence: run the ASR final and the LLM now, hold the output until the endpoint is confirmed."""
+        t = TurnTimings(speculative=True)
+        asr = self._spawn(self._transcribe(self._utterance_audio(self.utt), t), "asr-spec")
+        self._spec_asr = asr
+        self.spec = self._start_response({}, t, asr, held=True)
+
+    def _drop_spec(self) -> None:
+        if self.spec is not None:
+            log.debug("speculation dropped (speech resumed)")
+            self.spec.discard()
+            self.spec = None
+        if self._spec_asr is not None:
+            self._spec_asr.cancel()
+            self._spec_asr = None
+
+    def _end_utterance(self, sample: int) -> None:
+        u = self.utt
+        if u.partial_task is not None:
+            u.partial_task.cancel()
+        self.utt = None
+        td = self.cfg.turn_detection
+        # The VAD reports speech_stopped after silence_duration_ms of silence: speech ended that much earlier.
+        end = max(u.start_sample, sample - td.silence_duration_ms * RATE_HZ // 1000)
+        spec, asr = self.spec, self._spec_asr
+        self.spec, self._spec_asr = None, None
+        t = spec.t if spec is not None else TurnTimings()
+        t.speech_end_s = self._arrival_time(end)
+        t.speech_end_audio_ms = self.ms(end)
+        t.endpoint_s = time.monotonic()
+        self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": self.ms(end), "item_id": u.item_id})
+        audio = self._utterance_audio(u)
+        if asr is None:
+            asr = self._spawn(self._transcribe(audio, t), "asr-final")
+        pending = self._commit(u.item_id, audio, t, asr)
+        self._trim_buffer(self.in_samples)
+        if td.create_response:
+            if spec is not None:
+                self.active = spec
+                # The user transcript goes out before the response that answers it.
+                if pending is None:
+                    spec.release()
+                else:
+                    pending.add_done_callback(lambda _: spec.release())
+            else:
+                self._start_response({}, t, None, held=False)
+
+    def _commit(self, item_id: str, audio: np.ndarray, t: TurnTimings, asr: asyncio.Task) -> asyncio.Task | None:
+        prev = self.conv.previous_id()
+        item = Item(item_id, "user", kind="audio", status="completed")
+        self.conv.add(item)
+        self.emit({"type": "input_audio_buffer.committed", "item_id": item_id, "previous_item_id": prev})
+        self.emit({"type": "conversation.item.added", "previous_item_id": prev, "item": item.to_dict()})
+        if asr.done() and not asr.cancelled() and asr.exception() is None:
+            self._user_item_transcribed(item, asr.result())  # speculation already has it: say so first
+            return None
+        task = self._spawn(self._finish_user_item(item, asr, added=True), "user-item")
+        self._track_pending(task)
+        return task
+
+    def _track_pending(self, task: asyncio.Task) -> None:
+        self._pending_user.add(task)
+        task.add_done_callback(self._pending_user.discard)
+
+    async def _transcribe(self, x16: np.ndarray, t: TurnTimings | None) -> str:
+        if t is not None:
+            t.asr_start_s = time.monotonic()
+        text = (await self.stack.asr.transcribe_async(x16)).strip()
+        if t is not None:
+            t.asr_end_s = time.monotonic()
+        return text
+
+    async def _finish_user_item(self, item: Item, asr: asyncio.Task, *, added: bool) -> None:
+        try:
+            item.text = await asr
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("transcription failed", exc_info=True)
+            self.emit({"type": "conversation.item.input_audio_transcription.failed", "item_id": item.id,
+                       "content_index": 0, "error": {"type": "server_error", "message": str(e)}})
+            return
+        self._user_item_transcribed(item, item.text)
+
+    def _user_item_transcribed(self, item: Item, text: str) -> None:
+        item.text = text
+        self.emit({"type": "conversation.item.input_audio_transcription.completed", "item_id": item.id,
+                   "content_index": 0, "transcript": item.text,
+                   "usage": {"type": "duration", "seconds": 0}})
+        if self.conv.find(item.id) is not None:
+            self.emit({"type": "conversation.item.done", "previous_item_id": self.conv.previous_id(item),
+                       "item": item.to_dict()})
+
+    # -- responses -------------------------------------------------------------------------------------
+    def _start_response(self, over: dict, t: TurnTimings, asr: asyncio.Task | None, *, held: bool) -> Response:
+        c = self.cfg
+        mods = over.get("output_modalities") or over.get("modalities")
+        if mods is not None:
+            if not isinstance(mods, list) or not mods or any(m not in ("text", "audio") for m in mods):
+                raise ProtocolError("response.output_modalities must be ['audio'] or ['text']",
+                                    param="response.output_modalities")
+            mods = ["audio"] if "audio" in mods else ["text"]
+        instructions = over.get("instructions", c.instructions)
+        if not isinstance(instructions, str):
+            raise ProtocolError("response.instructions must be a string", param="response.instructions")
+        max_tok = over.get("max_output_tokens", over.get("max_response_output_tokens", c.max_output_tokens))
+        if not (max_tok == "inf" or isinstance(max_tok, int) and not isinstance(max_tok, bool) and max_tok >= 1):
+            raise ProtocolError("response.max_output_tokens must be a positive integer or 'inf'",
+                                param="response.max_output_tokens")
+        voice = over.get("voice") or ((over.get("audio") or {}).get("output") or {}).get("voice") or c.voice
+        voice = voice if voice in self.stack.voices else c.voice
+        temperature = over.get("temperature", c.temperature)
+        p = ResponseParams(modalities=mods or c.output_modalities, voice=voice, output_format=c.output_format,
+                           temperature=float(temperature), max_output_tokens=max_tok,
+                           frame_ms=self.opts.output_frame_ms, lead_ms=self.opts.output_lead_ms, speed=c.speed)
+        isolated = over.get("conversation") == "none"
+        previous = self.active
+
+        async def messages() -> list[dict] | None:
+            if previous is not None and not previous.done.is_set() and previous is not r:
+                await previous.done.wait()
+            extra: list[Item] = []
+            if asr is not None and held:  # speculative: the user item does not exist yet
+                text = await asr
+                if not text:
+                    return None
+                extra = [Item("pending", "user", text)]
+            else:
+                if self._pending_user:
+                    await asyncio.gather(*list(self._pending_user), return_exceptions=True)
+                last_user = next((it for it in reversed(self.conv.items) if it.role == "user"), None)
+                if over == {} and last_user is not None and last_user.kind == "audio" and not last_user.text:
+                    return None  # the turn transcribed to nothing (noise): no response
+            budget = self.stack.max_model_len - (256 if max_tok == "inf" else int(max_tok))
+            conv = self.conv if not isolated else type(self.conv)()
+            return conv.messages(instructions, count_tokens=self.stack.count_tokens, max_prompt_tokens=budget,
+                                 extra=extra)
+
+        r = Response(stack=self.stack, params=p, emit=self.emit, messages=messages, timings=t, held=held,
+                     on_start=self._response_started, on_end=self._response_ended)
+        if not held:
+            self.active = r
+        return r
+
+    def _response_started(self, r: Response) -> None:
+        self.active = r
+        prev = self.conv.previous_id()
+        self.conv.add(r.item)
+        self.emit({"type": "conversation.item.added", "previous_item_id": prev, "item": r.item.to_dict()})
+
+    def _response_ended(self, r: Response) -> None:
+        if self.active is r:
+            self.active = None
+        if self.spec is r:
+            self.spec = None
+        if r.started:
+            self._past[r.item.id] = r
+            while len(self._past) > 8:
+                self._past.popitem(last=False)
+            if self.metrics is not None:
+                self.metrics.responses_total.labels(r.status).inc()
+                if r.status == "completed":
+                    self.metrics.observe_turn(r.t)

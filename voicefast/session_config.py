@@ -1,0 +1,195 @@
+"""Per-session settings as the client sees them (`session.update` in, `session.created/updated` out), in both
+the GA shape (nested `audio.input/output`) and the beta shape (flat fields). Only fields present change."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from voicefast.errors import ProtocolError
+from voicefast.formats import AudioFormat
+
+
+@dataclass(slots=True)
+class TurnDetection:
+    type: str = "server_vad"
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    create_response: bool = True
+    interrupt_response: bool = True
+    idle_timeout_ms: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
+                "silence_duration_ms": self.silence_duration_ms, "create_response": self.create_response,
+                "interrupt_response": self.interrupt_response, "idle_timeout_ms": self.idle_timeout_ms}
+
+    @staticmethod
+    def parse(value: object, base: TurnDetection | None, param: str) -> TurnDetection | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ProtocolError("turn_detection must be an object or null", param=param)
+        t = value.get("type", "server_vad")
+        if t not in ("server_vad", "semantic_vad"):
+            raise ProtocolError(f"unsupported turn_detection.type {t!r}", param=f"{param}.type")
+        td = copy.copy(base) if base is not None else TurnDetection()
+        td.type = t
+        if t == "semantic_vad":  # mapped onto server_vad with a silence window from the eagerness
+            eager = value.get("eagerness", "auto")
+            td.silence_duration_ms = {"low": 1000, "medium": 600, "auto": 600, "high": 350}.get(eager, 600)
+        for name, kind, lo, hi in (("threshold", float, 0.0, 1.0), ("prefix_padding_ms", int, 0, 5000),
+                                   ("silence_duration_ms", int, 50, 10_000), ("idle_timeout_ms", int, 1000, 3_600_000)):
+            if name in value:
+                v = value[name]
+                if v is None and name == "idle_timeout_ms":
+                    td.idle_timeout_ms = None
+                    continue
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) \
+                        or not lo <= v <= hi:
+                    raise ProtocolError(f"turn_detection.{name} must be a number in [{lo}, {hi}], got {v!r}",
+                                        param=f"{param}.{name}")
+                setattr(td, name, kind(v))
+        for name in ("create_response", "interrupt_response"):
+            if name in value:
+                if not isinstance(value[name], bool):
+                    raise ProtocolError(f"turn_detection.{name} must be a boolean", param=f"{param}.{name}")
+                setattr(td, name, value[name])
+        return td
+
+
+def _modalities(v: object, param: str) -> list[str]:
+    if not isinstance(v, list) or not v or any(m not in ("text", "audio") for m in v):
+        raise ProtocolError(f"{param} must be ['audio'] or ['text'], got {v!r}", param=param)
+    return ["audio"] if "audio" in v else ["text"]
+
+
+def _max_tokens(v: object, param: str) -> int | str:
+    if v == "inf" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096):
+        return v
+    raise ProtocolError(f"{param} must be an integer in [1, 4096] or 'inf', got {v!r}", param=param)
+
+
+def _string(v: object, param: str, max_len: int = 100_000) -> str:
+    if not isinstance(v, str) or len(v) > max_len:
+        raise ProtocolError(f"{param} must be a string of at most {max_len} characters", param=param)
+    return v
+
+
+@dataclass(slots=True)
+class SessionConfig:
+    id: str = ""
+    model: str = "voicefast"
+    instructions: str = ""
+    output_modalities: list[str] = field(default_factory=lambda: ["audio"])
+    input_format: AudioFormat = field(default_factory=AudioFormat)
+    output_format: AudioFormat = field(default_factory=AudioFormat)
+    voice: str = "default"
+    speed: float = 1.0
+    turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
+    temperature: float = 0.7
+    max_output_tokens: int | str = 128
+    transcription_language: str | None = "en"
+
+    def copy(self) -> SessionConfig:
+        return copy.deepcopy(self)
+
+    def apply(self, s: dict, *, beta: bool, voices: list[str]) -> SessionConfig:
+        """Return a new config with `s` (a GA or beta `session` object) applied; raise ProtocolError on bad fields
+        (the session is then left unchanged)."""
+        if not isinstance(s, dict):
+            raise ProtocolError("session must be an object", param="session")
+        c = self.copy()
+        t = s.get("type")
+        if t is not None and t != "realtime":
+            raise ProtocolError(f"session.type {t!r} is not supported (use 'realtime')", param="session.type")
+        if "instructions" in s:
+            c.instructions = _string(s["instructions"], "session.instructions")
+        if "model" in s and s["model"] is not None:
+            c.model = _string(s["model"], "session.model", 200)
+        if "output_modalities" in s:
+            c.output_modalities = _modalities(s["output_modalities"], "session.output_modalities")
+        if "modalities" in s:
+            c.output_modalities = _modalities(s["modalities"], "session.modalities")
+        if "max_output_tokens" in s:
+            c.max_output_tokens = _max_tokens(s["max_output_tokens"], "session.max_output_tokens")
+        if "max_response_output_tokens" in s:
+            c.max_output_tokens = _max_tokens(s["max_response_output_tokens"], "session.max_response_output_tokens")
+        if "temperature" in s:
+            v = s["temperature"]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 2.0:
+                raise ProtocolError("session.temperature must be a number in [0, 2]", param="session.temperature")
+            c.temperature = float(v)
+        # beta flat fields
+        if "input_audio_format" in s:
+            c.input_format = AudioFormat.parse(s["input_audio_format"], "session.input_audio_format")
+        if "output_audio_format" in s:
+            c.output_format = AudioFormat.parse(s["output_audio_format"], "session.output_audio_format")
+        if "voice" in s:
+            c.voice = self._voice(s["voice"], "session.voice", voices)
+        if "speed" in s:
+            c.speed = self._speed(s["speed"], "session.speed")
+        if "turn_detection" in s:
+            c.turn_detection = TurnDetection.parse(s["turn_detection"], c.turn_detection, "session.turn_detection")
+        if "input_audio_transcription" in s and isinstance(s["input_audio_transcription"], dict):
+            c.transcription_language = s["input_audio_transcription"].get("language", c.transcription_language)
+        # GA nested audio config
+        audio = s.get("audio")
+        if audio is not None:
+            if not isinstance(audio, dict):
+                raise ProtocolError("session.audio must be an object", param="session.audio")
+            inp, out = audio.get("input") or {}, audio.get("output") or {}
+            if not isinstance(inp, dict) or not isinstance(out, dict):
+                raise ProtocolError("session.audio.input/output must be objects", param="session.audio")
+            if "format" in inp:
+                c.input_format = AudioFormat.parse(inp["format"], "session.audio.input.format")
+            if "turn_detection" in inp:
+                c.turn_detection = TurnDetection.parse(inp["turn_detection"], c.turn_detection,
+                                                       "session.audio.input.turn_detection")
+            if isinstance(inp.get("transcription"), dict):
+                c.transcription_language = inp["transcription"].get("language", c.transcription_language)
+            if "format" in out:
+                c.output_format = AudioFormat.parse(out["format"], "session.audio.output.format")
+            if "voice" in out:
+                c.voice = self._voice(out["voice"], "session.audio.output.voice", voices)
+            if "speed" in out:
+                c.speed = self._speed(out["speed"], "session.audio.output.speed")
+        return c
+
+    @staticmethod
+    def _voice(v: object, param: str, voices: list[str]) -> str:
+        if isinstance(v, dict):
+            v = v.get("id")
+        if not isinstance(v, str):
+            raise ProtocolError(f"{param} must be a string", param=param)
+        # OpenAI voice names (alloy, marin, ...) map onto the default voice so stock clients work unchanged.
+        return v if v in voices else (voices[0] if voices else v)
+
+    @staticmethod
+    def _speed(v: object, param: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.25 <= v <= 1.5:
+            raise ProtocolError(f"{param} must be a number in [0.25, 1.5]", param=param)
+        return float(v)
+
+    def to_dict(self, *, beta: bool) -> dict:
+        td = self.turn_detection.to_dict() if self.turn_detection else None
+        if beta:
+            return {"id": self.id, "object": "realtime.session", "model": self.model, "modalities":
+                    ["text", "audio"] if self.output_modalities == ["audio"] else ["text"],
+                    "instructions": self.instructions, "voice": self.voice,
+                    "input_audio_format": self.input_format.to_beta(),
+                    "output_audio_format": self.output_format.to_beta(),
+                    "input_audio_transcription": {"model": "whisper", "language": self.transcription_language},
+                    "turn_detection": td, "temperature": self.temperature,
+                    "max_response_output_tokens": self.max_output_tokens, "speed": self.speed,
+                    "tools": [], "tool_choice": "auto"}
+        return {"type": "realtime", "object": "realtime.session", "id": self.id, "model": self.model,
+                "output_modalities": list(self.output_modalities), "instructions": self.instructions,
+                "audio": {"input": {"format": self.input_format.to_ga(), "turn_detection": td,
+                                    "transcription": {"model": "whisper", "language": self.transcription_language},
+                                    "noise_reduction": None},
+                          "output": {"format": self.output_format.to_ga(), "voice": self.voice,
+                                     "speed": self.speed}},
+                "max_output_tokens": self.max_output_tokens, "tools": [], "tool_choice": "auto",
+                "tracing": None, "truncation": "auto", "prompt": None, "include": None}

@@ -1,0 +1,189 @@
+"""SpeechOutput: the assistant's text deltas in, paced-size audio frames out, with an audio-ms -> text map.
+
+Phrases from the TextChunker are synthesized one after another in a worker thread (the next phrase is
+synthesized while the previous one's frames are consumed), resampled by one continuous StreamResampler (no
+clicks at phrase joins) and cut into `frame_ms` frames. For every phrase the map records which output samples
+speak which characters of the full text (proportionally within a phrase), so after a barge-in the server can
+cut the assistant's text to what was heard: text_offset_at_ms(played_ms). cancel() stops synthesis after the
+current Piper call and drops every queued frame."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from audio.pcm import FrameBuffer
+from audio.resample import StreamResampler
+from audio.text_chunker import Phrase, TextChunker
+
+log = logging.getLogger("voicefast.audio")
+
+
+@dataclass(frozen=True, slots=True)
+class AudioFrame:
+    pcm: np.ndarray  # [frame_samples] float32 at out_rate_hz
+    text_end: int  # characters of the full text spoken by the end of this frame
+    start_ms: float  # position of the frame's first sample in this output's audio
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Span:
+    in_start: int  # TTS-rate sample where the phrase's audio starts
+    in_end: int
+    text_start: int
+    text_end: int
+
+
+class SpeechOutput:
+    def __init__(self, tts, out_rate_hz: int, frame_ms: int = 20, *, chunker: TextChunker | None = None,
+                 speaking_rate: float | None = None):
+        if frame_ms <= 0 or out_rate_hz <= 0:
+            raise ValueError(f"frame_ms and out_rate_hz must be > 0, got {frame_ms}, {out_rate_hz}")
+        self.tts = tts
+        self.out_rate_hz = out_rate_hz
+        self.frame_ms = frame_ms
+        self.frame_samples = out_rate_hz * frame_ms // 1000
+        self.speaking_rate = speaking_rate
+        self.chunker = chunker or TextChunker()
+        self._resampler = StreamResampler(tts.sample_rate_hz, out_rate_hz)
+        self._framer = FrameBuffer(self.frame_samples)
+        self._phrases: asyncio.Queue[Phrase | None] = asyncio.Queue()
+        self._spans: list[_Span] = []
+        self._span_ends: list[int] = []  # [i] = _spans[i].in_end (for bisect)
+        self._in_total = 0  # TTS-rate samples synthesized so far
+        self._frames_out = 0
+        self._finished = False
+        self.cancelled = False
+        self._text_len_final: int | None = None
+        self._out: asyncio.Queue[AudioFrame | None] = asyncio.Queue()
+        self._producer: asyncio.Task | None = None
+        self._drained = False  # every phrase has been synthesized
+        self.error = False
+
+    # ---- text in ----
+    @property
+    def text(self) -> str:
+        return self.chunker.text
+
+    def add_text(self, delta: str) -> None:
+        """Feed the assistant's next text delta (phrases are queued for synthesis as they complete)."""
+        if self._finished:
+            raise RuntimeError("SpeechOutput.add_text() after finish()")
+        for p in self.chunker.push_phrases(delta):
+            self._phrases.put_nowait(p)
+
+    def finish(self) -> None:
+        """No more text: speak what is pending; frames() ends after the last frame."""
+        if self._finished:
+            return
+        self._finished = True
+        for p in self.chunker.flush_phrases():
+            self._phrases.put_nowait(p)
+        self._text_len_final = len(self.chunker.text)
+        self._phrases.put_nowait(None)
+
+    def say(self, text: str) -> None:
+        self.add_text(text)
+        self.finish()
+
+    def cancel(self) -> None:
+        """Stop: no more synthesis, queued frames are dropped, frames() ends."""
+        self.cancelled = True
+        self._finished = True
+        self._phrases.put_nowait(None)
+        while not self._out.empty():
+            self._out.get_nowait()
+        self._out.put_nowait(None)
+
+    # ---- audio out ----
+    async def frames(self) -> AsyncIterator[AudioFrame]:
+        """Frames as soon as they are synthesized (pacing to real time is the transport's job). A producer task
+        synthesizes ahead of the consumer, so the next phrase is ready while this one plays."""
+        if self._producer is None:
+            self._producer = asyncio.get_running_loop().create_task(self._produce())
+        while True:
+            frame = await self._out.get()
+            if frame is None or self.cancelled:
+                return
+            yield frame
+
+    async def _produce(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while not self.cancelled:
+                phrase = await self._phrases.get()
+                if phrase is None:
+                    break
+                audio = await loop.run_in_executor(None, self._synthesize, phrase.text)
+                if self.cancelled:
+                    break
+                for frame in self._frames_for(audio, phrase):
+                    self._out.put_nowait(frame)
+            if not self.cancelled:
+                self._drained = True
+                for frame in self._tail_frames():
+                    self._out.put_nowait(frame)
+        except Exception:
+            log.error("speech synthesis failed", exc_info=True)
+            self.error = True
+        finally:
+            self._out.put_nowait(None)
+
+    def _synthesize(self, text: str) -> np.ndarray:
+        if self.cancelled:
+            return np.zeros(0, np.float32)
+        chunks = []
+        for chunk in self.tts.synthesize(text, self.speaking_rate):
+            chunks.append(chunk)
+            if self.cancelled:  # stop between Piper sentences
+                break
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+    def _frames_for(self, audio: np.ndarray, phrase: Phrase) -> list[AudioFrame]:
+        if len(audio):
+            span = _Span(self._in_total, self._in_total + len(audio), phrase.start, phrase.end)
+            self._spans.append(span)
+            self._span_ends.append(span.in_end)
+            self._in_total = span.in_end
+        return self._emit(self._framer.push(self._resampler.process(audio)))
+
+    def _tail_frames(self) -> list[AudioFrame]:
+        frames = self._framer.push(self._resampler.flush())
+        rest = self._framer.flush()
+        if len(rest):  # the last frame is zero-padded to full size
+            frames.append(np.concatenate([rest, np.zeros(self.frame_samples - len(rest), np.float32)]))
+        return self._emit(frames)
+
+    def _emit(self, pcms: list[np.ndarray]) -> list[AudioFrame]:
+        out = []
+        for pcm in pcms:
+            start_ms = self._frames_out * self.frame_ms
+            self._frames_out += 1
+            out.append(AudioFrame(pcm, self.text_offset_at_ms(self._frames_out * self.frame_ms), start_ms,
+                                  self._frames_out - 1))
+        return out
+
+    # ---- the map ----
+    @property
+    def ms_synthesized(self) -> float:
+        return self._in_total * 1000.0 / self.tts.sample_rate_hz
+
+    def text_offset_at_ms(self, ms: float) -> int:
+        """Characters of the full text spoken by `ms` of this output's audio (monotonic in ms)."""
+        pos = ms * self.tts.sample_rate_hz / 1000.0  # TTS-rate sample position
+        if not self._spans or pos <= 0:
+            return 0
+        if pos >= self._in_total:
+            return self._text_len_final if self._drained else self._spans[-1].text_end
+        i = bisect.bisect_right(self._span_ends, pos)
+        s = self._spans[i]
+        if pos <= s.in_start:
+            return self._spans[i - 1].text_end if i else 0
+        frac = (pos - s.in_start) / (s.in_end - s.in_start)
+        return s.text_start + int(frac * (s.text_end - s.text_start))

@@ -48,11 +48,12 @@ def pick_runner_class(device: torch.device) -> type[ModelRunner]:
 
 class _Request:
     """Engine-side per-request state: detokenizer and stop-string matcher."""
-    __slots__ = ("detok", "stop")
+    __slots__ = ("detok", "stop", "text")
 
     def __init__(self, detok: Any, stop: StopStringMatcher | None):
         self.detok = detok
         self.stop = stop
+        self.text = ""  # completion text emitted so far
 
 
 class LLMEngine:
@@ -99,7 +100,7 @@ class LLMEngine:
 
         path = cfg.model_path()
         model, _ = load_model(path, device=self.device, dtype=self.dtype)
-        return model, Tokenizer.from_pretrained(path)
+        return model, Tokenizer.from_path(path)
 
     def _size_kv_pool(self) -> int:
         cfg, mc = self.config, self.model_config
@@ -140,7 +141,7 @@ class LLMEngine:
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self._seqs:
             raise ValueError(f"request id {seq.request_id!r} is already in flight")
-        detok = self.tokenizer.incremental_detokenizer() if self.tokenizer is not None else None
+        detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
         stop = StopStringMatcher(seq.params.stop) if seq.params.stop else None
         seq.user = _Request(detok, stop)
         self.scheduler.add(seq)
@@ -155,6 +156,14 @@ class LLMEngine:
         self.scheduler.finish(seq, "abort")
         self._pending.append(self._final(seq, StreamOutput(request_id)))
         return True
+
+    def fail_all(self, message: str) -> list[StreamOutput]:
+        """End every in-flight request with finish_reason "error" (after an unexpected engine failure)."""
+        outs = []
+        for seq in list(self._seqs.values()):
+            self.scheduler.finish(seq, "error")
+            outs.append(self._final(seq, StreamOutput(seq.request_id), error=message))
+        return outs
 
     def has_unfinished(self) -> bool:
         return bool(self._seqs) or bool(self._pending)
@@ -200,6 +209,7 @@ class LLMEngine:
                 if matched and not seq.is_finished:
                     self.scheduler.finish(seq, "stop")
             out.text = delta
+            req.text += delta
         if seq.is_finished:
             return self._final(seq, out)
         return out
@@ -208,9 +218,7 @@ class LLMEngine:
         self._seqs.pop(seq.request_id, None)
         self.num_finished += 1
         req: _Request | None = seq.user
-        text = ""
-        if req is not None and req.detok is not None:
-            text = req.detok.text if req.stop is None else req.stop.text
+        text = req.text if req is not None else ""
         n = seq.num_completion_tokens
         decode = None
         if n > 1 and seq.last_token_s and seq.first_token_s and seq.last_token_s > seq.first_token_s:

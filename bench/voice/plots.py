@@ -60,7 +60,8 @@ def write_plots(turns: list[dict], out_dir: Path) -> list[Path]:
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
     ax.set(xlabel="concurrent sessions", ylabel="median ms after end of speech",
            title="where the time goes (median per stage)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.set_size_inches(9, 4.5)
     paths.append(_save(fig, out_dir / "stage_breakdown.png"))
     return paths
 

@@ -157,3 +157,27 @@ def _assert_png(path: Path) -> None:
 
     img = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
     assert img.std() > 5  # not a blank canvas
+
+
+@pytest.mark.slow
+def test_real_server_short_run(tmp_path):
+    """No --url: the harness starts `voicefast serve` (embedded models) on a free port, talks to it, stops it."""
+    out = tmp_path / "real"
+    rc = bench_main(["voice", "--sessions", "1", "--turns", "2", "--out", str(out), "--quiet", "--think-ms", "100"])
+    log = (out / "server.log").read_text() if (out / "server.log").exists() else ""
+    assert rc == 0, log[-3000:]
+    doc = json.loads((out / "turns.json").read_text())
+    assert doc["meta"]["url"].startswith("ws://127.0.0.1:") and doc["meta"]["commit"]
+    ok = [t for t in doc["turns"] if t["status"] == "ok"]
+    assert ok, (doc["turns"], log[-3000:])
+    for t in ok:
+        assert isinstance(t["e2e_ms"], float) and t["e2e_ms"] > 0
+        assert t["transcript"] and t["wer"] is not None
+        assert t["reply_text"].strip() and t["reply_audio_ms"] > 0
+        # our server reports its stage breakdown and decode speed
+        assert t["end_of_turn_delay_ms"] is not None and t["llm_ttft_ms"] is not None
+        assert t["tokens_per_s"] is not None and t["tokens_per_s"] > 0
+    assert min(t["wer"] for t in ok) < 0.5  # the embedded ASR understood at least one question
+    assert "| e2e_ms |" in (out / "summary.md").read_text()
+    for name in ("latency_cdf.png", "latency_vs_concurrency.png", "stage_breakdown.png"):
+        _assert_png(out / name)

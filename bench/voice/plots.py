@@ -44,7 +44,7 @@ def write_plots(turns: list[dict], out_dir: Path) -> list[Path]:
     have_server = any(t.get(STAGES[0]) is not None for t in ok)
     names = list(STAGES) if have_server else list(CLIENT_MARKS)
     bottoms = [0.0] * len(levels)
-    for j, name in enumerate(names + ["other (network, client, unreported)"] if have_server else names):
+    for j, name in enumerate(names + ["other (network, client, gaps between stages)"] if have_server else names):
         heights = []
         for i, lv in enumerate(levels):
             ts = groups[lv]

@@ -174,6 +174,12 @@ class SpeechOutput:
     def ms_synthesized(self) -> float:
         return self._in_total * 1000.0 / self.tts.sample_rate_hz
 
+    @property
+    def phrase_spans_ms(self) -> list[tuple[float, float, int, int]]:
+        """(audio start ms, audio end ms, text start, text end) of every phrase synthesized so far."""
+        k = 1000.0 / self.tts.sample_rate_hz
+        return [(s.in_start * k, s.in_end * k, s.text_start, s.text_end) for s in self._spans]
+
     def text_offset_at_ms(self, ms: float) -> int:
         """Characters of the full text spoken by `ms` of this output's audio (monotonic in ms)."""
         pos = ms * self.tts.sample_rate_hz / 1000.0  # TTS-rate sample position

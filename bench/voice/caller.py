@@ -136,8 +136,6 @@ class Caller:
             rec.status = f"error: connection closed ({exc or 'by server'})"
         elif not finished:
             rec.status = "timeout"
-        elif rec.e2e_ms is None:
-            rec.status = "error: response.done without reply audio"
         # the caller hears the reply out (playback starts at the first byte), then pauses before speaking again
         if turn.t_first_audio is not None:
             t_end = turn.t_first_audio + turn.audio_bytes / 2 / RATE_HZ
@@ -216,6 +214,12 @@ class Caller:
                 if resp.get("status") not in (None, "completed"):
                     rec.status = f"response {resp.get('status')}"
                 turn.done.set()
+            elif t == "response.done" and turn.t_anchor is not None:
+                resp = ev.get("response", {})
+                if resp.get("status") != "cancelled":  # a cancelled (e.g. speculative) response: wait for the next
+                    rec.status = f"error: response {resp.get('status')} without reply audio " \
+                                 f"{json.dumps(resp.get('status_details'))[:200]}"
+                    turn.done.set()
 
 
 def _num(v) -> float | None:

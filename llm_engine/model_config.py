@@ -32,7 +32,8 @@ class ModelConfig:
     # (HF Llama). The model always runs interleaved; load_weights permutes NeoX rows once at load.
     rope_interleaved: bool = False
     rope_scaling: dict[str, Any] | None = None  # HF rope_parameters for "linear" / "llama3"; None = default
-    attention_bias: bool = False  # bias on q/k/v projections (o_proj never has one)
+    attention_bias: bool = False  # bias on q/k/v projections
+    o_proj_bias: bool = False  # bias on o_proj (HF Llama's attention_bias covers it; GLM never has one)
     post_branch_norms: bool = False  # GLM-4: RMSNorm on attention/MLP branch outputs before the residual add
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
@@ -130,6 +131,7 @@ class ModelConfig:
             rope_interleaved=family in ("glm", "glm4"),
             rope_scaling=scaling,
             attention_bias=bool(cfg.get("attention_bias", family in ("glm", "glm4"))),
+            o_proj_bias=family == "llama" and bool(cfg.get("attention_bias", False)),
             post_branch_norms=family == "glm4",
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),

@@ -15,10 +15,22 @@ __all__ = ["add_rms_norm", "rms_norm", "rotary_store_kv", "paged_attention", "si
            "reference_rms_norm", "reference_rotary", "reference_paged_attention", "gather_kv"]
 
 
+# ---------------------------------------------------------------- CUDA dispatch (Triton kernels, llm_engine.kernels)
+# Each public op sends CUDA tensors to its Triton kernel; CPU tensors take the torch code below unchanged.
+# The kernels are imported lazily, so the CPU engine never imports triton.
+
+def _kernels():
+    from llm_engine import kernels as _k  # noqa: F401
+    from llm_engine.kernels import decode_attention, rms_norm, rotary_kv, silu_and_mul
+    return rms_norm, rotary_kv, decode_attention, silu_and_mul
+
+
 # ---------------------------------------------------------------- norms
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, H] -> weight * x / rms(x)  [T, H] (no +1 on the weight)."""
+    if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1:
+        return _kernels()[0].rms_norm(x, weight, eps)
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
@@ -26,6 +38,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused residual add + RMSNorm: new_residual = x + residual (x itself when residual is None);
     returns (rms_norm(new_residual) [T, H], new_residual [T, H]). Inputs are not modified."""
+    if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1):
+        return _kernels()[0].add_rms_norm(x, residual, weight, eps)
     if residual is not None:
         x = x + residual
     return F.rms_norm(x, weight.shape, weight, eps), x
@@ -55,9 +69,10 @@ def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved:
         return
     # NeoX rotate-half pairs (i, i + rot/2).
     c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, rot/2]
-    x1, x2 = x[..., :half].float(), x[..., half:].float()  # [T, Hx, rot/2] copies
-    x[..., :half] = x1 * c - x2 * s
-    x[..., half:] = x2 * c + x1 * s
+    x1, x2 = x[..., :half].float(), x[..., half:].float()  # [T, Hx, rot/2] (views when x is float32)
+    o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s  # both computed before either half is overwritten
+    x[..., :half] = o1
+    x[..., half:] = o2
 
 
 def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -68,6 +83,9 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     v [T, Hkv, D] into the paged caches k_cache/v_cache [num_blocks, block_size, Hkv, D] at flat slot
     slot_mapping [T] (slots < 0 are skipped). cos_sin [max_pos, rot_dim] float32 holds cos | sin halves;
     positions [T] index it. interleaved: GPT-J adjacent pairs, else NeoX halves. Returns (q, k)."""
+    if q.is_cuda and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1:
+        return _kernels()[1].rotary_store_kv(q, k, v, positions, cos_sin, rot_dim, interleaved, k_cache, v_cache,
+                                             slot_mapping)
     cs = cos_sin.index_select(0, positions)  # [T, rot_dim]
     half = rot_dim // 2
     cos, sin = cs[:, :half], cs[:, half:]
@@ -122,6 +140,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Sequence i owns query rows [qsl[i], qsl[i+1]): the LAST query_len_i positions of its seq_len_i keys, which
     are read through block_tables[i]. Query j of the sequence (absolute position seq_len - query_len + j)
     sees keys 0..that position. Covers decode (query_len 1), prefill and chunked prefill over a cached prefix."""
+    if meta.is_decode and q.is_cuda:  # Triton: GQA-grouped split-K over the paged cache, device metadata only
+        return _kernels()[2].decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
+                                              max_seq_len=meta.max_seq_len)
     if meta.is_decode:
         return _decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)  # [T, Hq, D]
@@ -189,5 +210,7 @@ def reference_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU gate: x [T, 2I] = [gate | up] -> silu(gate) * up  [T, I]."""
+    if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1:
+        return _kernels()[3].silu_and_mul(x)
     inter = x.shape[-1] // 2
     return F.silu(x[..., :inter]) * x[..., inter:]

@@ -1,5 +1,5 @@
 """Self-attention over the paged KV cache: fused qkv_proj ([q; k; v] rows), rotary + KV store, paged attention,
-o_proj (never biased). Rotary always runs on interleaved (GPT-J) pairs; NeoX checkpoints are permuted at load."""
+o_proj. Rotary always runs on interleaved (GPT-J) pairs; NeoX checkpoints are permuted at load."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class Attention(nn.Module):
         self.rot_dim = cfg.rot_dim
         self.scale = cfg.head_dim ** -0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttnMetadata, cos_sin: torch.Tensor) -> torch.Tensor:

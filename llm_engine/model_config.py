@@ -108,6 +108,8 @@ class ModelConfig:
                           num_layers=int(cfg["num_hidden_layers"]), num_heads=n_heads)
         except KeyError as e:
             raise ValueError(f"config.json lacks required field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config.json has a non-integer size field (hidden_size, ...): {e}") from None
         rope = dict(cfg.get("rope_parameters") or {})
         legacy_scaling = cfg.get("rope_scaling")
         if legacy_scaling:

@@ -90,9 +90,9 @@ def test_rotary_store_kv_matches_reference(interleaved, rot_dim, Hq, Hkv, D):
     assert _rel(kc_k.cpu(), kc_r) < 1e-6 and _rel(vc_k.cpu(), vc_r) < 1e-6
 
 
-# (B, Hq, Hkv, D, seq_lens, num_splits): GQA ratios 1, 2, 16; split-K on and off; a 0-length row
-ATTN_CASES = [(2, 4, 4, 16, [5, 9], 1), (3, 8, 4, 16, [1, 17, 30], 4), (2, 16, 1, 32, [70, 33], 2),
-              (2, 6, 2, 16, [0, 12], 2)]
+# (B, Hq, Hkv, D, seq_lens, split_tokens): GQA ratios 1, 2, 3, 16; one split and several; a 0-length row
+ATTN_CASES = [(2, 4, 4, 16, [5, 9], 128), (3, 8, 4, 16, [1, 70, 79], 64), (2, 16, 1, 32, [70, 33], 64),
+              (2, 6, 2, 16, [0, 12], 64)]
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,D,seq_lens,splits", ATTN_CASES)
@@ -106,9 +106,13 @@ def test_decode_attention_matches_reference(B, Hq, Hkv, D, seq_lens, splits):
     ref = DA.reference_decode_attention(q, kc, vc, sl, bt, D**-0.5)
     out = torch.full_like(q, float("nan")).to(DEV)  # poisoned: every element must be written
     DA.decode_attention(q.to(DEV), kc.to(DEV), vc.to(DEV), sl.to(DEV), bt.to(DEV), D**-0.5,
-                        num_splits=splits, out=out)
+                        split_tokens=splits, max_seq_len=max(seq_lens), out=out)
     assert not out.isnan().any()
     assert _rel(out.cpu(), ref) < 1e-5
+    # the same partition under a larger length bound (the CUDA graph's capacity): bit-identical
+    again = DA.decode_attention(q.to(DEV), kc.to(DEV), vc.to(DEV), sl.to(DEV), bt.to(DEV), D**-0.5,
+                                split_tokens=splits)
+    assert torch.equal(again, out)
 
 
 def test_prefill_attention_matches_models_reference():

@@ -48,10 +48,10 @@ def test_quant_kernels_match_dequant_reference(M, N, K, bias):
     w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
     b = torch.randn(N, generator=g) if bias else None
     q, s = quantize_int8(w)
-    y8 = int8_matmul(x, q, s, b, block_n=16, block_k=128)
+    y8 = int8_matmul(x, q, s, b, config=(16, 128, 4, 1))
     assert _rel(y8, I8.reference_int8_linear(x, q, s, b)) < 1e-5
     packed, sc, mn, group = quantize_int4(w)
-    y4 = int4_matmul(x, packed, sc, mn, group, b, block_n=16)
+    y4 = int4_matmul(x, packed, sc, mn, group, b, config=(8, 64, 4, 1))
     assert _rel(y4, I4.reference_int4_linear(x, packed, sc, mn, group, b)) < 1e-5
 
 

@@ -3,11 +3,13 @@
 One program per (sequence, KV head, split): it loads each KV tile once and serves all the G = Hq/Hkv
 query heads of its group with one tl.dot (G padded to 16). Long contexts are split over `num_splits`
 programs (split-K) whose partial outputs are merged by log-sum-exp in a second small kernel. Everything
-is read from device tensors (seq_lens, block_tables), so a CUDA graph can replay it with new contents."""
+is read from device tensors (seq_lens, block_tables), so a CUDA graph can replay it with new contents.
+
+Split s covers keys [s * SPLIT_TOKENS, (s + 1) * SPLIT_TOKENS). SPLIT_TOKENS depends only on the batch shape,
+never on lengths, so a sequence's keys are partitioned the same way whatever the launch's length bound (the
+graph's capacity or the eager step's max_seq_len): eager and graph decode give bit-identical outputs."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -19,7 +21,7 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, seq_lens_ptr, bt_ptr, out_ptr, pa
                         scale, page_size,
                         sq_b, sq_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, s_bt, so_b, so_h,
                         G: tl.constexpr, G_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
-                        BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                        BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_TOKENS: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -30,9 +32,8 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, seq_lens_ptr, bt_ptr, out_ptr, pa
     qh = kvh * G + g  # [G_P2] query heads of this group
     q = tl.load(q_ptr + b * sq_b + qh[:, None] * sq_h + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
     seq_len = tl.load(seq_lens_ptr + b)
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, seq_len)
+    start = split * SPLIT_TOKENS
+    end = tl.minimum(start + SPLIT_TOKENS, seq_len)
     m_i = tl.full([G_P2], float("-inf"), tl.float32)
     l_i = tl.zeros([G_P2], tl.float32)
     acc = tl.zeros([G_P2, D_P2], tl.float32)
@@ -81,7 +82,8 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, so_b, so_h,
     mx = tl.max(lse, axis=0)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     w = tl.exp(lse - mx_safe)  # exp(-inf) = 0 for empty splits
-    o = tl.load(part_o_ptr + (row + s)[:, None] * D_P2 + d[None, :])  # [S, D_P2]
+    live = lse > float("-inf")  # empty splits are not read
+    o = tl.load(part_o_ptr + (row + s)[:, None] * D_P2 + d[None, :], mask=live[:, None], other=0.0)  # [S, D_P2]
     tot = tl.sum(w, axis=0)
     res = tl.sum(o * w[:, None], axis=0) / tl.where(tot > 0, tot, 1.0)
     tl.store(out_ptr + b * so_b + h * so_h + d, res.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
@@ -90,25 +92,29 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, so_b, so_h,
 _SM_COUNT: dict[int, int] = {}
 
 
-def pick_num_splits(batch: int, n_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
-    """Enough (sequence, head, split) programs to fill the chip about twice; at most one tile per split."""
+def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
-        sms = 4
-    else:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        sms = _SM_COUNT[idx]
-    want = math.ceil(2 * sms / max(1, batch * n_kv_heads))
-    tiles = max(1, math.ceil(max_seq_len / block_n))
-    return max(1, min(triton.next_power_of_2(want), triton.next_power_of_2(tiles), 64))
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def pick_split_tokens(batch: int, n_kv_heads: int) -> int:
+    """Keys per split: short splits when few (sequence, head) programs would run, longer ones for big batches
+    (fewer partials to write and merge). A function of the batch shape only (see the module note)."""
+    progs = batch * n_kv_heads
+    return 64 if progs <= 32 else 128 if progs <= 64 else 256
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                     block_tables: torch.Tensor, scale: float, num_splits: int | None = None,
+                     block_tables: torch.Tensor, scale: float, split_tokens: int | None = None,
                      max_seq_len: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, D] (one token per sequence); caches [num_blocks, block_size, Hkv, D]; seq_lens [B] int32;
-    block_tables [B, max_blocks] int32. Returns out [B, Hq, D]. Rows with seq_len 0 give zeros."""
+    block_tables [B, max_blocks] int32; max_seq_len: a bound on seq_lens (default: the tables' capacity).
+    split_tokens: keys per split-K program (a multiple of 64 and a power of two; default by batch shape).
+    Returns out [B, Hq, D]. Rows with seq_len 0 give zeros."""
     B, n_q, D = q.shape
     n_kv = k_cache.shape[2]
     if n_q % n_kv:
@@ -117,11 +123,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("decode_attention wants the head dim contiguous")
     G = n_q // n_kv
     block_n = 64 if D <= 128 else 32
-    if num_splits is None:
-        ms = max_seq_len if max_seq_len is not None else block_tables.shape[1] * k_cache.shape[1]
-        num_splits = pick_num_splits(B, n_kv, ms, block_n, q.device)
-    if num_splits & (num_splits - 1):
-        raise ValueError("num_splits must be a power of two")
+    bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * k_cache.shape[1]
+    split = split_tokens or pick_split_tokens(B, n_kv)
+    while triton.cdiv(bound, split) > 256:  # very long bounds: longer splits (changes the partition)
+        split *= 2
+    if split % block_n or split & (split - 1):
+        raise ValueError(f"split_tokens must be a power of two and a multiple of {block_n}, got {split}")
+    num_splits = triton.next_power_of_2(max(1, triton.cdiv(bound, split)))
     if out is None:
         out = torch.empty((B, n_q, D), dtype=q.dtype, device=q.device)  # [B, Hq, D]
     if B == 0:
@@ -138,7 +146,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0),
         out.stride(1),
         G=G, G_P2=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, D_P2=d_p2, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, num_warps=4, num_stages=2)
+        NUM_SPLITS=num_splits, SPLIT_TOKENS=split, num_warps=4, num_stages=2)
     if num_splits > 1:
         _merge_kernel[(B, n_q)](part_o, part_lse, out, out.stride(0), out.stride(1),
                                 HEAD_DIM=D, D_P2=d_p2, NUM_SPLITS=num_splits, num_warps=1)

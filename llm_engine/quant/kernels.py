@@ -1,7 +1,10 @@
 """Triton small-batch (M <= 16) weight-only matmuls that dequantize in registers.
 
 Each program owns BLOCK_N output channels for all M rows and streams its weight rows once; the rows of x
-are tiny and stay in L1/L2. Memory-bound: bytes ~= N*K (int8) or N*K/2 (+ scales) (int4)."""
+are tiny and stay in L1/L2. M == 1 takes an elementwise multiply-accumulate (no padding to a 16-row dot);
+2..16 rows use tl.dot on the dequantized tile. Memory-bound: bytes ~= N*K (int8) or N*K/2 + scales (int4).
+The tile shape is picked once per (kernel, N, K, M-class) by timing a few candidates on first use (outside
+CUDA-graph capture); `set_config` pins one."""
 
 from __future__ import annotations
 
@@ -14,63 +17,121 @@ import triton.language as tl
 def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sx, sw, so,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
-    rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    mm = rm < M
     nm = rn < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        km = (k0 + rk) < K
-        x = tl.load(x_ptr + rm[:, None] * sx + (k0 + rk)[None, :], mask=mm[:, None] & km[None, :], other=0.0)
-        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * sw + (k0 + rk)[None, :], mask=nm[:, None] & km[None, :],
-                    other=0)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    rn64 = rn.to(tl.int64)
+    if BLOCK_M == 1:
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            km = (k0 + rk) < K
+            x = tl.load(x_ptr + k0 + rk, mask=km, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rn64[:, None] * sw + (k0 + rk)[None, :], mask=nm[:, None] & km[None, :], other=0)
+            acc2 += w.to(tl.float32) * x[None, :]
+        acc = tl.sum(acc2, axis=1)[None, :]  # [1, BN]
+        rm = tl.arange(0, 1)
+    else:
+        rm = tl.arange(0, BLOCK_M)
+        mm = rm < M
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            km = (k0 + rk) < K
+            x = tl.load(x_ptr + rm[:, None] * sx + (k0 + rk)[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+            w = tl.load(w_ptr + rn64[:, None] * sw + (k0 + rk)[None, :], mask=nm[:, None] & km[None, :], other=0)
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     acc *= tl.load(s_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * so + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mm[:, None] & nm[None, :])
+             mask=(rm < M)[:, None] & nm[None, :])
 
 
 @triton.jit
 def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, sx, sw, ss, so,
-                    HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """BLOCK_K codes (BLOCK_K/2 bytes) per row per step; pair j of a step holds k = k0+2j (low nibble) and
+    k0+2j+1 (high); both share one group, whose scale/min are gathered per pair (L1 hits)."""
     pid_n = tl.program_id(0)
-    HALF: tl.constexpr = GROUP // 2
-    rm = tl.arange(0, BLOCK_M)
+    HALF: tl.constexpr = BLOCK_K // 2
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.arange(0, HALF)
-    mm = rm < M
+    r2 = tl.arange(0, 2)
     nm = rn < N
     rn64 = rn.to(tl.int64)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for g in range(0, K // GROUP):
-        k0 = g * GROUP
-        xm = mm[:, None]
-        xe = tl.load(x_ptr + rm[:, None] * sx + k0 + 2 * rj[None, :], mask=xm, other=0.0)  # [BM, HALF] even k
-        xo = tl.load(x_ptr + rm[:, None] * sx + k0 + 2 * rj[None, :] + 1, mask=xm, other=0.0)  # odd k
-        p = tl.load(w_ptr + rn64[:, None] * sw + g * HALF + rj[None, :], mask=nm[:, None], other=0)  # [BN, HALF]
-        lo = (p & 15).to(x_ptr.dtype.element_ty)
-        hi = (p >> 4).to(x_ptr.dtype.element_ty)
-        part = tl.dot(xe, tl.trans(lo)) + tl.dot(xo, tl.trans(hi))  # [BM, BN] = x . q over the group
-        xsum = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)  # [BM]
-        s = tl.load(s_ptr + rn64 * ss + g, mask=nm, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn64 * ss + g, mask=nm, other=0.0).to(tl.float32)
-        acc += part * s[None, :] + xsum[:, None] * z[None, :]
+    if BLOCK_M == 1:
+        acc2 = tl.zeros([BLOCK_N, HALF], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    rm = tl.arange(0, BLOCK_M)
+    mm = rm < M
+    for k0 in range(0, K, BLOCK_K):
+        jm = (k0 + 2 * rj) < K
+        wm = nm[:, None] & jm[None, :]
+        p = tl.load(w_ptr + rn64[:, None] * sw + k0 // 2 + rj[None, :], mask=wm, other=0)  # [BN, HALF] uint8
+        gidx = (k0 + 2 * rj) // GROUP
+        s = tl.load(s_ptr + rn64[:, None] * ss + gidx[None, :], mask=wm, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn64[:, None] * ss + gidx[None, :], mask=wm, other=0.0).to(tl.float32)
+        w_lo = (p & 15).to(tl.float32) * s + z  # [BN, HALF] weights at even k
+        w_hi = (p >> 4).to(tl.float32) * s + z  # odd k
+        if BLOCK_M == 1:
+            xx = tl.load(x_ptr + k0 + 2 * rj[:, None] + r2[None, :], mask=jm[:, None], other=0.0).to(tl.float32)
+            x_e, x_o = tl.split(xx)  # [HALF] each
+            acc2 += w_lo * x_e[None, :] + w_hi * x_o[None, :]
+        else:
+            xx = tl.load(x_ptr + rm[:, None, None] * sx + k0 + 2 * rj[None, :, None] + r2[None, None, :],
+                         mask=mm[:, None, None] & jm[None, :, None], other=0.0)  # [BM, HALF, 2]
+            x_e, x_o = tl.split(xx)  # [BM, HALF] each
+            acc += tl.dot(x_e, tl.trans(w_lo.to(x_ptr.dtype.element_ty)))
+            acc += tl.dot(x_o, tl.trans(w_hi.to(x_ptr.dtype.element_ty)))
+    if BLOCK_M == 1:
+        acc = tl.sum(acc2, axis=1)[None, :]  # [1, BN]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * so + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mm[:, None] & nm[None, :])
 
 
-def _block_n(n: int, device: torch.device) -> int:
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return 32 if triton.cdiv(n, 32) >= 2 * sms else 16
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) candidates; the first is the default (CPU / during capture)
+_CANDIDATES = {
+    ("int8", 1): [(8, 512, 4, 4), (4, 1024, 4, 4), (16, 256, 4, 4), (8, 1024, 8, 3), (2, 2048, 4, 3)],
+    ("int8", 16): [(32, 256, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (64, 128, 4, 4)],
+    ("int4", 1): [(8, 512, 4, 4), (4, 1024, 4, 4), (16, 256, 4, 4), (8, 1024, 8, 3), (2, 2048, 4, 3)],
+    ("int4", 16): [(32, 256, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (64, 128, 4, 4)],
+}
+_CHOSEN: dict[tuple, tuple[int, int, int, int]] = {}
+
+
+def set_config(kind: str, N: int, K: int, m_class: int, cfg: tuple[int, int, int, int]) -> None:
+    _CHOSEN[(kind, N, K, m_class)] = cfg
+
+
+def chosen_configs() -> dict[str, tuple[int, int, int, int]]:
+    return {f"{k[0]} N={k[1]} K={k[2]} M={'1' if k[3] == 1 else '2-16'}": v for k, v in _CHOSEN.items()}
+
+
+def _pick(kind: str, N: int, K: int, m_class: int, launch) -> tuple[int, int, int, int]:
+    key = (kind, N, K, m_class)
+    cfg = _CHOSEN.get(key)
+    if cfg is not None:
+        return cfg
+    cands = _CANDIDATES[(kind, m_class)]
+    if not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
+        return cands[0]
+    best, best_ms = cands[0], float("inf")
+    for c in cands:
+        try:
+            ms = triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=25, return_mode="median")
+        except Exception:  # a candidate that does not compile/fit is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = c, ms
+    _CHOSEN[key] = best
+    return best
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                block_n: int | None = None, block_k: int = 256) -> torch.Tensor:
+                config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (M <= 16), q int8 [N, K], scale [N] -> [M, N] in x's dtype."""
     M, K = x.shape
     N = q.shape[0]
@@ -78,16 +139,22 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
         raise ValueError("int8_matmul is the small-batch path (M <= 16)")
     x = x.contiguous()
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)  # [M, N]
-    bn = block_n or _block_n(N, x.device)
-    _int8_mm_kernel[(triton.cdiv(N, bn),)](x, q, scale, bias if bias is not None else scale, out, M, N, K,
-                                          x.stride(0), q.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                                          BLOCK_M=16, BLOCK_N=bn, BLOCK_K=min(block_k, triton.next_power_of_2(K)),
-                                          num_warps=4, num_stages=4)
+    m_class = 1 if M == 1 else 16
+
+    def launch(c):
+        bn, bk, nw, ns = c
+        _int8_mm_kernel[(triton.cdiv(N, bn),)](x, q, scale, bias if bias is not None else scale, out, M, N, K,
+                                              x.stride(0), q.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+                                              BLOCK_M=m_class, BLOCK_N=bn,
+                                              BLOCK_K=min(bk, max(16, triton.next_power_of_2(K))),
+                                              num_warps=nw, num_stages=ns)
+
+    launch(config or _pick("int8", N, K, m_class, launch))
     return out
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, wmin: torch.Tensor, group: int,
-                bias: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (M <= 16), packed uint8 [N, K/2], scale/wmin [N, K/group] -> [M, N] in x's dtype."""
     M, K = x.shape
     N = packed.shape[0]
@@ -95,9 +162,16 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, wmin
         raise ValueError("int4_matmul is the small-batch path (M <= 16)")
     x = x.contiguous()
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)  # [M, N]
-    bn = block_n or _block_n(N, x.device)
-    _int4_mm_kernel[(triton.cdiv(N, bn),)](x, packed, scale, wmin, bias if bias is not None else scale, out,
-                                          M, N, K, x.stride(0), packed.stride(0), scale.stride(0), out.stride(0),
-                                          HAS_BIAS=bias is not None, GROUP=group, BLOCK_M=16, BLOCK_N=bn,
-                                          num_warps=4, num_stages=4)
+    m_class = 1 if M == 1 else 16
+
+    def launch(c):
+        bn, bk, nw, ns = c
+        _int4_mm_kernel[(triton.cdiv(N, bn),)](x, packed, scale, wmin, bias if bias is not None else scale, out,
+                                              M, N, K, x.stride(0), packed.stride(0), scale.stride(0),
+                                              out.stride(0), HAS_BIAS=bias is not None, GROUP=group,
+                                              BLOCK_M=m_class, BLOCK_N=bn,
+                                              BLOCK_K=min(bk, max(32, triton.next_power_of_2(K))),
+                                              num_warps=nw, num_stages=ns)
+
+    launch(config or _pick("int4", N, K, m_class, launch))
     return out

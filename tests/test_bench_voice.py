@@ -181,3 +181,12 @@ def test_real_server_short_run(tmp_path):
     assert "| e2e_ms |" in (out / "summary.md").read_text()
     for name in ("latency_cdf.png", "latency_vs_concurrency.png", "stage_breakdown.png"):
         _assert_png(out / name)
+
+
+def test_bench_dispatch_names_a_missing_module(monkeypatch, capsys):
+    import bench.cli
+
+    monkeypatch.setitem(bench.cli.BENCHES, "engine", ("bench.not_there:main", "x"))
+    assert bench_main(["engine", "--help"]) == 2
+    assert "bench.not_there is not part of this build" in capsys.readouterr().err
+    assert bench_main(["--help"]) == 0 and "voice" in capsys.readouterr().out

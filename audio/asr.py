@@ -22,6 +22,7 @@ log = logging.getLogger("voicefast.audio")
 
 SAMPLE_RATE_HZ = 16_000
 MAX_WINDOW_SAMPLES = 30 * SAMPLE_RATE_HZ  # Whisper's context; longer audio goes through faster-whisper's loop
+FULL_WINDOW_FRAMES = 3000  # 30 s of 10 ms mel frames
 
 
 @dataclass(slots=True)
@@ -31,6 +32,14 @@ class AsrOptions:
     no_speech_threshold: float = 0.6  # with avg_logprob < logprob_threshold -> "" (silence, no hallucination)
     logprob_threshold: float = -1.0
     max_new_tokens: int = 200
+    # Whisper pads every input to a 30 s window; CTranslate2 also encodes shorter windows, which is several
+    # times faster. Too short a window makes Whisper loop, so the window is at least min_window_s and at least
+    # window_pad_s past the audio, and a looping or runaway result is decoded again on the full 30 s window.
+    # min_window_s=30 always uses the full window.
+    min_window_s: float = 10.0
+    window_pad_s: float = 5.0
+    max_tokens_per_s: float = 8.0  # (+16) token budget on a short window: bounds the cost of a loop
+    max_words_per_s: float = 6.0  # more words than this per second of audio is a runaway, not speech
 
 
 def pick_device(device: str = "auto") -> tuple[str, str]:
@@ -97,28 +106,53 @@ class WhisperASR:
         for i in set(range(len(audios))) - set(short):
             out[i] = self._transcribe_long(audios[i])
         if short:
-            for i, text in zip(short, self._decode_short([audios[i] for i in short]), strict=True):
+            audios_short = [audios[i] for i in short]
+            texts, suspect = self._decode_short(audios_short, self._window_frames(audios_short))
+            redo = [k for k, bad in enumerate(suspect) if bad]
+            if redo:  # a loop or runaway on the short window: decode those again on the full 30 s window
+                log.debug("ASR: %d of %d decodes redone on the full window", len(redo), len(short))
+                again, _ = self._decode_short([audios_short[k] for k in redo], FULL_WINDOW_FRAMES)
+                for k, text in zip(redo, again, strict=True):
+                    texts[k] = text
+            for i, text in zip(short, texts, strict=True):
                 out[i] = text
         return [t or "" for t in out]
 
-    def _decode_short(self, audios: list[np.ndarray]) -> list[str]:
+    def _window_frames(self, audios: list[np.ndarray]) -> int:
+        """Encoder window (mel frames, 100 per second) for a batch: one size fits the longest utterance."""
+        o = self.options
+        longest_s = max(len(a) for a in audios) / SAMPLE_RATE_HZ
+        window_s = max(o.min_window_s, longest_s + o.window_pad_s)
+        return min(FULL_WINDOW_FRAMES, int(np.ceil(window_s * 100)))
+
+    def _decode_short(self, audios: list[np.ndarray], window_frames: int) -> tuple[list[str], list[bool]]:
+        """(texts, suspect) for utterances of at most 30 s, encoded as one batch on a window_frames window."""
         from faster_whisper.audio import pad_or_trim
 
         fe = self.model.feature_extractor
-        feats = np.stack([pad_or_trim(fe(a)[..., :-1]) for a in audios])  # [B, n_mels, 3000]
+        feats = np.stack([pad_or_trim(fe(a)[..., :-1], window_frames) for a in audios])  # [B, n_mels, window]
         enc = self.model.encode(feats)
         o = self.options
+        longest_s = max(len(a) for a in audios) / SAMPLE_RATE_HZ
+        budget = o.max_new_tokens
+        if window_frames < FULL_WINDOW_FRAMES:
+            budget = min(budget, int(longest_s * o.max_tokens_per_s) + 16)
         results = self.model.model.generate(
             enc, [list(self._prompt) for _ in audios], beam_size=o.beam_size,
-            max_length=len(self._prompt) + o.max_new_tokens, suppress_blank=True, suppress_tokens=self._suppress,
+            max_length=len(self._prompt) + budget, suppress_blank=True, suppress_tokens=self._suppress,
             return_scores=True, return_no_speech_prob=True)
-        texts = []
+        texts, suspect = [], []
         for a, r in zip(audios, results, strict=True):
-            ids = [t for t in r.sequences_ids[0] if t < self._tokenizer.eot]
-            avg_logprob = r.scores[0] * len(r.sequences_ids[0]) / (len(r.sequences_ids[0]) + 1)
+            seq = r.sequences_ids[0]
+            ids = [t for t in seq if t < self._tokenizer.eot]
+            avg_logprob = r.scores[0] * len(seq) / (len(seq) + 1)
             silent = r.no_speech_prob > o.no_speech_threshold and avg_logprob < o.logprob_threshold
-            texts.append("" if silent or len(a) == 0 else self._tokenizer.decode(ids).strip())
-        return texts
+            text = "" if silent or len(a) == 0 else self._tokenizer.decode(ids).strip()
+            texts.append(text)
+            words = text.split()
+            runaway = len(words) > o.max_words_per_s * max(len(a) / SAMPLE_RATE_HZ, 1.0)
+            suspect.append(window_frames < FULL_WINDOW_FRAMES and (runaway or has_repetition(words)))
+        return texts, suspect
 
     def _transcribe_long(self, x: np.ndarray) -> str:
         segments, _ = self.model.transcribe(
@@ -138,6 +172,19 @@ class WhisperASR:
         self._pool.shutdown()
 
 
+def has_repetition(words: list[str], min_block: int = 3, min_ngram: int = 4) -> bool:
+    """Whisper's looping failure mode: a block of >= min_block words repeated back to back, or any
+    min_ngram-word sequence said twice (a loop cut off mid-repeat)."""
+    w = [x.lower().strip(".,!?;:") for x in words]
+    n = len(w)
+    for p in range(min_block, n // 2 + 1):
+        for i in range(n - 2 * p + 1):
+            if w[i:i + p] == w[i + p:i + 2 * p]:
+                return True
+    grams = [tuple(w[i:i + min_ngram]) for i in range(n - min_ngram + 1)]
+    return len(set(grams)) < len(grams)
+
+
 def _check_audio(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 1:
@@ -149,4 +196,4 @@ def _check_audio(x: np.ndarray) -> np.ndarray:
 
 from audio.transcriber import StreamingTranscriber, stable_prefix_len  # noqa: E402  (re-export)
 
-__all__ = ["AsrOptions", "StreamingTranscriber", "WhisperASR", "pick_device", "stable_prefix_len"]
+__all__ = ["AsrOptions", "StreamingTranscriber", "WhisperASR", "has_repetition", "pick_device", "stable_prefix_len"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from speech import CUSTOMER_SENTENCES, load_wav, speech_wav
 
-from audio.asr import StreamingTranscriber, WhisperASR, stable_prefix_len
+from audio.asr import AsrOptions, StreamingTranscriber, WhisperASR, has_repetition, stable_prefix_len
 from audio.asr_pool import PRIORITY_FINAL, PRIORITY_PARTIAL, DecodePool
 from audio.wer import normalize_words, word_error_rate
 
@@ -28,6 +28,18 @@ def test_wer_basics_and_normalization():
     assert normalize_words("thirty-five") == ["thirty", "five"]
     with pytest.raises(ValueError):
         word_error_rate(["a"], ["a", "b"])
+
+
+def _w(text):
+    return text.split()
+
+
+def test_has_repetition_spots_whisper_loops_only():
+    assert has_repetition(_w("I would like to check. I would like to check. I would"))
+    assert has_repetition(_w("where is it where is it"))
+    assert not has_repetition(_w("Our store is open from nine in the morning until six in the evening."))
+    assert not has_repetition(_w("no no no"))  # a repeated single word is speech, not a loop
+    assert has_repetition(_w("Our store is open at nine. Our store is open"))  # a loop cut off mid-repeat
 
 
 def test_stable_prefix_ignores_case_and_punctuation():
@@ -161,6 +173,20 @@ def test_whisper_wer_on_customer_sentences(asr):
     assert wer <= 0.10, list(zip(CUSTOMER_SENTENCES, hyps, strict=True))
     # one batched decode of several utterances gives the same text as decoding them one by one
     assert asr.decode_batch(xs[:3]) == hyps[:3]
+
+
+@pytest.mark.slow
+def test_short_window_loops_fall_back_to_the_full_window():
+    # A window barely longer than the audio makes Whisper repeat itself; the guard must catch it and redo the
+    # decode on the full 30 s window.
+    tight = WhisperASR(cpu_threads=2, options=AsrOptions(min_window_s=0.0, window_pad_s=0.5))
+    try:
+        sents = CUSTOMER_SENTENCES[1:4]
+        hyps = [tight.transcribe(load_wav(speech_wav(s))[0]) for s in sents]
+    finally:
+        tight.close()
+    assert not any(has_repetition(h.split()) for h in hyps), hyps
+    assert word_error_rate(sents, hyps) <= 0.10, hyps
 
 
 @pytest.mark.slow

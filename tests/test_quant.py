@@ -39,7 +39,7 @@ def test_int4_pack_roundtrip_and_error():
     assert quantize_int4(torch.randn(8, 576))[3] == 64
 
 
-@pytest.mark.parametrize("M,N,K,bias", [(1, 40, 256, True), (5, 33, 384, False), (16, 64, 128, True)])
+@pytest.mark.parametrize("M,N,K,bias", [(1, 40, 256, True), (5, 33, 384, False), (16, 64, 128, True), (40, 24, 128, False)])
 def test_quant_kernels_match_dequant_reference(M, N, K, bias):
     triton = pytest.importorskip("triton")  # noqa: F841
     from llm_engine.quant.kernels import int4_matmul, int8_matmul

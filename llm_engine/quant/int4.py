@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SMALL_BATCH_MAX = 16
+SMALL_BATCH_MAX = 64  # rows that take the Triton small-batch kernel; larger (prefill) dequantize + GEMM
 
 
 def pick_group(k: int, group: int = 128) -> int:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SMALL_BATCH_MAX = 16  # rows that take the Triton matvec; larger (prefill) dequantize and use the GEMM
+SMALL_BATCH_MAX = 64  # rows that take the Triton small-batch kernel; larger (prefill) dequantize + GEMM
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,9 @@
-"""Triton small-batch (M <= 16) weight-only matmuls that dequantize in registers.
+"""Triton small-batch (M <= 64) weight-only matmuls that dequantize in registers.
 
 Each program owns BLOCK_N output channels for all M rows and streams its weight rows once; the rows of x
 are tiny and stay in L1/L2. M == 1 takes an elementwise multiply-accumulate (no padding to a 16-row dot);
-2..16 rows use tl.dot on the dequantized tile. Memory-bound: bytes ~= N*K (int8) or N*K/2 + scales (int4).
+2..64 rows use tl.dot (one M tile of 16/32/64) on the dequantized tile.
+Memory-bound: bytes ~= N*K (int8) or N*K/2 + scales (int4).
 The tile shape is picked once per (kernel, N, K, M-class) by timing a few candidates on first use (outside
 CUDA-graph capture); `set_config` pins one."""
 
@@ -99,6 +100,14 @@ _CANDIDATES = {
     ("int4", 1): [(8, 512, 4, 4), (4, 1024, 4, 4), (16, 256, 4, 4), (8, 1024, 8, 3), (2, 2048, 4, 3)],
     ("int4", 16): [(32, 256, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (64, 128, 4, 4)],
 }
+for _kind in ("int8", "int4"):
+    for _m in (32, 64):
+        _CANDIDATES[(_kind, _m)] = [(32, 128, 4, 3), (64, 128, 4, 3), (16, 256, 4, 3), (32, 64, 4, 4)]
+MAX_M = 64
+
+
+def _m_class(M: int) -> int:
+    return 1 if M == 1 else max(16, triton.next_power_of_2(M))
 _CHOSEN: dict[tuple, tuple[int, int, int, int]] = {}
 
 
@@ -107,7 +116,7 @@ def set_config(kind: str, N: int, K: int, m_class: int, cfg: tuple[int, int, int
 
 
 def chosen_configs() -> dict[str, tuple[int, int, int, int]]:
-    return {f"{k[0]} N={k[1]} K={k[2]} M={'1' if k[3] == 1 else '2-16'}": v for k, v in _CHOSEN.items()}
+    return {f"{k[0]} N={k[1]} K={k[2]} Mtile={k[3]}": v for k, v in _CHOSEN.items()}
 
 
 def _pick(kind: str, N: int, K: int, m_class: int, launch) -> tuple[int, int, int, int]:
@@ -132,14 +141,14 @@ def _pick(kind: str, N: int, K: int, m_class: int, launch) -> tuple[int, int, in
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                 config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x [M, K] (M <= 16), q int8 [N, K], scale [N] -> [M, N] in x's dtype."""
+    """x [M, K] (M <= 64), q int8 [N, K], scale [N] -> [M, N] in x's dtype."""
     M, K = x.shape
     N = q.shape[0]
-    if M > 16:
-        raise ValueError("int8_matmul is the small-batch path (M <= 16)")
+    if M > MAX_M:
+        raise ValueError(f"int8_matmul is the small-batch path (M <= {MAX_M})")
     x = x.contiguous()
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)  # [M, N]
-    m_class = 1 if M == 1 else 16
+    m_class = _m_class(M)
 
     def launch(c):
         bn, bk, nw, ns = c
@@ -155,14 +164,14 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, wmin: torch.Tensor, group: int,
                 bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x [M, K] (M <= 16), packed uint8 [N, K/2], scale/wmin [N, K/group] -> [M, N] in x's dtype."""
+    """x [M, K] (M <= 64), packed uint8 [N, K/2], scale/wmin [N, K/group] -> [M, N] in x's dtype."""
     M, K = x.shape
     N = packed.shape[0]
-    if M > 16:
-        raise ValueError("int4_matmul is the small-batch path (M <= 16)")
+    if M > MAX_M:
+        raise ValueError(f"int4_matmul is the small-batch path (M <= {MAX_M})")
     x = x.contiguous()
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)  # [M, N]
-    m_class = 1 if M == 1 else 16
+    m_class = _m_class(M)
 
     def launch(c):
         bn, bk, nw, ns = c

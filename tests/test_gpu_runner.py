@@ -1,0 +1,82 @@
+"""GpuModelRunner / decode CUDA graphs. The bucket plan is pure Python and runs everywhere; the rest needs a
+CUDA device (skipped here; bench/gpu_check.py and bench/decode_gpu.py --check run it on the GPU machine)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # keep the kernels CPU-interpretable for test_kernels
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_batch_buckets_cover_every_size_without_cliffs():
+    pytest.importorskip("triton")
+    from llm_engine.cuda_graphs import batch_buckets
+
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    assert batch_buckets(16) == [1, 2, 4, 8, 16]
+    assert batch_buckets(1) == [1]
+    b = batch_buckets(100)
+    assert b[-1] == 100 and all(x < y for x, y in zip(b, b[1:], strict=False))
+    for n in range(1, 101):  # every batch size pads by at most 50% (plus the tiny sizes)
+        up = next(x for x in b if x >= n)
+        assert up <= max(2 * n, n + 8)
+
+
+def _engine(eager: bool, seed: int = 1):
+    from llm_engine.config import EngineConfig
+    from llm_engine.engine import LLMEngine
+    from llm_engine.model_config import ModelConfig
+    from llm_engine.models.decoder import build_model
+    from llm_engine.models.weights import init_random_weights
+
+    os.environ["VOICEFAST_ENFORCE_EAGER"] = "1" if eager else "0"
+    cfg = ModelConfig(family="glm4", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
+                      num_heads=8, num_kv_heads=2, head_dim=64, partial_rotary_factor=0.5, rope_interleaved=True,
+                      attention_bias=True, post_branch_norms=True, max_position_embeddings=512,
+                      dtype=torch.bfloat16)
+    model = init_random_weights(build_model(cfg, "cpu", torch.float32), seed=seed).to("cuda", torch.bfloat16)
+    model.cos_sin = model.cos_sin.float()
+    eng = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=8, num_kv_blocks=128,
+                                 max_model_len=512, enable_prefix_caching=False), model=model)
+    os.environ.pop("VOICEFAST_ENFORCE_EAGER", None)
+    return eng
+
+
+def _generate(eng, prompts, params):
+    got = {}
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, params)
+        got[f"r{i}"] = []
+    while eng.has_unfinished():
+        for o in eng.step():
+            got[o.request_id].extend(o.token_ids)
+    return got
+
+
+@cuda
+def test_cuda_graph_decode_matches_eager_greedy():
+    from llm_engine.sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 20, 45, 9)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    eager, graph = _engine(True), _engine(False)
+    assert eager.runner.graphs is None and graph.runner.graphs is not None
+    assert _generate(eager, prompts, params) == _generate(graph, prompts, params)
+
+
+@cuda
+def test_cuda_graph_padded_bucket_and_seeded_sampling():
+    from llm_engine.sampling_params import SamplingParams
+
+    eng = _engine(False)
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [9] * 30]  # 3 sequences replay the 4-bucket graph
+    seeded = SamplingParams(temperature=0.9, top_p=0.8, max_tokens=12, ignore_eos=True, seed=123)
+    a = _generate(eng, prompts, seeded)
+    b = _generate(eng, prompts, seeded)
+    assert list(a.values()) == list(b.values())  # seeded requests reproduce
+    assert all(len(v) == 12 and all(0 <= t < 512 for t in v) for v in a.values())

@@ -134,12 +134,9 @@ class StreamingTranscriber:
     async def final(self, end_sample: int | None = None) -> str:
         """The utterance's final text (audio up to end_sample + tail; all audio when None)."""
         job = self.start_final(end_sample)
-        try:
-            return (await asyncio.shield(asyncio.wrap_future(job))).strip()
-        except asyncio.CancelledError:
-            if job.cancelled():
-                raise  # discarded (speech resumed) while we waited
-            raise
+        # shield: cancelling this awaiting task leaves the shared job alone (another caller may reuse it);
+        # discard_final() cancels the job itself, and then this raises CancelledError.
+        return (await asyncio.shield(asyncio.wrap_future(job))).strip()
 
     @property
     def final_pending(self) -> bool:

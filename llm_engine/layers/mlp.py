@@ -6,13 +6,14 @@ import torch
 from torch import nn
 
 from llm_engine import ops
+from llm_engine.layers.linear import Linear
 
 
 class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)  # W [2I, H]
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)  # W [H, I]
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)  # W [2I, H]
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)  # W [H, I]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, H]

@@ -13,7 +13,7 @@ def inv_frequencies(rot_dim: int, theta: float, scaling: dict[str, Any] | None =
     """[rot_dim/2] float32 inverse frequencies 1 / theta^(2i/rot_dim), optionally rescaled."""
     inv = 1.0 / theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)  # [rot/2]
     if not scaling:
-        return inv.float()
+        return inv.float()  # explicit dtypes: the table stays float32 whatever the default dtype
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
         return (inv / float(scaling["factor"])).float()

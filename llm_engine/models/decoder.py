@@ -12,6 +12,7 @@ from torch import nn
 
 from llm_engine.attn_metadata import AttnMetadata
 from llm_engine.layers.attention import Attention
+from llm_engine.layers.linear import Embedding, Linear
 from llm_engine.layers.mlp import GatedMLP
 from llm_engine.layers.rmsnorm import RMSNorm
 from llm_engine.layers.rotary import build_cos_sin
@@ -51,7 +52,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # [V, H]
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)  # [V, H]
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -71,7 +72,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # W [V, H]
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # W [V, H]
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         max_pos = cfg.max_position_embeddings
@@ -91,16 +92,15 @@ class CausalLM(nn.Module):
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> CausalLM:
     """An uninitialised model (weights from load_weights or init_random_weights) in eval mode, grads off.
-    dtype None -> cfg.dtype. The rotary table stays float32."""
+    dtype None -> cfg.dtype. Parameters are allocated once, directly on device in dtype (no init pass, no
+    float32 detour); the rotary table stays float32."""
     dtype = dtype or cfg.dtype
-    with torch.device("meta"):
-        model = CausalLM(cfg)
-    model = model.to_empty(device=device)
-    model.to(dtype)
-    # to_empty left the (non-persistent) rotary table uninitialised: rebuild it for real.
-    model.cos_sin = build_cos_sin(cfg.rot_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
-                                  device=device)
-    if cfg.tie_word_embeddings:  # to_empty keeps the tie, but make it explicit
-        model.lm_head.weight = model.model.embed_tokens.weight
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = CausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
     model.eval().requires_grad_(False)
     return model

@@ -1,0 +1,194 @@
+"""The only file that awaits a socket: the Realtime WebSocket endpoint and the HTTP routes on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from http import HTTPStatus
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from voicefast import auth
+from voicefast.config import ServerConfig
+from voicefast.errors import ProtocolError
+from voicefast.http import HttpReply, static_file
+from voicefast.metrics import ServerMetrics
+from voicefast.protocol import RealtimeProtocol
+from voicefast.session import Session
+from voicefast.session_config import SessionConfig
+
+log = logging.getLogger("voicefast.server")
+REALTIME_PATHS = ("/v1/realtime", "/realtime")
+DEFAULT_DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
+
+
+class RealtimeServer:
+    def __init__(self, stack, opts: ServerConfig, *, defaults: SessionConfig | None = None):
+        self.stack, self.opts = stack, opts
+        self.defaults = defaults or SessionConfig()
+        self.metrics = ServerMetrics()
+        self.metrics.bind_engine(stack.engine)
+        self.demo_dir = Path(opts.demo_dir) if opts.demo_dir else DEFAULT_DEMO_DIR
+        self.sessions: set[Session] = set()
+        self._server = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._server = await serve(
+            self._handle, self.opts.host, self.opts.port,
+            process_request=self._process_request, select_subprotocol=self._select_subprotocol,
+            compression=None,  # audio in base64 JSON barely compresses; deflate would only cost CPU
+            # Limits: an oversized frame closes that connection with 1009; others are unaffected.
+            max_size=self.opts.max_message_bytes, max_queue=32,
+            ping_interval=20, ping_timeout=20, close_timeout=5)
+        log.info("listening on %s", self.url)
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        host = self.opts.host if ":" not in self.opts.host else f"[{self.opts.host}]"
+        return f"http://{host}:{self.port}/"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def serve_forever(self) -> None:
+        await self._server.serve_forever()
+
+    # -- HTTP ------------------------------------------------------------------------------------------
+    def _select_subprotocol(self, conn: ServerConnection, offered) -> str | None:
+        return auth.choose_subprotocol(list(offered))
+
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path in REALTIME_PATHS:
+            return self._check_handshake(conn, request)
+        if path == "/healthz":
+            reply = HttpReply.json({"status": "ok", "sessions": len(self.sessions),
+                                    "max_sessions": self.opts.max_sessions, "models": self.stack.description})
+        elif path == "/metrics":
+            reply = HttpReply(200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render())
+        elif path == "/v1/voices":
+            reply = HttpReply.json({"object": "list", "default": self.defaults.voice,
+                                    "data": [{"id": v, "name": v} for v in self.stack.voice_names]})
+        else:
+            reply = static_file(self.demo_dir, request.path)
+        return self._response(reply)
+
+    @staticmethod
+    def _response(reply: HttpReply) -> Response:
+        headers = Headers([("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body))),
+                           ("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff")])
+        return Response(reply.status, HTTPStatus(reply.status).phrase, headers, reply.body)
+
+    def _check_handshake(self, conn: ServerConnection, request: Request) -> Response | None:
+        h = request.headers
+        offered = auth.offered_subprotocols(", ".join(h.get_all("Sec-WebSocket-Protocol")))
+        if not auth.key_ok(auth.presented_key(h.get("Authorization"), offered), self.opts.api_keys):
+            self.metrics.rejected_total.labels("auth").inc()
+            return self._response(HttpReply.json({"error": {"type": "invalid_request_error",
+                                                            "code": "invalid_api_key",
+                                                            "message": "missing or invalid API key"}}, 401))
+        if not auth.origin_ok(h.get("Origin"), h.get("Host"), self.opts.allowed_origins):
+            self.metrics.rejected_total.labels("origin").inc()
+            return self._response(HttpReply.json({"error": {"type": "invalid_request_error",
+                                                            "code": "origin_not_allowed",
+                                                            "message": f"origin {h.get('Origin')} is not allowed"}},
+                                                 403))
+        if h.get("Upgrade", "").lower() != "websocket":
+            return self._response(HttpReply.text("this endpoint speaks WebSocket (OpenAI Realtime protocol)", 426))
+        return None
+
+    # -- WebSocket -------------------------------------------------------------------------------------
+    async def _handle(self, ws: ServerConnection) -> None:
+        beta = "realtime=v1" in (ws.request.headers.get("OpenAI-Beta") or "")
+        proto = RealtimeProtocol(beta=beta)
+        if len(self.sessions) >= self.opts.max_sessions:
+            self.metrics.rejected_total.labels("session_limit").inc()
+            err = ProtocolError(f"the server is at its limit of {self.opts.max_sessions} sessions",
+                                code="session_limit_reached", type="session_limit_reached")
+            with contextlib.suppress(ConnectionClosed):
+                for f in proto.events_to_send(err.to_event()):
+                    await ws.send(f)
+                await ws.close(1008, "session limit reached")
+            return
+        outq: asyncio.Queue[str] = asyncio.Queue(maxsize=self.opts.max_send_queue)
+        hopeless = asyncio.Event()
+
+        def emit(event: dict) -> None:
+            if event["type"] == "error":
+                self.metrics.errors_total.labels(event["error"].get("code") or "?").inc()
+            for frame in proto.events_to_send(event):
+                try:
+                    outq.put_nowait(frame)
+                except asyncio.QueueFull:  # the client stopped reading: drop it, never stall the others
+                    hopeless.set()
+                    return
+
+        session = Session(self.stack, self.opts, emit=emit, beta=beta, defaults=self.defaults, metrics=self.metrics)
+        self.sessions.add(session)
+        self.metrics.active_sessions.inc()
+        self.metrics.sessions_total.inc()
+        log.info("session %s opened (%s)", session.cfg.id, "beta" if beta else "GA")
+        sender = asyncio.create_task(self._sender(ws, outq), name=f"sender-{session.cfg.id}")
+        watchdog = asyncio.create_task(self._watch(ws, hopeless), name=f"watch-{session.cfg.id}")
+        try:
+            session.start()
+            while True:
+                try:
+                    msg = await asyncio.wait_for(ws.recv(), self.opts.idle_timeout_s)
+                except TimeoutError:
+                    log.info("session %s idle for %.0f s: closing", session.cfg.id, self.opts.idle_timeout_s)
+                    emit(ProtocolError("idle timeout", code="idle_timeout").to_event())
+                    await asyncio.sleep(0.05)
+                    await ws.close(1000, "idle timeout")
+                    break
+                try:
+                    session.handle(proto.receive_message(msg))
+                except ProtocolError as e:
+                    emit(e.to_event())
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.error("session %s failed", session.cfg.id, exc_info=True)
+            with contextlib.suppress(Exception):
+                await ws.close(1011, "internal error")
+        finally:
+            await session.close()
+            for t in (sender, watchdog):
+                t.cancel()
+            await asyncio.gather(sender, watchdog, return_exceptions=True)
+            self.sessions.discard(session)
+            self.metrics.active_sessions.dec()
+            log.info("session %s closed", session.cfg.id)
+
+    @staticmethod
+    async def _sender(ws: ServerConnection, outq: asyncio.Queue) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await ws.send(await outq.get())
+
+    @staticmethod
+    async def _watch(ws: ServerConnection, hopeless: asyncio.Event) -> None:
+        await hopeless.wait()
+        log.warning("closing a connection whose reader fell too far behind")
+        with contextlib.suppress(Exception):
+            await ws.close(1008, "client too slow reading events")
+        ws.transport.abort() if ws.transport is not None else None
+
+
+def session_defaults(opts: ServerConfig, instructions: str, voice: str) -> SessionConfig:
+    return SessionConfig(instructions=instructions, voice=voice, temperature=opts.temperature,
+                         max_output_tokens=opts.max_output_tokens)
+

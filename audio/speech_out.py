@@ -64,7 +64,7 @@ class SpeechOutput:
         self._out: asyncio.Queue[AudioFrame | None] = asyncio.Queue()
         self._producer: asyncio.Task | None = None
         self._drained = False  # every phrase has been synthesized
-        self.error = False
+        self.error: Exception | None = None
 
     # ---- text in ----
     @property
@@ -110,6 +110,8 @@ class SpeechOutput:
         while True:
             frame = await self._out.get()
             if frame is None or self.cancelled:
+                if self.error is not None and not self.cancelled:
+                    raise RuntimeError("speech synthesis failed") from self.error
                 return
             yield frame
 
@@ -129,9 +131,9 @@ class SpeechOutput:
                 self._drained = True
                 for frame in self._tail_frames():
                     self._out.put_nowait(frame)
-        except Exception:
+        except Exception as e:  # surfaced to the consumer by frames()
             log.error("speech synthesis failed", exc_info=True)
-            self.error = True
+            self.error = e
         finally:
             self._out.put_nowait(None)
 

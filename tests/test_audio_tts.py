@@ -133,3 +133,22 @@ def test_add_text_after_finish_raises(tts):
 
     frames = asyncio.run(run())
     assert frames and frames[-1].text_end == 3
+
+
+class BrokenTTS:
+    sample_rate_hz = 16000
+
+    def synthesize(self, text, speaking_rate=None):
+        yield np.zeros(1600, np.float32)
+        raise OSError("voice file vanished")
+
+
+def test_synthesis_error_reaches_the_consumer():
+    async def run():
+        so = SpeechOutput(BrokenTTS(), 16000)
+        so.say("Hello there.")
+        return [f async for f in so.frames()]
+
+    with pytest.raises(RuntimeError, match="synthesis failed") as e:
+        asyncio.run(run())
+    assert isinstance(e.value.__cause__, OSError)

@@ -133,7 +133,9 @@ class VadStateMachine:
         """The input ended: close an open turn (speech_stopped where the silence began, or at the end)."""
         if self.state in (VadState.SPEAKING, VadState.STOPPING):
             at = self._silence_start if self.state is VadState.STOPPING else self.samples_seen
-            out = [] if self._early_sent or self.state is VadState.SPEAKING else [_ev("early_silence", at)]
+            # early_silence always precedes speech_stopped, so a speculative final can rely on it
+            need_early = self.state is VadState.SPEAKING or not self._early_sent
+            out = [_ev("early_silence", at)] if need_early else []
             self.state = VadState.QUIET
             return out + [_ev("speech_stopped", at)]
         self.state = VadState.QUIET

@@ -58,7 +58,8 @@ def test_end_of_input_closes_the_turn():
     for p in [0.9] * 10:
         m.push(p)
     ev = m.end_of_input()
-    assert [(e.kind, e.sample) for e in ev] == [("speech_stopped", 10 * W)]
+    assert [(e.kind, e.sample) for e in ev] == [("early_silence", 10 * W), ("speech_stopped", 10 * W)]
+    assert m.state is VadState.QUIET and m.end_of_input() == []
 
 
 def test_params_validation():

@@ -54,7 +54,7 @@ class StreamingTranscriber:
         self._prev_hyp: list[str] = []
         self.published: list[str] = []  # stable words published so far
         self._partial_job: Future | None = None
-        self._final_job: tuple[int, Future] | None = None  # (local end sample, job)
+        self._final_job: tuple[int, Future] | None = None  # (speech end it was started for, job)
         self.partial_decodes = 0
 
     # ---- audio in ----
@@ -119,16 +119,20 @@ class StreamingTranscriber:
         return max(0, min(self._n, end_sample - self.start_sample + self._tail))
 
     def start_final(self, end_sample: int | None = None) -> Future:
-        """Start (or reuse) the final decode of audio up to end_sample (+ tail); returns the job."""
+        """Start (or reuse) the final decode of audio up to end_sample (+ tail, as far as it has arrived).
+
+        A job started for the same end of speech is reused even if less of the tail had arrived then: the
+        speech itself is all there, and the tail is only silence."""
         end = self._local_end(end_sample)
+        key = self.start_sample + end if end_sample is None else end_sample
         if self._final_job is not None:
-            if self._final_job[0] == end and not self._final_job[1].cancelled():
+            if self._final_job[0] == key and not self._final_job[1].cancelled():
                 return self._final_job[1]
             self._final_job[1].cancel()
         if self._partial_job is not None:
             self._partial_job.cancel()  # drops it if still queued; finals outrank partials anyway
         job = self.asr.submit(self._audio[:end].copy(), final=True)
-        self._final_job = (end, job)
+        self._final_job = (key, job)
         return job
 
     async def final(self, end_sample: int | None = None) -> str:

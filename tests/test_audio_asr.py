@@ -239,3 +239,44 @@ def test_transcribe_async_from_several_sessions(asr):
 
     texts = asyncio.run(run())
     assert word_error_rate(CUSTOMER_SENTENCES[:4], texts) <= 0.10
+
+
+@pytest.mark.slow
+def test_vad_driven_speculative_final_is_decoded_once(asr):
+    # The server's loop: VAD on 20 ms frames; the transcriber starts at speech_started (minus prefix padding);
+    # the final starts at early_silence and is reused at speech_stopped.
+    from audio.vad import SileroVadModel, VadParams, VadStream
+
+    text = CUSTOMER_SENTENCES[4]
+    x, _ = load_wav(speech_wav(text, lead_silence_ms=700, trail_silence_ms=1000))
+    params = VadParams()
+    vad = VadStream(SileroVadModel(), params)
+    submitted = []
+
+    class CountingASR:
+        def submit(self, audio, final=True):
+            submitted.append(final)
+            return asr.submit(audio, final=final)
+
+    async def run():
+        tr, spec, final = None, None, None
+        for i in range(0, len(x), 320):
+            frame = x[i:i + 320]
+            for ev in vad.process(frame):
+                if ev.kind == "speech_started":
+                    start = max(0, ev.sample - params.prefix_padding_samples)
+                    tr = StreamingTranscriber(CountingASR(), start_sample=start)
+                    tr.feed(x[start:i])  # the audio kept since the padded onset, up to this frame
+                elif ev.kind == "early_silence":
+                    spec = asyncio.ensure_future(tr.final(ev.sample))
+                elif ev.kind == "speech_stopped":
+                    final = await tr.final(ev.sample)
+            if tr is not None:
+                tr.feed(frame)
+                await tr.partial()
+        return spec, final
+
+    spec, final = asyncio.run(run())
+    assert spec.done() and spec.result() == final
+    assert word_error_rate(text, final) == 0.0, final
+    assert submitted.count(True) == 1  # the speculative final was reused, not decoded twice

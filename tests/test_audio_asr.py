@@ -1,13 +1,12 @@
 import asyncio
 import threading
-import time
 from concurrent.futures import Future
 
 import numpy as np
 import pytest
 from speech import CUSTOMER_SENTENCES, espeak_available, load_wav, speech_wav
 
-from audio.asr import AsrOptions, StreamingTranscriber, WhisperASR, has_repetition, stable_prefix_len
+from audio.asr import AsrOptions, StreamingTranscriber, WhisperASR, has_repetition, pick_device, stable_prefix_len
 from audio.asr_pool import PRIORITY_FINAL, PRIORITY_PARTIAL, DecodePool
 from audio.wer import normalize_words, word_error_rate
 
@@ -42,6 +41,13 @@ def test_has_repetition_spots_whisper_loops_only():
     assert has_repetition(_w("Our store is open at nine. Our store is open"))  # a loop cut off mid-repeat
 
 
+def test_pick_device():
+    assert pick_device("cpu") == ("cpu", "int8")
+    assert pick_device("auto")[0] in ("cpu", "cuda")
+    with pytest.raises(ValueError):
+        pick_device("tpu")
+
+
 def test_stable_prefix_ignores_case_and_punctuation():
     assert stable_prefix_len(["I", "would", "like", "to"], ["i", "would,", "like", "two"]) == 3
 
@@ -50,17 +56,18 @@ def test_stable_prefix_ignores_case_and_punctuation():
 
 
 def test_pool_runs_finals_before_partials_and_batches_them():
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     calls = []
 
     def decode(batch):
+        started.set()
         gate.wait(5)
         calls.append([int(a[0]) for a in batch])
         return [f"t{int(a[0])}" for a in batch]
 
     pool = DecodePool(decode, workers=1, max_batch=3)
     first = pool.submit(np.array([0.0]), PRIORITY_PARTIAL)  # occupies the worker
-    time.sleep(0.05)
+    assert started.wait(5)
     parts = [pool.submit(np.array([float(i)]), PRIORITY_PARTIAL) for i in (1, 2)]
     finals = [pool.submit(np.array([float(i)]), PRIORITY_FINAL) for i in (3, 4, 5, 6)]
     dropped = pool.submit(np.array([7.0]), PRIORITY_FINAL)

@@ -115,7 +115,12 @@ def bench_asr(model: str | None, cpu_threads: int, sessions: int, early_silence_
         partial.append(time.perf_counter() - t0)
     finals = [r["final_s"] for r in rows]
     spec = [r["after_endpoint_spec_s"] for r in rows]
-    res = {"model": asr.name, "device": asr.device, "compute_type": asr.compute_type, "cpu_threads": cpu_threads,
+    buckets: dict[int, list[float]] = {}
+    for r in rows:
+        buckets.setdefault(max(1, int(round(r["audio_s"]))), []).append(r["final_s"])
+    by_len = {f"{k}s": {"n": len(v), "final_s_median": statistics.median(v)} for k, v in sorted(buckets.items())}
+    res = {"model": asr.name, "final_by_audio_length": by_len,
+           "device": asr.device, "compute_type": asr.compute_type, "cpu_threads": cpu_threads,
            "utterances": len(rows), "audio_s_range": [min(r["audio_s"] for r in rows),
                                                       max(r["audio_s"] for r in rows)],
            "final_after_endpoint_s_median": statistics.median(finals), "final_after_endpoint_s_p90": _pct(finals, 90),
@@ -231,6 +236,9 @@ def _print_table(res: dict) -> None:
                   f"| ASR final on Whisper's full 30 s window instead (median / p90) | "
                   f"{a['final_full_30s_window_s_median'] * 1e3:.0f} / "
                   f"{a['final_full_30s_window_s_p90'] * 1e3:.0f} ms |",
+                  "| ASR final by utterance length (median) | " + ", ".join(
+                      f"{k}: {v['final_s_median'] * 1e3:.0f} ms (n={v['n']})"
+                      for k, v in a["final_by_audio_length"].items()) + " |",
                   f"| ASR partial decode of 1 s (median) | {a['partial_decode_1s_median'] * 1e3:.0f} ms |"]
         for c in a.get("concurrency", []):
             lines.append(f"| {c['sessions']} finals at once, {c['config']} (wall; latency median / max) | "

@@ -184,7 +184,8 @@ class VadEvent:
 class FakeVad:
     """Energy VAD on 20 ms frames (RMS > 0.05 is speech) with the real state machine's events:
     speech_started (at the first speech frame), early_silence (after early_ms of silence),
-    speech_resumed, speech_stopped (after silence_ms of silence; `sample` is that detection point)."""
+    speech_resumed, speech_stopped (after silence_ms of silence). Like audio.vad: early_silence.sample and
+    speech_stopped.sample are where the silence began (the end of speech)."""
 
     silence_ms: int = 500
     early_ms: int = 200
@@ -193,6 +194,7 @@ class FakeVad:
     _rest: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     _speaking: bool = False
     _silent_ms: int = 0
+    _silence_start: int = 0
     _early: bool = False
 
     def process(self, x: np.ndarray) -> list[VadEvent]:
@@ -212,13 +214,15 @@ class FakeVad:
                     out.append(VadEvent("speech_resumed", start, start // 16))
                 self._silent_ms, self._early = 0, False
             elif self._speaking:
+                if self._silent_ms == 0:
+                    self._silence_start = start
                 self._silent_ms += 20
                 if not self._early and self._silent_ms >= self.early_ms:
                     self._early = True
-                    out.append(VadEvent("early_silence", self._pos, self._pos // 16))
+                    out.append(VadEvent("early_silence", self._silence_start, self._silence_start // 16))
                 if self._silent_ms >= self.silence_ms:
                     self._speaking, self._early, self._silent_ms = False, False, 0
-                    out.append(VadEvent("speech_stopped", self._pos, self._pos // 16))
+                    out.append(VadEvent("speech_stopped", self._silence_start, self._silence_start // 16))
         self._rest = x[n:]
         return out
 

@@ -394,8 +394,7 @@ class Session:
             u.partial_task.cancel()
         self.utt = None
         td = self.cfg.turn_detection
-        # The VAD reports speech_stopped after silence_duration_ms of silence: speech ended that much earlier.
-        end = max(u.start_sample, sample - td.silence_duration_ms * RATE_HZ // 1000)
+        end = max(u.start_sample, sample)  # VadEvent.sample of speech_stopped = where the silence began
         spec, asr = self.spec, self._spec_asr
         self.spec, self._spec_asr = None, None
         t = spec.t if spec is not None else TurnTimings()

@@ -1,0 +1,65 @@
+"""Build the real Stack: one AsyncLLMEngine, one WhisperASR, the Piper voice(s) and the Silero VAD model,
+each with an explicit CPU thread budget so the stages do not fight over a small machine's cores."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from voicefast.config import ServerConfig
+from voicefast.stack import Stack
+
+log = logging.getLogger("voicefast.loader")
+
+
+def budget_threads(opts: ServerConfig) -> None:
+    """Cap the native libraries before they start their pools (they default to every core)."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(opts.torch_threads))
+    os.environ.setdefault("MKL_NUM_THREADS", str(opts.torch_threads))
+    try:
+        import torch
+
+        torch.set_num_threads(opts.torch_threads)
+        torch.set_num_interop_threads(1)
+    except (ImportError, RuntimeError):  # interop threads can only be set once per process
+        pass
+
+
+def load_stack(opts: ServerConfig) -> Stack:
+    """Load every model (raises voicefast.assets.MissingAssetError naming the install command)."""
+    budget_threads(opts)
+    from audio.asr import WhisperASR
+    from audio.text_chunker import TextChunker
+    from audio.transcriber import StreamingTranscriber
+    from audio.tts import PiperTTS
+    from audio.vad import SileroVadModel, VadParams, VadStream
+    from llm_engine import AsyncLLMEngine, EngineConfig, SamplingParams
+
+    vad_model = SileroVadModel(opts.vad_model)
+    asr = WhisperASR(opts.asr_model, device=opts.device, cpu_threads=opts.asr_cpu_threads, workers=1)
+    tts = PiperTTS(opts.tts_voice, threads=opts.tts_threads)
+    engine = AsyncLLMEngine(EngineConfig(model=opts.llm_model, device=opts.device, max_num_seqs=opts.max_num_seqs,
+                                         num_kv_blocks=opts.num_kv_blocks, max_waiting=opts.max_waiting,
+                                         max_model_len=opts.max_model_len, cpu_threads=opts.torch_threads))
+
+    def vad_factory(td) -> VadStream:
+        silence_ms = td.silence_duration_ms
+        return VadStream(vad_model, VadParams(threshold=min(max(td.threshold, 0.01), 0.99),
+                                              prefix_padding_ms=td.prefix_padding_ms, silence_duration_ms=silence_ms,
+                                              early_silence_ms=min(160, silence_ms)))
+
+    def transcriber_factory() -> StreamingTranscriber:
+        return StreamingTranscriber(asr, partial_interval_ms=max(1, opts.asr_partial_interval_ms))
+
+    def sampling(*, temperature: float, max_tokens: int) -> SamplingParams:
+        return SamplingParams(temperature=temperature, top_p=0.9 if temperature > 0 else 1.0, max_tokens=max_tokens)
+
+    inner = engine.engine
+    desc = {"vad": f"Silero VAD ({vad_model.path})", "asr": f"{asr.name} ({asr.device}, {asr.compute_type})",
+            "llm": f"{getattr(inner, 'model_name', None) or opts.llm_model or 'embedded SmolLM2'} "
+                   f"({getattr(inner, 'device', opts.device)}, max_model_len {inner.max_model_len})",
+            "tts": f"Piper {tts.name} ({tts.sample_rate_hz} Hz)"}
+    return Stack(engine=engine, asr=asr, voices={tts.name: tts}, vad_factory=vad_factory,
+                 chunker_factory=TextChunker, sampling_params=sampling,
+                 transcriber_factory=transcriber_factory if opts.asr_partial_interval_ms > 0 else None,
+                 max_model_len=inner.max_model_len, tts_workers=1, description=desc)

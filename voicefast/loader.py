@@ -63,3 +63,17 @@ def load_stack(opts: ServerConfig) -> Stack:
                  chunker_factory=TextChunker, sampling_params=sampling,
                  transcriber_factory=transcriber_factory if opts.asr_partial_interval_ms > 0 else None,
                  max_model_len=inner.max_model_len, tts_workers=1, description=desc)
+
+
+async def warm_up(stack: Stack, instructions: str) -> None:
+    """One tiny request per stage so the first caller does not pay for lazy initialisation, and the persona's
+    system prompt lands in the engine's prefix cache (every session's first turn then reuses it)."""
+    import numpy as np
+
+    sp = stack.sampling_params(temperature=0.0, max_tokens=1)
+    async for _ in stack.engine.generate(sp, messages=[{"role": "system", "content": instructions},
+                                                       {"role": "user", "content": "Hello"}]):
+        pass
+    await stack.asr.transcribe_async(np.zeros(8000, np.float32))
+    async for _ in stack.synthesize(stack.voice_names[0], "Hello."):
+        pass

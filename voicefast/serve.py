@@ -54,12 +54,13 @@ def config_from(argv: list[str], environ=None) -> ServerConfig:
 
 
 async def _run(opts: ServerConfig) -> int:
-    from voicefast.loader import load_stack
+    from voicefast.loader import load_stack, warm_up
     from voicefast.persona import DEFAULT_INSTRUCTIONS
     from voicefast.server import RealtimeServer, session_defaults
 
     stack = await asyncio.to_thread(load_stack, opts)
     voice = stack.voice_names[0]
+    await warm_up(stack, opts.instructions or DEFAULT_INSTRUCTIONS)
     server = RealtimeServer(stack, opts, defaults=session_defaults(opts, opts.instructions or DEFAULT_INSTRUCTIONS,
                                                                   voice))
     await server.start()

@@ -62,6 +62,38 @@ def test_end_of_input_closes_the_turn():
     assert m.state is VadState.QUIET and m.end_of_input() == []
 
 
+def test_random_probability_streams_keep_the_event_grammar():
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        # bursts of speech and silence of random lengths, with noisy probabilities
+        probs = []
+        while len(probs) < 300:
+            level = rng.choice([0.05, 0.45, 0.9])
+            probs += list(np.clip(level + 0.1 * rng.standard_normal(int(rng.integers(1, 40))), 0, 1))
+        m = VadStateMachine(VadParams())
+        events = []
+        for i, p in enumerate(probs):
+            for e in m.push(p):
+                assert e.sample <= (i + 1) * W  # never reports the future
+                events.append(e)
+        events += m.end_of_input()
+        kinds = [e.kind for e in events]
+        # turns: started (early resumed)* early stopped, back to back
+        turns, cur = [], []
+        for k in kinds:
+            cur.append(k)
+            if k == "speech_stopped":
+                turns.append(cur)
+                cur = []
+        assert cur == []
+        for t in turns:
+            assert t[0] == "speech_started" and t[-2:] == ["early_silence", "speech_stopped"]
+            assert t[1:-2] == ["early_silence", "speech_resumed"] * ((len(t) - 3) // 2)
+        samples = [e.sample for e in events]
+        assert samples == sorted(samples)
+        assert all(e.ms == e.sample // 16 for e in events)
+
+
 def test_params_validation():
     with pytest.raises(ValueError):
         VadParams(threshold=1.5)

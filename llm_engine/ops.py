@@ -89,10 +89,24 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     cs = cos_sin.index_select(0, positions)  # [T, rot_dim]
     half = rot_dim // 2
     cos, sin = cs[:, :half], cs[:, half:]
-    _rotate_(q[..., :rot_dim], cos, sin, interleaved)
-    _rotate_(k[..., :rot_dim], cos, sin, interleaved)
+    qk = _adjacent_heads(q, k)
+    if qk is not None:  # q and k are neighbours in one fused qkv row: rotate both heads' sets in one go
+        _rotate_(qk[..., :rot_dim], cos, sin, interleaved)
+    else:
+        _rotate_(q[..., :rot_dim], cos, sin, interleaved)
+        _rotate_(k[..., :rot_dim], cos, sin, interleaved)
     store_kv(k, v, k_cache, v_cache, slot_mapping)
     return q, k
+
+
+def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """A [T, Hq + Hkv, D] view over q then k when k's heads directly follow q's in memory (slices of one
+    fused qkv output), else None."""
+    if q.dtype != k.dtype or q.stride() != k.stride() or q.stride()[1:] != (q.shape[2], 1):
+        return None
+    if k.data_ptr() != q.data_ptr() + q.shape[1] * q.shape[2] * q.element_size():
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -181,12 +181,15 @@ def test_rotary_store_kv_matches_reference_and_skips_negative_slots(seed: int):
     from llm_engine.layers.rotary import build_cos_sin
 
     T, Hq, Hkv, D = 5, 4, 2, 16
-    for rot_dim, interleaved in [(16, True), (8, True), (16, False), (8, False)]:
+    cases = [(rot, inter, fused) for rot in (16, 8) for inter in (True, False) for fused in (True, False)]
+    for rot_dim, interleaved, fused in cases:
         cos_sin = build_cos_sin(rot_dim, 32, 10000.0)
         qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=gen)
-        q = qkv[:, :Hq * D].view(T, Hq, D)
+        q = qkv[:, :Hq * D].view(T, Hq, D)  # fused: q, k, v are neighbouring views of one qkv row
         k = qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D)
         v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+        if not fused:
+            q, k, v = q.clone(), k.clone(), v.clone()
         positions = torch.randint(0, 32, (T,), generator=gen)
         q_ref = ops.reference_rotary(q, positions, cos_sin, rot_dim, interleaved)
         k_ref = ops.reference_rotary(k, positions, cos_sin, rot_dim, interleaved)

@@ -80,6 +80,40 @@ def bench_vad(seconds: float = 20.0, streams: int = 8) -> dict:
             "realtime_streams_per_core": 32.0 / statistics.median(per)}
 
 
+def bench_vad_accuracy(snrs_db: tuple = (None, 20, 10)) -> dict:
+    """Onset / end-of-speech error (ms) against the clean signal's envelope, with white noise added."""
+    from audio.vad import SileroVadModel, VadParams, VadStream
+
+    model = SileroVadModel()
+    utts = _utterances(CUSTOMER[3:])
+    out = {}
+    for snr in snrs_db:
+        rng = np.random.default_rng(0)
+        start_err, stop_err, misses = [], [], 0
+        for _, speech in utts:
+            x = np.concatenate([np.zeros(12800, np.float32), speech, np.zeros(19200, np.float32)])
+            idx = np.nonzero(np.abs(x) > 0.02)[0]
+            on, off = int(idx[0]), int(idx[-1])
+            if snr is not None:
+                x = x + rng.standard_normal(len(x)).astype(np.float32) * np.sqrt(
+                    np.mean(x[on:off] ** 2) / 10 ** (snr / 10))
+            st = VadStream(model, VadParams())
+            ev = []
+            for i in range(0, len(x), 320):
+                ev += st.process(x[i:i + 320])
+            kinds = [e.kind for e in ev]
+            if not kinds or kinds[0] != "speech_started" or kinds[-1] != "speech_stopped":
+                misses += 1
+                continue
+            start_err.append((ev[0].sample - on) / 16)
+            stop_err.append((ev[-1].sample - off) / 16)
+        out["clean" if snr is None else f"{snr}dB"] = {
+            "n": len(utts), "missed": misses, "start_err_ms_median": statistics.median(start_err),
+            "start_err_ms_max_abs": max(abs(e) for e in start_err), "stop_err_ms_median": statistics.median(stop_err),
+            "stop_err_ms_max_abs": max(abs(e) for e in stop_err)}
+    return out
+
+
 def bench_asr(model: str | None, cpu_threads: int, sessions: int, early_silence_ms: int = 160,
               silence_ms: int = 500) -> dict:
     from audio.asr import AsrOptions, WhisperASR
@@ -223,6 +257,10 @@ def _print_table(res: dict) -> None:
                   f"{v['per_window_ms_p99']:.3f} ms |",
                   f"| VAD per window, {v['interleaved_streams']} interleaved streams, 20 ms frames | "
                   f"{v['interleaved_per_window_ms']:.3f} ms |"]
+    for cond, v in res.get("vad_accuracy", {}).items():
+        lines.append(f"| VAD error vs truth, {cond} ({v['n']} utts, {v['missed']} missed): start median / max, "
+                     f"stop median / max | {v['start_err_ms_median']:+.0f} / {v['start_err_ms_max_abs']:.0f} ms, "
+                     f"{v['stop_err_ms_median']:+.0f} / {v['stop_err_ms_max_abs']:.0f} ms |")
     if "asr" in res:
         a = res["asr"]
         lines += [f"| ASR {a['model']} {a['device']}/{a['compute_type']} {a['cpu_threads']} threads, "
@@ -288,7 +326,8 @@ def tts_main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser("python -m bench.audio").parse_args(argv)
-    res = {"vad": bench_vad(), "asr": bench_asr(a.asr_model, a.cpu_threads, a.sessions), "tts": bench_tts(a.voice)}
+    res = {"vad": bench_vad(), "vad_accuracy": bench_vad_accuracy(),
+           "asr": bench_asr(a.asr_model, a.cpu_threads, a.sessions), "tts": bench_tts(a.voice)}
     return _finish(res, a.out, "audio_bench")
 
 

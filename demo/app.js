@@ -57,7 +57,7 @@ function setState(s, status = vf.status) {
 }
 
 function showError(msg) {
-  vf.error = msg;
+  vf.error = msg || null;
   const el = $("error");
   el.textContent = msg;
   el.hidden = !msg;
@@ -346,7 +346,7 @@ async function loadVoices() {
       if (!id) continue;
       const o = document.createElement("option");
       o.value = id;
-      o.textContent = typeof v === "string" ? v : v.name || v.id;
+      o.textContent = (typeof v === "string" ? v : v.name || v.id) + (id === body.default ? " (default)" : "");
       sel.appendChild(o);
     }
   } catch {

@@ -10,12 +10,14 @@ export function drawLatencyChart(canvas, values, targetMs = 1000) {
   g.fillStyle = "#10151d";
   g.fillRect(0, 0, w, h);
   const pad = 22;
-  const max = Math.max(targetMs * 1.25, ...values.map((v) => v.ms));
+  const peak = Math.max(0, ...values.map((v) => v.ms));
+  const max = peak > targetMs * 1.25 ? Math.ceil(peak / 500) * 500 : targetMs * 1.25;
   const y = (ms) => h - pad - (ms / max) * (h - pad - 8);
   g.strokeStyle = "#2b3646";
   g.fillStyle = "#8a97a8";
   g.font = "10px system-ui, sans-serif";
-  for (const tick of [0, targetMs / 2, targetMs]) {
+  const ticks = max > targetMs * 2.5 ? [0, targetMs, max] : [0, targetMs / 2, targetMs];
+  for (const tick of ticks) {
     g.beginPath();
     g.moveTo(pad + 12, y(tick));
     g.lineTo(w - 4, y(tick));

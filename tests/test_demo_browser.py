@@ -138,8 +138,7 @@ def test_real_server_conversation(playwright, question_wav, real_server):
     url, log = real_server
     p = _Page(playwright, question_wav, url)
     try:
-        voices = p.page.eval_on_selector_all("#voice option", "os => os.map(o => o.value)")
-        assert len(voices) >= 2, f"GET /v1/voices filled no voices: {voices}"
+        p.wait("document.querySelectorAll('#voice option').length >= 2", 10, "voices from GET /v1/voices")
         p.page.click("#talk")
         p.wait("voicefast.userTranscript.toLowerCase().includes('saturday')", 90, "the user's final transcript")
         p.wait("voicefast.assistantTranscript.trim().length > 0", 90, "the assistant's words")

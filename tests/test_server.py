@@ -263,3 +263,43 @@ async def test_http_routes():
         voices = json.loads((await srv.get("/v1/voices"))[2])
         assert [v["id"] for v in voices["data"]] == ["fake"]
         assert (await srv.get("/v1/realtime"))[0] == 426
+
+
+async def test_idle_timeout_and_input_buffer_cap():
+    async with Running(idle_timeout_s=0.5, max_input_buffer_s=1.0) as srv, connect(srv.ws_url) as ws:
+        await recv_until(ws, "session.created")
+        await ws.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}}))
+        await recv_until(ws, "session.updated")
+        chunk = b64(speech_like(500))
+        for _ in range(3):  # 1.5 s > the 1 s cap
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+        ev = json.loads(await ws.recv())
+        assert ev["type"] == "error" and ev["error"]["code"] == "input_audio_buffer_full"
+        evs = await recv_until(ws, "error", timeout_s=5)  # then silence from the client: idle timeout
+        assert evs[-1]["error"]["code"] == "idle_timeout"
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.recv()
+        assert ws.close_code == 1000
+
+
+def test_config_flags_env_and_security():
+    from voicefast.serve import config_from
+
+    c = config_from(["--port", "9001", "--api-key", "a", "--no-speculative-start"],
+                    {"VOICEFAST_API_KEYS": "b,c", "VOICEFAST_MAX_SESSIONS": "3", "VOICEFAST_PORT": "1"})
+    assert (c.port, c.api_keys, c.max_sessions, c.speculative_start) == (9001, ("b", "c", "a"), 3, False)
+    with pytest.raises(ValueError, match="without API keys"):
+        config_from(["--host", "0.0.0.0"], {}).check_security()
+    config_from(["--host", "0.0.0.0", "--insecure"], {}).check_security()
+    config_from(["--host", "0.0.0.0", "--api-key", "k"], {}).check_security()
+    with pytest.raises(ValueError):
+        ServerConfig(max_sessions=0)
+    with pytest.raises(ValueError, match="VOICEFAST_PORT"):
+        config_from([], {"VOICEFAST_PORT": "eighty"})
+
+
+def test_serve_refuses_open_host_without_keys(capsys):
+    from voicefast.serve import main
+
+    assert main(["--host", "0.0.0.0"]) == 2
+    assert "--insecure" in capsys.readouterr().err

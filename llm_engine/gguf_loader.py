@@ -95,8 +95,11 @@ def _config_from_metadata(reader: Any, tied: bool) -> ModelConfig:
     head_dim = int(_field(reader, "llama.attention.key_length", hidden // n_heads))
     rot = int(_field(reader, "llama.rope.dimension_count", head_dim))
     vocab = _field(reader, "llama.vocab_size")
-    if vocab is None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    if vocab is None:  # older converters: the embedding's row count (GGUF dims are listed fastest-first)
+        embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        if embd is None:
+            raise ValueError("GGUF has neither llama.vocab_size nor token_embd.weight")
+        vocab = int(embd.shape[-1])
     scaling_type = _field(reader, "llama.rope.scaling.type", "none")
     if scaling_type not in ("none", None):
         raise ValueError(f"GGUF rope scaling {scaling_type!r} is not supported")

@@ -7,6 +7,7 @@ Inputs are fresh each run (seed from os.urandom, printed on failure)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -249,3 +250,25 @@ def test_random_init_keeps_activations_sane():
         logits = model.compute_logits(model(torch.arange(12), pos, paged.kv, meta))
     assert logits.dtype == torch.float32 and logits.shape == (12, 256)
     assert torch.isfinite(logits).all() and logits.abs().max() < 50
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+])
+def test_llama_rope_scaling_matches_transformers(rope, seed: int):
+    hf = hf_model(*CASES["llama-gqa2"], seed=seed)
+    hf.config.rope_parameters = rope
+    hf = type(hf)(hf.config).eval()  # rebuild so the rotary module reads the scaled config
+    model, cfg = ours_from_hf(hf)
+    assert cfg.rope_scaling["rope_type"] == rope["rope_type"]
+    toks = torch.randint(0, VOCAB, (20,))
+    got = torch.stack(run_steps(model, cfg, [[(0, 14)], [(0, 6)]], {0: toks}, torch.Generator().manual_seed(seed))[0])
+    with torch.no_grad():
+        ref = hf(toks[None]).logits[0]
+    assert (got - ref).abs().max().item() <= ATOL, f"seed {seed}"
+    unscaled = build_model(dataclasses.replace(cfg, rope_scaling=None))
+    load_weights(unscaled, hf.state_dict())
+    plain = torch.stack(run_steps(unscaled, cfg, [[(0, 20)]], {0: toks}, torch.Generator().manual_seed(seed))[0])
+    assert (plain - ref).abs().max().item() > 1e-3  # the scaling really changed something

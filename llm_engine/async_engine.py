@@ -136,22 +136,21 @@ class AsyncLLMEngine:
             self._wake.clear()
             with self._lock:
                 cmds, self._cmds = self._cmds, []
-            outs: list[StreamOutput] = []
-            for kind, arg in cmds:
-                if kind == "add":
-                    self._add(*arg)
-                else:
-                    eng.abort(arg)
-            if self._stopping:
-                for rid in list(eng._seqs):
-                    eng.abort(rid)
-                self._deliver(eng.step())
-                return
             try:
-                outs += eng.step()
+                for kind, arg in cmds:
+                    if kind == "add":
+                        self._add(*arg)
+                    else:
+                        eng.abort(arg)
+                if self._stopping:
+                    for rid in list(eng._seqs):
+                        eng.abort(rid)
+                    self._deliver(eng.step())
+                    return
+                outs = eng.step()
             except Exception as e:  # a bug outside the model step: fail in-flight requests, keep looping
                 log.error("engine loop failed", exc_info=True)
-                outs += eng.fail_all(f"{type(e).__name__}: {e}")
+                outs = eng.fail_all(f"{type(e).__name__}: {e}")
             self._deliver(outs)
 
     def _add(self, seq: Any, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:

@@ -248,3 +248,19 @@ def test_stop_strings_cut_before_the_match(real):
                 text += out.text
                 final = out.result
     assert text == final.text == full[:full.index("closed")]
+
+
+@pytest.mark.slow
+def test_multi_turn_resend_prefills_only_new_tokens(real):
+    eng = engine_like(real, max_num_seqs=2)
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
+    turn1 = real.tokenizer.apply_chat_template(history)
+    [(reply, r1)] = eng.generate([turn1], SamplingParams(max_tokens=32))
+    history += [{"role": "assistant", "content": r1.text}, {"role": "user", "content": "And on Saturday?"}]
+    turn2 = real.tokenizer.apply_chat_template(history)
+    assert turn2[:len(turn1)] == turn1
+    [(_, r2)] = eng.generate([turn2], SamplingParams(max_tokens=4))
+    # every full block of turn 1's prompt AND of the generated reply (its KV was cached while decoding) is
+    # reused, since the re-sent conversation tokenizes to the same ids: only the new tail is prefilled
+    assert turn2[:len(turn1) + len(reply)] == turn1 + reply
+    assert r2.cached_tokens == (len(turn1) + len(reply)) // 16 * 16 > len(turn1)

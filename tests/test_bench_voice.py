@@ -163,7 +163,8 @@ def _assert_png(path: Path) -> None:
 def test_real_server_short_run(tmp_path):
     """No --url: the harness starts `voicefast serve` (embedded models) on a free port, talks to it, stops it."""
     out = tmp_path / "real"
-    rc = bench_main(["voice", "--sessions", "1", "--turns", "2", "--out", str(out), "--quiet", "--think-ms", "100"])
+    rc = bench_main(["voice", "--sessions", "1", "--turns", "2", "--out", str(out), "--quiet", "--think-ms", "100",
+                     "--serve-args", "--max-output-tokens 24"])  # short replies: the caller listens to them
     log = (out / "server.log").read_text() if (out / "server.log").exists() else ""
     assert rc == 0, log[-3000:]
     doc = json.loads((out / "turns.json").read_text())

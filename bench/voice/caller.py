@@ -58,7 +58,8 @@ class TurnRecord:
     first_text_ms: float | None = None
     response_done_ms: float | None = None
     early_audio: bool = False  # reply audio arrived before the caller finished speaking (premature endpoint)
-    status: str = "ok"  # ok | timeout | error: ...
+    response_status: str | None = None  # response.done status: completed | incomplete (max tokens) | ...
+    status: str = "ok"  # ok | timeout | error: ... | response cancelled/failed
     wall_time: float = field(default_factory=time.time)
 
 
@@ -211,8 +212,9 @@ class Caller:
                 rec.tokens_per_s = _num(timings.get("llm_tok_s"))
                 rec.llm_tokens = timings.get("llm_tokens")
                 rec.response_done_ms = round(turn.rel_ms(now), 2)
-                if resp.get("status") not in (None, "completed"):
-                    rec.status = f"response {resp.get('status')}"
+                rec.response_status = resp.get("status")
+                if rec.response_status not in (None, "completed", "incomplete"):  # incomplete: hit max tokens
+                    rec.status = f"response {rec.response_status}"
                 turn.done.set()
             elif t == "response.done" and turn.t_anchor is not None:
                 resp = ev.get("response", {})

@@ -39,7 +39,7 @@ class ServerConfig:
     output_lead_ms: int = 300  # how far ahead of real-time playout audio may be sent
     asr_partial_interval_ms: int = 800  # streaming partials at most this often per speaking session (0: off)
     max_output_tokens: int = 96  # default per response
-    temperature: float = 0.6
+    temperature: float = 0.3  # the small default model wanders at higher temperatures
     instructions: str | None = None  # None -> the built-in persona (voicefast/persona.py)
     # CPU budget per stage (threads)
     torch_threads: int = 1

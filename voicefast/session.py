@@ -352,7 +352,8 @@ class Session:
             return
         u.transcriber.feed(x16)
         due = self.in_samples - u.last_partial_sample >= self.opts.asr_partial_interval_ms * RATE_HZ // 1000
-        if due and u.announced and (u.partial_task is None or u.partial_task.done()):
+        # No partials once silence began: the ASR worker is then needed for the final (the critical path).
+        if due and u.announced and not u.in_silence and (u.partial_task is None or u.partial_task.done()):
             u.last_partial_sample = self.in_samples
             u.partial_task = self._spawn(self._partial(u), "asr-partial")
 

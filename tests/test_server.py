@@ -109,6 +109,10 @@ async def test_openai_sdk_drives_a_spoken_turn():
                 assert t in types, t
             assert transcript == srv.stack.engine.reply([]) and len(audio) > 24_000
             assert srv.stack.engine.requests[0][1][0] == {"role": "system", "content": "Be brief."}
+        metrics = (await srv.get("/metrics"))[2].decode()
+        for name in ("e2e", "llm_ttft", "asr_final", "tts_first_audio", "end_of_turn_delay"):
+            assert f"voicefast_{name}_seconds_count 1.0" in metrics, name
+        assert 'voicefast_responses_total{status="completed"} 1.0' in metrics
 
 
 async def test_auth_bearer_and_subprotocol():
@@ -303,3 +307,11 @@ def test_serve_refuses_open_host_without_keys(capsys):
 
     assert main(["--host", "0.0.0.0"]) == 2
     assert "--insecure" in capsys.readouterr().err
+
+
+def test_serve_missing_model_exits_nonzero_with_a_clear_message(capsys):
+    from voicefast.serve import main
+
+    assert main(["--port", "0", "--vad-model", "/nonexistent/silero.onnx"]) == 1
+    err = capsys.readouterr().err
+    assert "a model is missing" in err and "/nonexistent/silero.onnx" in err

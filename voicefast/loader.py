@@ -13,20 +13,21 @@ log = logging.getLogger("voicefast.loader")
 
 
 def budget_threads(opts: ServerConfig) -> None:
-    """Cap the native libraries before they start their pools (they default to every core)."""
+    """Cap OpenMP/MKL pools before any native library starts them (they default to every core). torch's own
+    intra-op count is set by the engine (EngineConfig.cpu_threads); ctranslate2, Piper and Silero get theirs
+    through their constructors below."""
     os.environ.setdefault("OMP_NUM_THREADS", str(opts.torch_threads))
     os.environ.setdefault("MKL_NUM_THREADS", str(opts.torch_threads))
-    try:
-        import torch
-
-        torch.set_num_threads(opts.torch_threads)
-        torch.set_num_interop_threads(1)
-    except (ImportError, RuntimeError):  # interop threads can only be set once per process
-        pass
 
 
 def load_stack(opts: ServerConfig) -> Stack:
     """Load every model (raises voicefast.assets.MissingAssetError naming the install command)."""
+    from voicefast.assets import resolve_asr, resolve_llm, resolve_tts, resolve_vad
+
+    # Fail fast, before seconds of model loading, when any asset is missing.
+    for resolve, spec in ((resolve_vad, opts.vad_model), (resolve_asr, opts.asr_model), (resolve_llm, opts.llm_model),
+                          (resolve_tts, opts.tts_voice)):
+        resolve(spec)
     budget_threads(opts)
     from audio.asr import WhisperASR
     from audio.text_chunker import TextChunker

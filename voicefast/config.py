@@ -37,6 +37,7 @@ class ServerConfig:
     speculative_start: bool = True  # start ASR final + LLM at the VAD's early silence, hold output
     output_frame_ms: int = 100  # audio per response.output_audio.delta
     output_lead_ms: int = 300  # how far ahead of real-time playout audio may be sent
+    tts_first_phrase_words: int = 4  # the first phrase goes to TTS after at most this many words (speech starts early)
     asr_partial_interval_ms: int = 800  # streaming partials at most this often per speaking session (0: off)
     max_output_tokens: int = 96  # default per response
     temperature: float = 0.3  # the small default model wanders at higher temperatures
@@ -58,6 +59,8 @@ class ServerConfig:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if self.output_lead_ms < 0 or self.output_frame_ms < 10:
             raise ValueError("output_lead_ms must be >= 0 and output_frame_ms >= 10")
+        if self.tts_first_phrase_words < 1:
+            raise ValueError(f"tts_first_phrase_words must be >= 1, got {self.tts_first_phrase_words}")
         if self.barge_in_min_ms < 0:
             raise ValueError(f"barge_in_min_ms must be >= 0, got {self.barge_in_min_ms}")
         self.api_keys = tuple(k for k in self.api_keys if k)

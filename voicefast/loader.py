@@ -3,6 +3,7 @@ each with an explicit CPU thread budget so the stages do not fight over a small 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -61,7 +62,8 @@ def load_stack(opts: ServerConfig) -> Stack:
                    f"({getattr(inner, 'device', opts.device)}, max_model_len {inner.max_model_len})",
             "tts": f"Piper {tts.name} ({tts.sample_rate_hz} Hz)"}
     return Stack(engine=engine, asr=asr, voices={tts.name: tts}, vad_factory=vad_factory,
-                 chunker_factory=TextChunker, sampling_params=sampling,
+                 chunker_factory=functools.partial(TextChunker, first_max_words=opts.tts_first_phrase_words),
+                 sampling_params=sampling,
                  transcriber_factory=transcriber_factory if opts.asr_partial_interval_ms > 0 else None,
                  max_model_len=inner.max_model_len, tts_workers=1, description=desc)
 

@@ -108,6 +108,10 @@ def make_engine(model) -> LLMEngine:
 _req = [0]
 
 
+def _f(v, nd: int = 2) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
 def run_requests(engine: LLMEngine, batch: int, prompt_len: int, gen: int, vocab: int) -> dict:
     rng = np.random.default_rng(_req[0])
     params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
@@ -138,13 +142,16 @@ def run_requests(engine: LLMEngine, batch: int, prompt_len: int, gen: int, vocab
 @torch.inference_mode()
 def graph_step_ms(engine: LLMEngine, b: int, ctx: int, n: int = 100) -> float:
     """Device time of one captured decode step at batch b and context ctx, replayed back to back."""
+    from llm_engine.cuda_graphs import COL_POS, COL_SEQ_LEN, COL_SLOT, STAGING_COLS
+
     g = engine.runner.graphs
     nb = (ctx + 15) // 16
-    g.seq_lens[:b].fill_(ctx)
-    g.block_tables[:b, :nb].copy_(torch.arange(nb, dtype=torch.int32, device=dev).expand(b, nb))
-    g.positions[:b].fill_(ctx - 1)
-    g.slot_mapping[:b].copy_(torch.arange(b, device=dev) + (nb + 1) * 16)  # scratch slots past the tables
-    g.temperature[:b].zero_()
+    st = g.staging
+    st[:b].zero_()
+    st[:b, COL_SEQ_LEN] = ctx
+    st[:b, STAGING_COLS:STAGING_COLS + nb] = torch.arange(nb, device=dev)
+    st[:b, COL_POS] = ctx - 1
+    st[:b, COL_SLOT] = torch.arange(b, device=dev) + (nb + 1) * 16  # scratch slots past the tables
     for _ in range(5):
         g.replay(b)
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -154,8 +161,8 @@ def graph_step_ms(engine: LLMEngine, b: int, ctx: int, n: int = 100) -> float:
         g.replay(b)
     e.record()
     torch.cuda.synchronize()
-    g.seq_lens.zero_()
-    g.slot_mapping.fill_(-1)
+    st.zero_()
+    st[:, COL_SLOT] = -1
     return s.elapsed_time(e) / n
 
 
@@ -177,8 +184,8 @@ def bench_one(name: str, dtype: str, bw: float, common: dict, quick: bool) -> li
         recs.append(r)
         log(f"  {impl:15s} {dtype:5s} B={batch:3d} P={prompt_len:5d} {r['tok_s']:9.1f} tok/s "
             f"({r['frac_of_limit'] * 100:5.1f}% of {r['limit_tok_s']:8.1f}) itl p50/p99 "
-            f"{r.get('itl_p50_ms', float('nan')):.2f}/{r.get('itl_p99_ms', float('nan')):.2f} ms "
-            f"ttft p50 {r.get('ttft_p50_ms', float('nan')):.1f} ms")
+            f"{_f(r.get('itl_p50_ms'))}/{_f(r.get('itl_p99_ms'))} ms ttft p50 {_f(r.get('ttft_p50_ms'))} ms "
+            f"step {_f(r.get('step_ms'), 3)} ms")
 
     gen1 = 64 if quick else 128
     for p in (32, 1024):
@@ -315,7 +322,7 @@ def main():
             continue
         lim = r.get("limit_tok_s") or float("nan")
         log(f"{r['model']:14s} {r['impl']:16s} {r['dtype']:5s} {r['batch']:3d} {r['prompt_len']:5d} "
-            f"{r['tok_s']:8.1f} {lim:7.1f} {r['tok_s'] / lim * 100:5.1f}% {r.get('itl_p99_ms') or float('nan'):6.2f}")
+            f"{r['tok_s']:8.1f} {lim:7.1f} {r['tok_s'] / lim * 100:5.1f}% {_f(r.get('itl_p99_ms')):>6s}")
 
 
 if __name__ == "__main__":

@@ -153,8 +153,10 @@ def kernel_checks():
         FAILS.append("greedy sampling")
 
 
-def kernel_timings(bw):
+def kernel_timings(bw, quant_only: bool = False):
     H, I, V = 4096, 13696, 151552
+    if quant_only:
+        return linear_timings(bw, H, I, V)
     # norms / activation (latency-bound at decode sizes)
     for T in (1, 64):
         x, r = torch.randn(T, H, device=dev, dtype=bf16), torch.randn(T, H, device=dev, dtype=bf16)
@@ -192,17 +194,22 @@ def kernel_timings(bw):
               lambda q=q, kc=kc, vc=vc, sl=sl, bt=bt, L=L: DA.decode_attention(q, kc, vc, sl, bt, 0.088,
                                                                                split_tokens=8192, max_seq_len=L),
               nbytes, bw)
-    # linears at glm4 shapes: bf16 cuBLAS vs int8 vs int4; rotate over copies so weights come from HBM
+    linear_timings(bw, H, I, V)
+    sampling_timings(bw, V)
+
+
+def linear_timings(bw, H, I, V):
+    """glm4 linears: bf16 cuBLAS vs int8 vs int4; rotate over copies so weights come from HBM, not L2."""
     for name, N, K in [("qkv", 4608, H), ("o", H, H), ("gate_up", 2 * I, H), ("down", H, I), ("lm_head", V, H)]:
         copies = max(2, min(8, int(400e6 // (N * K * 2))))
         ws = [torch.randn(N, K, device=dev, dtype=bf16) * 0.02 for _ in range(copies)]
         q8 = [I8.quantize_int8(w) for w in ws]
         q4 = [I4.quantize_int4(w)[:3] for w in ws]
-        for M in (1, 16, 64):
+        for M in (1, 8, 64):
             x = torch.randn(M, K, device=dev, dtype=bf16)
             timed(f"linear {name} bf16 M={M} N={N} K={K}",
                   lambda x=x, ws=ws: [torch.nn.functional.linear(x, w) for w in ws], N * K * 2, bw, copies)
-            if M <= 16:
+            if M <= 64:
                 timed(f"linear {name} int8 M={M}", lambda x=x, q8=q8: [int8_matmul(x, q, s) for q, s in q8],
                       N * K + N * 4, bw, copies)
                 timed(f"linear {name} int4 M={M}",
@@ -210,7 +217,9 @@ def kernel_timings(bw):
                       N * K // 2 + N * K // 128 * 4, bw, copies)
         del ws, q8, q4
         torch.cuda.empty_cache()
-    # sampling over the glm4 vocab
+
+
+def sampling_timings(bw, V):
     for B in (1, 64):
         lg = torch.randn(B, V, device=dev)
         t = torch.full((B,), 0.8, device=dev)
@@ -228,14 +237,17 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--skip-graph", action="store_true")
+    ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--quant-only", action="store_true", help="time only the linears (bf16 / int8 / int4)")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     bw = copy_bw_gbs()
     print(f"copy bandwidth (read+write): {bw:.0f} GB/s", flush=True)
     RESULTS.append({"kind": "copy_bw", "gbs": bw, "device": torch.cuda.get_device_name()})
-    kernel_checks()
+    if not args.skip_checks:
+        kernel_checks()
     if not args.skip_timing:
-        kernel_timings(bw)
+        kernel_timings(bw, args.quant_only)
     if not args.skip_graph:
         try:
             from bench.decode_gpu import graph_vs_eager_check

@@ -2,11 +2,12 @@
 batch-size bucket (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, ... up to max_num_seqs; a batch pads up to the
 next bucket, so no size falls off the fast path).
 
-Everything a step reads lives in static device buffers that the host refreshes in place before a replay:
-token ids, positions, slot mapping, seq_lens, block tables (max_blocks_per_seq wide), and the per-row
-sampling state (temperature, seed, step). Padded rows have seq_len 0 and slot -1: they attend to nothing and
-write no KV. The graph writes the sampled tokens into `tokens` and back into `input_ids` (so a device-side
-loop can run step after step with no host round trip)."""
+Everything a step reads comes from one static int64 staging buffer [max_bs, 7 + max_blocks_per_seq] that the
+host refreshes with ONE pinned host-to-device copy of its first b rows before a replay; the graph itself
+unpacks it (columns: token id, position, slot, seed, step, seq_len, temperature as float64 bits, then the
+block table) into the typed static buffers the model reads. Padded rows have seq_len 0 and slot -1: they
+attend to nothing and write no KV. The graph writes the sampled tokens into `tokens` and back into the
+staging buffer's token column (so a device-side loop can run step after step with no host round trip)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import torch
 
 from llm_engine.attn_metadata import AttnMetadata
 from llm_engine.kernels import sampling as SA
+
+COL_ID, COL_POS, COL_SLOT, COL_SEED, COL_STEP, COL_SEQ_LEN, COL_TEMP = range(7)
+STAGING_COLS = 7
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -51,6 +55,8 @@ class DecodeGraphs:
         self.seeds = torch.zeros(B, **i64)  # [B]
         self.steps = torch.zeros(B, **i64)  # [B]
         self.tokens = torch.zeros(B, **i64)  # [B] output
+        self.staging = torch.zeros((B, STAGING_COLS + mb), **i64)  # [B, 7 + max_blocks] host-refreshed input
+        self.staging[:, COL_SLOT] = -1
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> [b, V] float32 graph output
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -67,13 +73,24 @@ class DecodeGraphs:
                             max_query_len=1, max_seq_len=self.max_model_len, is_decode=True,
                             query_lens_cpu=[1] * b, seq_lens_cpu=[self.max_model_len] * b)
 
+    def _unpack(self, b: int) -> None:
+        st = self.staging[:b]
+        self.input_ids[:b].copy_(st[:, COL_ID])
+        self.positions[:b].copy_(st[:, COL_POS])
+        self.slot_mapping[:b].copy_(st[:, COL_SLOT])
+        self.seeds[:b].copy_(st[:, COL_SEED])
+        self.steps[:b].copy_(st[:, COL_STEP])
+        self.seq_lens[:b].copy_(st[:, COL_SEQ_LEN])
+        self.temperature[:b].copy_(st[:, COL_TEMP].view(torch.float64))
+        self.block_tables[:b].copy_(st[:, STAGING_COLS:])
+
     def _step(self, b: int) -> torch.Tensor:
+        self._unpack(b)
         hidden = self.model(self.input_ids[:b], self.positions[:b], self.kv_caches, self.meta(b))  # [b, H]
         logits = self.model.compute_logits(hidden)  # [b, V] float32
         tok = SA.gumbel_argmax(logits, self.temperature[:b], self.seeds[:b], self.steps[:b])  # [b]
         self.tokens[:b].copy_(tok)
-        self.input_ids[:b].copy_(tok)
-        self.steps[:b].add_(1)
+        self.staging[:b, COL_ID].copy_(tok)  # next step's input, written on the device
         return logits
 
     @torch.inference_mode()
@@ -81,8 +98,8 @@ class DecodeGraphs:
         """Warm every bucket eagerly (compiles kernels, tunes quant tiles), then capture, largest first so
         smaller graphs reuse its memory pool. Static buffers hold padding (seq_len 0, slot -1): no KV is
         written and nothing is read past block 0."""
-        self.seq_lens.zero_()
-        self.slot_mapping.fill_(-1)
+        self.staging.zero_()
+        self.staging[:, COL_SLOT] = -1
         for b in reversed(self.buckets):
             self._step(b)
         torch.cuda.synchronize(self.device)

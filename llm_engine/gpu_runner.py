@@ -1,5 +1,5 @@
 """GpuModelRunner: the CUDA model runner. Pure-decode steps (every sequence adds one token and samples) replay
-a whole-step CUDA graph (llm_engine.cuda_graphs) after refreshing its static inputs from pinned host buffers;
+a whole-step CUDA graph (llm_engine.cuda_graphs) after refreshing its inputs with one pinned host-to-device copy;
 sampling happens inside the graph (Gumbel-max, no host sync); the sampled tokens come back through a pinned
 buffer and a CUDA event — the step's one wait. Prefill / mixed steps run eagerly through the same Triton
 kernels (llm_engine.ops dispatches CUDA tensors to them)."""
@@ -9,9 +9,20 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import torch
 
-from llm_engine.cuda_graphs import DecodeGraphs
+from llm_engine.cuda_graphs import (
+    COL_ID,
+    COL_POS,
+    COL_SEED,
+    COL_SEQ_LEN,
+    COL_SLOT,
+    COL_STEP,
+    COL_TEMP,
+    STAGING_COLS,
+    DecodeGraphs,
+)
 from llm_engine.kernels import sampling as SA
 from llm_engine.model_runner import ModelRunner
 from llm_engine.scheduler import ScheduledBatch
@@ -29,15 +40,11 @@ class GpuModelRunner(ModelRunner):
         self.seed_base = int(kwargs.get("seed", 0))
         self.graphs: DecodeGraphs | None = None
         B, mb = max(1, kwargs["max_num_seqs"]), self.max_blocks_per_seq
-        pin = dict(pin_memory=True)
-        # Pinned host staging for the graph inputs; numpy views for cheap element writes.
-        self._h_i64 = torch.zeros((5, B), dtype=torch.int64, **pin)  # ids, pos, slots, seeds, steps
-        self._h_seq = torch.zeros(B, dtype=torch.int32, **pin)  # [B]
-        self._h_tab = torch.zeros((B, mb), dtype=torch.int32, **pin)  # [B, max_blocks]
-        self._h_temp = torch.zeros(B, dtype=torch.float32, **pin)  # [B]
-        self._h_tok = torch.zeros(B, dtype=torch.int64, **pin)  # [B] sampled tokens back
-        self._n_i64, self._n_seq = self._h_i64.numpy(), self._h_seq.numpy()
-        self._n_tab, self._n_temp = self._h_tab.numpy(), self._h_temp.numpy()
+        # Pinned host staging of the graph inputs (layout: llm_engine.cuda_graphs), numpy views for cheap writes.
+        self._h_st = torch.zeros((B, STAGING_COLS + mb), dtype=torch.int64, pin_memory=True)  # [B, 7 + max_blocks]
+        self._h_tok = torch.zeros(B, dtype=torch.int64, pin_memory=True)  # [B] sampled tokens back
+        self._n_st = self._h_st.numpy()
+        self._n_st_f = self._n_st.view(np.float64)
         self._done = torch.cuda.Event()
         if not self.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, B, mb, self.max_blocks_per_seq * self.block_size,
@@ -66,42 +73,30 @@ class GpuModelRunner(ModelRunner):
         B = len(batch)
         b = g.bucket_for(B)
         bs = self.block_size
-        ids, pos, slots, seeds, steps = self._n_i64
-        width, needs_filter = 1, False
+        st, st_f = self._n_st, self._n_st_f
+        needs_filter = False
         for i, seq in enumerate(batch.seqs):
             p = len(seq) - 1
-            ids[i] = seq.token_ids[p]
-            pos[i] = p
-            slots[i] = seq.block_table[p // bs] * bs + p % bs
-            self._n_seq[i] = p + 1
-            nb = len(seq.block_table)
-            self._n_tab[i, :nb] = seq.block_table
-            width = max(width, nb)
+            row = st[i]
+            row[COL_ID] = seq.token_ids[p]
+            row[COL_POS] = p
+            row[COL_SLOT] = seq.block_table[p // bs] * bs + p % bs
+            row[COL_SEED] = self._seed_of(seq)
+            row[COL_STEP] = p  # distinct per token of the sequence: fresh noise every step, reproducible per seed
+            row[COL_SEQ_LEN] = p + 1
             sp = seq.params
-            self._n_temp[i] = sp.temperature
-            seeds[i] = self._seed_of(seq)
-            steps[i] = p  # distinct per token of the sequence: fresh noise every step, reproducible per seed
+            st_f[i, COL_TEMP] = sp.temperature
+            row[STAGING_COLS:STAGING_COLS + len(seq.block_table)] = seq.block_table
             needs_filter |= sp.temperature > 0 and (sp.top_k > 0 or sp.top_p < 1.0)
-        # padding rows: attend to nothing, store nothing
-        ids[B:b], pos[B:b], slots[B:b], seeds[B:b], steps[B:b] = 0, 0, -1, 0, 0
-        self._n_seq[B:b] = 0
-        self._n_temp[B:b] = 0.0
-        nb_ = True
-        g.input_ids[:b].copy_(self._h_i64[0, :b], non_blocking=nb_)
-        g.positions[:b].copy_(self._h_i64[1, :b], non_blocking=nb_)
-        g.slot_mapping[:b].copy_(self._h_i64[2, :b], non_blocking=nb_)
-        g.seeds[:b].copy_(self._h_i64[3, :b], non_blocking=nb_)
-        g.steps[:b].copy_(self._h_i64[4, :b], non_blocking=nb_)
-        g.seq_lens[:b].copy_(self._h_seq[:b], non_blocking=nb_)
-        g.temperature[:b].copy_(self._h_temp[:b], non_blocking=nb_)
-        g.block_tables[:B, :width].copy_(self._h_tab[:B, :width], non_blocking=nb_)
+        if b > B:  # padding rows: attend to nothing, store nothing
+            st[B:b, :STAGING_COLS] = 0
+            st[B:b, COL_SLOT] = -1
+        g.staging[:b].copy_(self._h_st[:b], non_blocking=True)  # the step's one host-to-device copy
         g.replay(b)
         if needs_filter:  # top-k / top-p rows: re-sample the graph's logits with the sorting sampler
             top_k = torch.tensor([s.params.top_k for s in batch.seqs] + [0] * (b - B), device=self.device)
             top_p = torch.tensor([s.params.top_p for s in batch.seqs] + [1.0] * (b - B), device=self.device)
-            g.steps[:b].sub_(1)
             tok = SA.sample(g.logits[b], g.temperature[:b], top_k, top_p, g.seeds[:b], g.steps[:b], True)
-            g.steps[:b].add_(1)
             g.tokens[:b].copy_(tok)
         self._h_tok[:B].copy_(g.tokens[:B], non_blocking=True)
         self._done.record()

@@ -51,42 +51,49 @@ def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sx, sw, so,
 def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, sx, sw, ss, so,
                     HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr):
-    """BLOCK_K codes (BLOCK_K/2 bytes) per row per step; pair j of a step holds k = k0+2j (low nibble) and
-    k0+2j+1 (high); both share one group, whose scale/min are gathered per pair (L1 hits)."""
+    """BLOCK_K codes (BLOCK_K/2 bytes) per row per step, BLOCK_K a multiple of GROUP. Pair j of a step holds
+    k = k0+2j (low nibble) and k0+2j+1 (high). Scales/mins load once per group ([BN, NG]) and broadcast over
+    the group's codes through a [BN, NG, GROUP/2] view."""
     pid_n = tl.program_id(0)
     HALF: tl.constexpr = BLOCK_K // 2
+    NG: tl.constexpr = BLOCK_K // GROUP
+    GH: tl.constexpr = GROUP // 2
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.arange(0, HALF)
+    rg = tl.arange(0, NG)
     r2 = tl.arange(0, 2)
     nm = rn < N
     rn64 = rn.to(tl.int64)
-    if BLOCK_M == 1:
-        acc2 = tl.zeros([BLOCK_N, HALF], tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     rm = tl.arange(0, BLOCK_M)
     mm = rm < M
+    if BLOCK_M == 1:
+        acc3 = tl.zeros([BLOCK_N, NG, GH], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         jm = (k0 + 2 * rj) < K
-        wm = nm[:, None] & jm[None, :]
-        p = tl.load(w_ptr + rn64[:, None] * sw + k0 // 2 + rj[None, :], mask=wm, other=0)  # [BN, HALF] uint8
-        gidx = (k0 + 2 * rj) // GROUP
-        s = tl.load(s_ptr + rn64[:, None] * ss + gidx[None, :], mask=wm, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn64[:, None] * ss + gidx[None, :], mask=wm, other=0.0).to(tl.float32)
-        w_lo = (p & 15).to(tl.float32) * s + z  # [BN, HALF] weights at even k
-        w_hi = (p >> 4).to(tl.float32) * s + z  # odd k
+        p = tl.load(w_ptr + rn64[:, None] * sw + k0 // 2 + rj[None, :], mask=nm[:, None] & jm[None, :],
+                    other=0)  # [BN, HALF] uint8
+        gm = nm[:, None] & ((k0 + rg * GROUP) < K)[None, :]
+        soff = rn64[:, None] * ss + k0 // GROUP + rg[None, :]
+        s = tl.load(s_ptr + soff, mask=gm, other=0.0).to(tl.float32)  # [BN, NG]
+        z = tl.load(z_ptr + soff, mask=gm, other=0.0).to(tl.float32)
+        lo = tl.reshape((p & 15).to(tl.float32), (BLOCK_N, NG, GH))
+        hi = tl.reshape((p >> 4).to(tl.float32), (BLOCK_N, NG, GH))
+        w_lo = lo * s[:, :, None] + z[:, :, None]  # weights at even k
+        w_hi = hi * s[:, :, None] + z[:, :, None]  # odd k
         if BLOCK_M == 1:
             xx = tl.load(x_ptr + k0 + 2 * rj[:, None] + r2[None, :], mask=jm[:, None], other=0.0).to(tl.float32)
             x_e, x_o = tl.split(xx)  # [HALF] each
-            acc2 += w_lo * x_e[None, :] + w_hi * x_o[None, :]
+            acc3 += w_lo * tl.reshape(x_e, (NG, GH))[None, :, :] + w_hi * tl.reshape(x_o, (NG, GH))[None, :, :]
         else:
             xx = tl.load(x_ptr + rm[:, None, None] * sx + k0 + 2 * rj[None, :, None] + r2[None, None, :],
                          mask=mm[:, None, None] & jm[None, :, None], other=0.0)  # [BM, HALF, 2]
             x_e, x_o = tl.split(xx)  # [BM, HALF] each
-            acc += tl.dot(x_e, tl.trans(w_lo.to(x_ptr.dtype.element_ty)))
-            acc += tl.dot(x_o, tl.trans(w_hi.to(x_ptr.dtype.element_ty)))
+            acc += tl.dot(x_e, tl.trans(tl.reshape(w_lo, (BLOCK_N, HALF)).to(x_ptr.dtype.element_ty)))
+            acc += tl.dot(x_o, tl.trans(tl.reshape(w_hi, (BLOCK_N, HALF)).to(x_ptr.dtype.element_ty)))
     if BLOCK_M == 1:
-        acc = tl.sum(acc2, axis=1)[None, :]  # [1, BN]
+        acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]  # [1, BN]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * so + rn[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -179,7 +186,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, wmin
                                               M, N, K, x.stride(0), packed.stride(0), scale.stride(0),
                                               out.stride(0), HAS_BIAS=bias is not None, GROUP=group,
                                               BLOCK_M=m_class, BLOCK_N=bn,
-                                              BLOCK_K=min(bk, max(32, triton.next_power_of_2(K))),
+                                              BLOCK_K=max(group, min(bk, triton.next_power_of_2(K))),
                                               num_warps=nw, num_stages=ns)
 
     launch(config or _pick("int4", N, K, m_class, launch))

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="compute dtype for both engines (weights are the same dequantized tensors)")
     ap.add_argument("--out", default=None, help="directory for engine_cpu.json")
     args = ap.parse_args(argv)
 
@@ -85,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     eng = LLMEngine(EngineConfig(model=args.model, device="cpu", max_num_seqs=8, cpu_threads=args.threads,
-                                 enable_prefix_caching=False))
+                                 dtype=args.dtype, kv_cache_memory_mib=128, enable_prefix_caching=False))
     cfg, state = load_checkpoint(EngineConfig(model=args.model).model_path())
-    hf = hf_llama_from(cfg, state)
+    hf = hf_llama_from(cfg, state).to(getattr(torch, args.dtype))
     del state
     text = ("You are the customer-service assistant of Maple Street Books. Opening hours: Monday to Friday 9 am to "
             "6 pm, Saturday 10 am to 4 pm, closed on Sunday. ") * 8
@@ -114,13 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(x[i] for x in xs)
 
     report = {
-        "model": str(EngineConfig(model=args.model).model_path()), "threads": args.threads,
+        "model": str(EngineConfig(model=args.model).model_path()), "threads": args.threads, "dtype": args.dtype,
         "cpu": platform.processor() or platform.machine(), "prompt_tokens": len(ids), "max_tokens": args.max_tokens,
         "ours_bs1": {"ttft_ms": 1000 * med(ours, 0), "decode_tok_s": med(ours, 1)},
         "transformers_bs1": {"ttft_ms": 1000 * med(theirs, 0), "decode_tok_s": med(theirs, 1)},
         "ours_bs8": {"aggregate_tok_s": agg8, "per_seq_decode_tok_s": per_seq8, "wall_s": wall8},
         "greedy_tokens_identical": same, "first_token_difference_at": first_diff,
     }
+    print(f"dtype={args.dtype} threads={args.threads} prompt={len(ids)} tokens, {args.max_tokens} generated, "
+          f"median of {args.repeats}")
     print(f"{'':22}{'TTFT ms':>10}{'decode tok/s':>14}")
     print(f"{'engine bs=1':22}{report['ours_bs1']['ttft_ms']:10.1f}{report['ours_bs1']['decode_tok_s']:14.1f}")
     print(f"{'transformers bs=1':22}{report['transformers_bs1']['ttft_ms']:10.1f}"

@@ -20,7 +20,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per-step token budget: decodes + prefill chunks
     max_waiting: int = 64  # admission control: a request beyond this raises EngineOverloaded
     max_model_len: int | None = None  # None -> the model's max_position_embeddings
-    quantize: str | None = None  # reserved for weight-only quantisation (None = off)
+    quantize: str | None = None  # weight-only "int8" | "int4" module swap (llm_engine.quant); None = off
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # GPU runner: no CUDA graphs
     # Additions beyond docs/interfaces.md (all optional):
@@ -45,8 +45,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be an int >= 2 or None, got {self.num_kv_blocks!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an int >= 2 or None, got {self.max_model_len!r}")
-        if self.quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be None or 'int8', got {self.quantize!r}")
+        if self.quantize not in (None, "int8", "int4"):
+            raise ValueError(f"quantize must be None, 'int8' or 'int4', got {self.quantize!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

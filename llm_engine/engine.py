@@ -71,6 +71,10 @@ class LLMEngine:
             torch.set_num_threads(cfg.cpu_threads)
         if model is None:
             model, tokenizer = self._load(cfg)
+            if cfg.quantize:
+                from llm_engine.quant.swap import quantize_model
+
+                quantize_model(model, cfg.quantize)
         self.model = model
         self.model_config: ModelConfig = model.config
         self.tokenizer = tokenizer
@@ -85,7 +89,7 @@ class LLMEngine:
         self.runner = runner_cls(model, mc, num_kv_blocks=num_blocks, block_size=cfg.kv_block_size,
                                  max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                                  max_model_len=self.max_model_len, device=self.device, dtype=self.dtype,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, enforce_eager=cfg.enforce_eager)
         eos = tokenizer.eos_token_ids if tokenizer is not None else mc.eos_token_ids
         self.eos_token_ids = frozenset(int(t) for t in eos)
         self._seqs: dict[str, Sequence] = {}

@@ -36,8 +36,8 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig, *, num_kv_blocks: int, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, device: torch.device,
-                 dtype: torch.dtype, seed: int = 0):
-        self.model = model
+                 dtype: torch.dtype, seed: int = 0, enforce_eager: bool = True):
+        self.model = model  # enforce_eager: the eager runner always is; GpuModelRunner captures graphs unless set
         self.model_cfg = model_cfg
         self.device = torch.device(device)
         self.dtype = dtype

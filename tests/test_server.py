@@ -315,3 +315,16 @@ def test_serve_missing_model_exits_nonzero_with_a_clear_message(capsys):
     assert main(["--port", "0", "--vad-model", "/nonexistent/silero.onnx"]) == 1
     err = capsys.readouterr().err
     assert "a model is missing" in err and "/nonexistent/silero.onnx" in err
+
+
+async def test_outbox_bounds_a_slow_reader():
+    from voicefast.protocol import RealtimeProtocol
+    from voicefast.server import Outbox
+
+    box = Outbox(RealtimeProtocol(), max_frames=3)
+    for i in range(3):
+        box.put({"type": "response.output_text.delta", "delta": str(i)})
+    assert not box.hopeless.is_set()
+    box.put({"type": "response.output_text.delta", "delta": "x"})
+    box.put({"type": "response.done"})
+    assert box.hopeless.is_set() and box.dropped == 2 and box.queue.qsize() == 3

@@ -28,6 +28,29 @@ REALTIME_PATHS = ("/v1/realtime", "/realtime")
 DEFAULT_DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 
 
+class Outbox:
+    """A connection's bounded queue of outgoing frames. Its own sender task drains it, so a slow reader only
+    ever fills its own queue; once full the reader is hopeless (`hopeless` is set, frames are dropped) and the
+    connection is closed instead of buffering without bound or stalling other sessions."""
+
+    def __init__(self, proto: RealtimeProtocol, max_frames: int):
+        self.proto = proto
+        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=max_frames)
+        self.hopeless = asyncio.Event()
+        self.dropped = 0
+
+    def put(self, event: dict) -> None:
+        for frame in self.proto.events_to_send(event):
+            if self.hopeless.is_set():
+                self.dropped += 1
+                continue
+            try:
+                self.queue.put_nowait(frame)
+            except asyncio.QueueFull:
+                self.dropped += 1
+                self.hopeless.set()
+
+
 class RealtimeServer:
     def __init__(self, stack, opts: ServerConfig, *, defaults: SessionConfig | None = None):
         self.stack, self.opts = stack, opts
@@ -123,26 +146,20 @@ class RealtimeServer:
                     await ws.send(f)
                 await ws.close(1008, "session limit reached")
             return
-        outq: asyncio.Queue[str] = asyncio.Queue(maxsize=self.opts.max_send_queue)
-        hopeless = asyncio.Event()
+        outbox = Outbox(proto, self.opts.max_send_queue)
 
         def emit(event: dict) -> None:
             if event["type"] == "error":
                 self.metrics.errors_total.labels(event["error"].get("code") or "?").inc()
-            for frame in proto.events_to_send(event):
-                try:
-                    outq.put_nowait(frame)
-                except asyncio.QueueFull:  # the client stopped reading: drop it, never stall the others
-                    hopeless.set()
-                    return
+            outbox.put(event)
 
         session = Session(self.stack, self.opts, emit=emit, beta=beta, defaults=self.defaults, metrics=self.metrics)
         self.sessions.add(session)
         self.metrics.active_sessions.inc()
         self.metrics.sessions_total.inc()
         log.info("session %s opened (%s)", session.cfg.id, "beta" if beta else "GA")
-        sender = asyncio.create_task(self._sender(ws, outq), name=f"sender-{session.cfg.id}")
-        watchdog = asyncio.create_task(self._watch(ws, hopeless), name=f"watch-{session.cfg.id}")
+        sender = asyncio.create_task(self._sender(ws, outbox.queue), name=f"sender-{session.cfg.id}")
+        watchdog = asyncio.create_task(self._watch(ws, outbox.hopeless), name=f"watch-{session.cfg.id}")
         try:
             session.start()
             while True:

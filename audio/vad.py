@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from audio.pcm import FrameBuffer
+from audio.vad_refine import BoundaryRefiner, block_rms
 
 SAMPLE_RATE_HZ = 16_000
 WINDOW_SAMPLES = 512  # 32 ms: the only window size Silero v5/v6 accepts at 16 kHz
@@ -85,16 +86,22 @@ class VadStateMachine:
         self._silence_start = 0  # first sample of the current silence (in STOPPING)
         self._early_sent = False
         self._last_speech_end = 0
+        self.refiner = BoundaryRefiner(window_samples)
         ms = SAMPLE_RATE_HZ // 1000
         self._min_speech = self.params.min_speech_ms * ms
         self._early = self.params.early_silence_ms * ms
         self._silence = self.params.silence_duration_ms * ms
 
-    def push(self, prob: float) -> list[VadEvent]:
-        """Advance by one window with speech probability `prob`; returns the events it caused."""
+    def push(self, prob: float, rms: np.ndarray | None = None) -> list[VadEvent]:
+        """Advance by one window with speech probability `prob`; returns the events it caused.
+
+        `rms` (the window's 8 ms block energies, optional) lets the refiner place boundaries within windows;
+        without it boundaries fall on window edges."""
         p, start = self.params, self.samples_seen
         self.samples_seen = end = start + self.window_samples
         speech, silence = prob >= p.threshold, prob < p.neg_threshold
+        if rms is not None:
+            self.refiner.observe(start, prob, rms, quiet=self.state is VadState.QUIET and not speech)
         out: list[VadEvent] = []
         if speech:
             self._last_speech_end = end
@@ -105,13 +112,14 @@ class VadStateMachine:
                 self.state = VadState.QUIET  # too short: a click or a breath
             elif end - self._onset >= max(self._min_speech, 1):
                 self.state = VadState.SPEAKING
-                out.append(_ev("speech_started", self._onset))
+                out.append(_ev("speech_started", self.refiner.refine_onset(self._onset)))
             return out
         if self.state is VadState.SPEAKING:
             if silence:
                 # Silence began where the last confident speech window ended (windows in the hysteresis band
                 # between neg_threshold and threshold are trailing sound, not speech).
-                self.state, self._silence_start, self._early_sent = VadState.STOPPING, self._last_speech_end, False
+                end_of_speech = self.refiner.refine_end(self._last_speech_end)
+                self.state, self._silence_start, self._early_sent = VadState.STOPPING, end_of_speech, False
             else:
                 return out
         if self.state is VadState.STOPPING:
@@ -201,7 +209,7 @@ class VadStream:
             window = np.concatenate([self._context, w])  # [576]
             self.last_prob, self._state = self.model(window, self._state)
             self._context = w[-CONTEXT_SAMPLES:].copy()
-            events += self.machine.push(self.last_prob)
+            events += self.machine.push(self.last_prob, block_rms(w))
         return events
 
     def end_of_input(self) -> list[VadEvent]:

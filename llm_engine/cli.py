@@ -17,6 +17,8 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                    help="auto: float32 on CPU, bfloat16 on CUDA (bfloat16 is ~2x faster on CPUs with AVX512-BF16)")
     ap.add_argument("--stats", action="store_true", help="print TTFT and decode tok/s to stderr at the end")
 
 
@@ -24,7 +26,8 @@ def _engine(args: argparse.Namespace):
     from llm_engine.config import EngineConfig
     from llm_engine.engine import LLMEngine
 
-    return LLMEngine(EngineConfig(model=args.model, device=args.device, max_num_seqs=1))
+    return LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=1,
+                                  kv_cache_memory_mib=128))
 
 
 def _params(args: argparse.Namespace):

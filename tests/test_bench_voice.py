@@ -89,6 +89,8 @@ def test_harness_reports_the_injected_delays(tmp_path):
         assert (t["end_of_turn_delay_ms"], t["asr_final_ms"], t["llm_ttft_ms"], t["tts_first_audio_ms"]) == \
             (300, 40, 70, 50)
         assert t["tokens_per_s"] == 42.0
+        assert t["server_other_ms"] == 0  # the fake's e2e_server_ms is exactly the sum of its stages
+        assert abs(t["network_client_ms"] - (t["e2e_ms"] - injected)) < 1e-6
         # Not anchored on speech_stopped: the fake sends it a full silence window after the true end.
         assert t["speech_stopped_ms"] >= script.silence_ms - 10
         assert t["reply_audio_ms"] == pytest.approx(400, abs=1)

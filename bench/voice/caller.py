@@ -47,6 +47,8 @@ class TurnRecord:
     llm_ttft_ms: float | None = None
     tts_first_audio_ms: float | None = None
     e2e_server_ms: float | None = None
+    server_other_ms: float | None = None  # e2e_server_ms minus the four stages: time between/around them
+    network_client_ms: float | None = None  # e2e_ms minus e2e_server_ms: transport, client and clock offsets
     tokens_per_s: float | None = None
     llm_tokens: int | None = None
     wer: float | None = None
@@ -212,6 +214,11 @@ class Caller:
                 rec.tokens_per_s = _num(timings.get("llm_tok_s"))
                 rec.llm_tokens = timings.get("llm_tokens")
                 rec.response_done_ms = round(turn.rel_ms(now), 2)
+                stages = [rec.__dict__[k] for k in STAGES]
+                if rec.e2e_server_ms is not None:
+                    rec.network_client_ms = round(rec.e2e_ms - rec.e2e_server_ms, 2)
+                    if None not in stages:
+                        rec.server_other_ms = round(rec.e2e_server_ms - sum(stages), 2)
                 rec.response_status = resp.get("status")
                 if rec.response_status not in (None, "completed", "incomplete"):  # incomplete: hit max tokens
                     rec.status = f"response {rec.response_status}"

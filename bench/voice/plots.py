@@ -39,29 +39,26 @@ def write_plots(turns: list[dict], out_dir: Path) -> list[Path]:
     ax.legend()
     paths.append(_save(fig, out_dir / "latency_vs_concurrency.png"))
 
-    # Stacked medians: the server's stages when reported, else the client-side marks as consecutive segments.
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Stacked medians: the server's stages when reported (then what the server spent between them, then network
+    # and client), else the client-side marks as consecutive segments.
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     have_server = any(t.get(STAGES[0]) is not None for t in ok)
-    names = list(STAGES) if have_server else list(CLIENT_MARKS)
+    names = [*STAGES, "server_other_ms", "network_client_ms"] if have_server else list(CLIENT_MARKS)
+    labels = {"server_other_ms": "server, between stages", "network_client_ms": "network + client"}
     bottoms = [0.0] * len(levels)
-    for j, name in enumerate(names + ["other (network, client, gaps between stages)"] if have_server else names):
+    for name in names:
         heights = []
         for i, lv in enumerate(levels):
-            ts = groups[lv]
-            if have_server and j < len(names):
-                h = percentile([t[name] for t in ts if t.get(name) is not None], 50) or 0.0
-            elif have_server:
-                h = max(0.0, (percentile([t["e2e_ms"] for t in ts], 50) or 0.0) - bottoms[i])
-            else:  # client marks are cumulative times after the anchor: plot the increments
-                h = max(0.0, (percentile([t[name] for t in ts if t.get(name) is not None], 50) or bottoms[i])
-                        - bottoms[i])
-            heights.append(h)
-        ax.bar(levels, heights, bottom=bottoms, label=name.removesuffix("_ms"))
+            med = percentile([t[name] for t in groups[lv] if t.get(name) is not None], 50)
+            # client marks are cumulative times after the anchor: plot the increments
+            heights.append(max(0.0, med or 0.0) if have_server else max(0.0, (med or bottoms[i]) - bottoms[i]))
+        ax.bar(levels, heights, bottom=bottoms, label=labels.get(name, name.removesuffix("_ms")))
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    ax.plot(levels, [percentile([t["e2e_ms"] for t in groups[lv]], 50) for lv in levels], "k_", markersize=30,
+            markeredgewidth=2, label="median e2e")
     ax.set(xlabel="concurrent sessions", ylabel="median ms after end of speech",
-           title="where the time goes (median per stage)")
+           title="where the time goes (median of each part)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.set_size_inches(9, 4.5)
     paths.append(_save(fig, out_dir / "stage_breakdown.png"))
     return paths
 

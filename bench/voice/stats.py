@@ -6,6 +6,7 @@ import math
 from collections import defaultdict
 
 METRICS = ("e2e_ms", "end_of_turn_delay_ms", "asr_final_ms", "llm_ttft_ms", "tts_first_audio_ms",
+           "server_other_ms", "e2e_server_ms", "network_client_ms",
            "speech_stopped_ms", "transcript_ms", "first_text_ms", "tokens_per_s", "wer")
 QUANTILES = (50, 90, 99)
 

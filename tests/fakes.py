@@ -162,9 +162,9 @@ class FakeTTS:
         self.delay_s, self.word_s = delay_s, word_s
         self.texts: list[str] = []
 
-    def synthesize(self, text: str):
+    def synthesize(self, text: str, speaking_rate: float = 1.0):
         self.texts.append(text)
-        n = int(self.sample_rate_hz * self.word_s)
+        n = int(self.sample_rate_hz * self.word_s / speaking_rate)
         tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(n) / self.sample_rate_hz)).astype(np.float32)
         for _ in text.split():
             if self.delay_s:

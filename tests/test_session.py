@@ -301,3 +301,17 @@ async def test_tts_failure_fails_the_response_not_the_session():
     d = await h.wait_for("response.done", 2)
     assert d["response"]["status"] == "completed"
     await h.session.close()
+
+
+async def test_speed_reaches_tts():
+    h = Harness()
+    h.send("session.update", session={"type": "realtime", "audio": {"input": {"turn_detection": None},
+                                                                    "output": {"speed": 1.5}}})
+    h.send("conversation.item.create", item={"type": "message", "role": "user",
+                                             "content": [{"type": "input_text", "text": "Hi"}]})
+    h.send("response.create")
+    await h.wait_for("response.done")
+    fast = sum(len(base64.b64decode(e["delta"])) for e in h.of("response.output_audio.delta"))
+    words = len(h.stack.engine.reply([]).split())
+    assert abs(fast / 48 - words * 50 / 1.5) < 50  # ms of 24 kHz PCM16 vs words x 50 ms / speed
+    await h.session.close()

@@ -178,7 +178,7 @@ class Response:
             self._out.put_nowait(("phrase", s, e))
             if self.t.tts_request_s is None:
                 self.t.tts_request_s = time.monotonic()
-            async for chunk in self.stack.synthesize(self.p.voice, ph):
+            async for chunk in self.stack.synthesize(self.p.voice, ph, self.p.speed):
                 if self.t.tts_first_audio_s is None:
                     self.t.tts_first_audio_s = time.monotonic()
                 y = rs.process(chunk)

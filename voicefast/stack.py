@@ -38,7 +38,7 @@ class Stack:
             return len(text) // 3 + 1
         return len(tok.encode(text))
 
-    async def synthesize(self, voice: str, text: str) -> AsyncIterator[np.ndarray]:
+    async def synthesize(self, voice: str, text: str, speed: float = 1.0) -> AsyncIterator[np.ndarray]:
         """Run the blocking TTS iterator on the TTS pool; chunks arrive here as they are made. Closing this
         iterator early (barge-in) stops the worker at its next chunk."""
         if self._tts_pool is None:
@@ -50,7 +50,8 @@ class Stack:
 
         def work() -> None:
             try:
-                for chunk in tts.synthesize(text):
+                chunks = tts.synthesize(text) if speed == 1.0 else tts.synthesize(text, speaking_rate=speed)
+                for chunk in chunks:
                     if stop.is_set():
                         break
                     loop.call_soon_threadsafe(q.put_nowait, ("chunk", chunk))

@@ -328,3 +328,27 @@ async def test_outbox_bounds_a_slow_reader():
     box.put({"type": "response.output_text.delta", "delta": "x"})
     box.put({"type": "response.done"})
     assert box.hopeless.is_set() and box.dropped == 2 and box.queue.qsize() == 3
+
+
+async def test_openai_sdk_beta_client():
+    async with Running() as srv:
+        client = AsyncOpenAI(api_key="unused", websocket_base_url=f"ws://127.0.0.1:{srv.server.port}/v1")
+        async with client.beta.realtime.connect(model="voicefast") as conn:  # sends OpenAI-Beta: realtime=v1
+            await conn.session.update(session={"modalities": ["text"], "turn_detection": None,
+                                               "instructions": "Beta persona."})
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "hi"}]})
+            await conn.response.create()
+            text, types = "", []
+            async with asyncio.timeout(10):
+                async for ev in conn:
+                    types.append(ev.type)
+                    if ev.type == "session.updated":
+                        assert ev.session.modalities == ["text"] and ev.session.turn_detection is None
+                    elif ev.type == "response.text.delta":
+                        text += ev.delta
+                    elif ev.type == "response.done":
+                        assert ev.response.status == "completed"
+                        break
+            assert text == srv.stack.engine.reply([]) and "conversation.item.created" in types
+            assert srv.stack.engine.requests[0][1][0]["content"] == "Beta persona."

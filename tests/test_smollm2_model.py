@@ -8,6 +8,7 @@ import torch
 
 from llm_engine import gguf_loader
 from llm_engine.attn_metadata import AttnMetadata
+from llm_engine.layers.linear import use_half_gemv
 from llm_engine.loader import load_checkpoint
 from llm_engine.models import build_model, load_weights
 from llm_engine.tokenizer import Tokenizer
@@ -57,11 +58,14 @@ def one_thread():
     torch.set_num_threads(prev)
 
 
-@pytest.fixture(scope="module")
-def model(loaded):
+@pytest.fixture(scope="module", params=[False, True], ids=["fp32", "half-gemv"])
+def model(loaded, request):
+    """Plain float32, and float32 with fp16 decode GEMVs (what load_model gives on CPU by default)."""
     cfg, state, *_ = loaded
     m = build_model(cfg, "cpu", torch.float32)
     load_weights(m, state)
+    if request.param:
+        use_half_gemv(m)
     return m
 
 

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--no-half-gemv", action="store_true", help="float32 CPU: plain fp32 GEMVs (see load_model)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = args.model
@@ -63,14 +64,15 @@ def main(argv: list[str] | None = None) -> None:
         from voicefast.assets import resolve_llm
 
         path = resolve_llm().path
-    model, _ = load_model(path, "cpu", _DTYPES[args.dtype])
+    model, _ = load_model(path, "cpu", _DTYPES[args.dtype], half_gemv=False if args.no_half_gemv else None)
+    half = any(type(m).__name__ == "HalfGemvLinear" for m in model.modules())
     time_decode(model, 8, 4)  # warm-up
     prefill_s, steps = time_decode(model, args.prompt_len, args.tokens)
     ms = sorted(1e3 * s for s in steps)
-    print(f"{args.dtype} threads={args.threads}: prefill {args.prompt_len} tok {1e3 * prefill_s:.1f} ms; decode "
-          f"median {statistics.median(ms):.2f} ms/token (p10 {ms[len(ms) // 10]:.2f}, p90 {ms[9 * len(ms) // 10]:.2f})"
-          f" = {1e3 / statistics.median(ms):.1f} tok/s")
-
+    med = statistics.median(ms)
+    print(f"{args.dtype}{' half-gemv' if half else ''} threads={args.threads}: prefill {args.prompt_len} tok "
+          f"{1e3 * prefill_s:.1f} ms; decode median {med:.2f} ms/token "
+          f"(p10 {ms[len(ms) // 10]:.2f}, p90 {ms[9 * len(ms) // 10]:.2f}) = {1e3 / med:.1f} tok/s")
 
 if __name__ == "__main__":
     main()

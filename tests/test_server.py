@@ -352,3 +352,19 @@ async def test_openai_sdk_beta_client():
                         break
             assert text == srv.stack.engine.reply([]) and "conversation.item.created" in types
             assert srv.stack.engine.requests[0][1][0]["content"] == "Beta persona."
+
+
+async def test_a_handler_bug_costs_one_error_event_not_the_session(monkeypatch):
+    from voicefast.session import Session
+
+    def boom(self, d):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(Session, "_on_input_audio_buffer_clear", boom)
+    async with Running() as srv, connect(srv.ws_url) as ws:
+        await recv_until(ws, "session.created")
+        await ws.send('{"type": "input_audio_buffer.clear"}')
+        ev = json.loads(await ws.recv())
+        assert ev["type"] == "error" and ev["error"]["code"] == "server_error"
+        await ws.send('{"type": "session.update", "session": {"instructions": "still here"}}')
+        assert (await recv_until(ws, "session.updated"))[-1]["session"]["instructions"] == "still here"

@@ -175,6 +175,10 @@ class RealtimeServer:
                     session.handle(proto.receive_message(msg))
                 except ProtocolError as e:
                     emit(e.to_event())
+                except Exception as e:  # a bug must cost one event, not the session
+                    log.error("session %s: handling a client event failed", session.cfg.id, exc_info=True)
+                    emit(ProtocolError(f"internal error: {type(e).__name__}", code="server_error",
+                                       type="server_error").to_event())
         except ConnectionClosed:
             pass
         except Exception:

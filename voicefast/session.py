@@ -484,6 +484,8 @@ class Session:
         voice = over.get("voice") or ((over.get("audio") or {}).get("output") or {}).get("voice") or c.voice
         voice = voice if voice in self.stack.voices else c.voice
         temperature = over.get("temperature", c.temperature)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+            raise ProtocolError("response.temperature must be a number in [0, 2]", param="response.temperature")
         p = ResponseParams(modalities=mods or c.output_modalities, voice=voice, output_format=c.output_format,
                            temperature=float(temperature), max_output_tokens=max_tok,
                            frame_ms=self.opts.output_frame_ms, lead_ms=self.opts.output_lead_ms, speed=c.speed)
@@ -533,5 +535,5 @@ class Session:
                 self._past.popitem(last=False)
             if self.metrics is not None:
                 self.metrics.responses_total.labels(r.status).inc()
-                if r.status == "completed":
+                if r.status in ("completed", "incomplete"):  # incomplete = cut at max_output_tokens: still a turn
                     self.metrics.observe_turn(r.t)

@@ -57,8 +57,9 @@ def question_wav() -> Path:
 class _Page:
     """One browser + page on the demo, with the console kept for failure messages."""
 
-    def __init__(self, playwright, wav: Path, url: str):
-        self.browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=_args(wav))
+    def __init__(self, playwright, wav: Path, url: str, drop_args: tuple[str, ...] = ()):
+        args = [a for a in _args(wav) if a not in drop_args]
+        self.browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         self.page = self.browser.new_page(viewport={"width": 1100, "height": 760})
         self.console: list[str] = []
         self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
@@ -251,5 +252,20 @@ def test_server_unreachable_shows_reconnecting(playwright, question_wav):
             assert p.page.is_visible("#error")
             p.page.click("#talk")  # stop: no more retries
             p.wait("voicefast.state === 'idle'", 5, "idle after stop")
+        finally:
+            p.close()
+
+
+def test_microphone_denied_is_shown(playwright, question_wav):
+    with FakeRealtimeServer() as srv:
+        # without the fake permission UI, Chromium denies getUserMedia (NotAllowedError)
+        p = _Page(playwright, question_wav, srv.http_url, drop_args=("--use-fake-ui-for-media-stream",))
+        try:
+            p.page.click("#talk")
+            p.wait("voicefast.state === 'error'", 15, "the error state")
+            assert p.vf(".error") == "microphone access was denied"
+            assert p.page.inner_text("#error") == "microphone access was denied"
+            assert p.page.inner_text("#talk") == "Talk"  # back to a clean start state
+            assert not srv.received  # no session was opened
         finally:
             p.close()

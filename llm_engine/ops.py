@@ -155,6 +155,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Sequence i owns query rows [qsl[i], qsl[i+1]): the LAST query_len_i positions of its seq_len_i keys, which
     are read through block_tables[i]. Query j of the sequence (absolute position seq_len - query_len + j)
     sees keys 0..that position. Covers decode (query_len 1), prefill and chunked prefill over a cached prefix."""
+    if meta.is_decode and q.is_cuda:  # Triton: GQA-grouped split-K over the paged cache, device metadata only
+        return _kernels()[2].decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
+                                              max_seq_len=meta.max_seq_len)
     if meta.is_decode:
         return _decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)  # [T, Hq, D]

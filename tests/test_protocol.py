@@ -182,3 +182,21 @@ def test_playout_clock_and_spoken_map():
     assert text[:m.text_offset_at(5000, text)] == text
     cut = text[:m.text_offset_at(1500, text)]
     assert text.startswith(cut) and cut.startswith("Hello there.") and not cut.endswith("ope")
+
+
+def test_input_buffer_absolute_offsets_trim_and_arrivals():
+    from voicefast.input_buffer import InputBuffer
+
+    b = InputBuffer()
+    b.append(np.arange(100, dtype=np.float32), now_s=1.0)
+    b.append(np.arange(100, 200, dtype=np.float32), now_s=2.0)
+    assert (b.start, b.end, b.samples) == (0, 200, 200)
+    assert b.arrival_time(50) == 1.0 and b.arrival_time(150) == 2.0
+    b.trim(120)
+    assert (b.start, b.samples) == (120, 80)
+    assert b.slice(0, 125).tolist() == [120, 121, 122, 123, 124]  # clipped to what is kept
+    assert b.slice(190).tolist() == list(range(190, 200))
+    b.append(np.zeros(10, np.float32), now_s=3.0)
+    assert b.end == 210 and len(b.slice(b.start)) == 90
+    b.clear()
+    assert b.samples == 0 and b.end == 210 and len(b.slice(0)) == 0

@@ -282,7 +282,7 @@ async def test_close_mid_response_frees_everything():
     ours = ("response-", "produce-", "asr", "user-item")
     assert any(t.get_name().startswith(ours) for t in before)
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith(ours)]
-    assert h.session._buf == [] and not h.session._tasks
+    assert h.session.inbuf.samples == 0 and not h.session._tasks
 
 
 async def test_tts_failure_fails_the_response_not_the_session():

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from voicefast.conversation import Item, new_id
+from voicefast.errors import ProtocolError
 from voicefast.formats import AudioFormat
 from voicefast.metrics import TurnTimings
 from voicefast.playout import PlayoutClock, SpokenTextMap
@@ -32,6 +33,33 @@ class ResponseParams:
     frame_ms: int = 100  # audio per output_audio.delta
     lead_ms: int = 300  # how far ahead of real time audio may be sent
     speed: float = 1.0
+
+    @staticmethod
+    def from_request(over: dict, c, opts, voices) -> tuple[ResponseParams, str]:
+        """`response.create`'s `response` overrides on top of the session config `c` -> (params, instructions).
+        Raises ProtocolError naming the bad field."""
+        mods = over.get("output_modalities") or over.get("modalities")
+        if mods is not None:
+            if not isinstance(mods, list) or not mods or any(m not in ("text", "audio") for m in mods):
+                raise ProtocolError("response.output_modalities must be ['audio'] or ['text']",
+                                    param="response.output_modalities")
+            mods = ["audio"] if "audio" in mods else ["text"]
+        instructions = over.get("instructions", c.instructions)
+        if not isinstance(instructions, str):
+            raise ProtocolError("response.instructions must be a string", param="response.instructions")
+        max_tok = over.get("max_output_tokens", over.get("max_response_output_tokens", c.max_output_tokens))
+        if not (max_tok == "inf" or isinstance(max_tok, int) and not isinstance(max_tok, bool) and max_tok >= 1):
+            raise ProtocolError("response.max_output_tokens must be a positive integer or 'inf'",
+                                param="response.max_output_tokens")
+        voice = over.get("voice") or ((over.get("audio") or {}).get("output") or {}).get("voice") or c.voice
+        voice = voice if voice in voices else c.voice
+        temperature = over.get("temperature", c.temperature)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+            raise ProtocolError("response.temperature must be a number in [0, 2]", param="response.temperature")
+        p = ResponseParams(modalities=mods or c.output_modalities, voice=voice, output_format=c.output_format,
+                           temperature=float(temperature), max_output_tokens=max_tok,
+                           frame_ms=opts.output_frame_ms, lead_ms=opts.output_lead_ms, speed=c.speed)
+        return p, instructions
 
 
 class Response:

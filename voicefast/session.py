@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +16,7 @@ import numpy as np
 from voicefast.config import ServerConfig
 from voicefast.conversation import Conversation, Item, new_id
 from voicefast.errors import ProtocolError
+from voicefast.input_buffer import InputBuffer
 from voicefast.metrics import TurnTimings
 from voicefast.protocol import ClientEvent
 from voicefast.response import Response, ResponseParams
@@ -46,10 +47,7 @@ class Session:
         self.cfg = (defaults or SessionConfig()).copy()
         self.cfg.id = new_id("sess")
         self.conv = Conversation()
-        self.in_samples = 0  # 16 kHz samples received so far (the session's input-audio clock)
-        self._arrivals: deque[tuple[int, float]] = deque(maxlen=4096)  # (end sample, monotonic time)
-        self._buf: list[np.ndarray] = []
-        self._buf_start = 0  # absolute sample of the first buffered sample
+        self.inbuf = InputBuffer()  # 16 kHz input; its sample offsets are the session's input-audio clock
         self._resampler = StreamResampler(self.cfg.input_format.rate_hz, RATE_HZ)
         self._vad = None
         self._vad_base = 0
@@ -84,29 +82,12 @@ class Session:
         self._vad = self.stack.vad_factory(td) if td is not None else None
         self._vad_base = self.in_samples
 
+    @property
+    def in_samples(self) -> int:
+        return self.inbuf.end
+
     def ms(self, sample: int) -> int:
         return int(sample * 1000 // RATE_HZ)
-
-    def _arrival_time(self, sample: int) -> float:
-        for end, t in self._arrivals:
-            if end >= sample:
-                return t
-        return time.monotonic()
-
-    def _audio(self, start: int, end: int | None = None) -> np.ndarray:
-        x = np.concatenate(self._buf) if self._buf else np.zeros(0, np.float32)
-        if len(self._buf) > 1:
-            self._buf = [x]
-        a = max(0, start - self._buf_start)
-        b = len(x) if end is None else max(a, end - self._buf_start)
-        return x[a:b]
-
-    def _trim_buffer(self, keep_from: int) -> None:
-        x = self._audio(self._buf_start)
-        cut = max(0, keep_from - self._buf_start)
-        if cut:
-            self._buf = [x[cut:]] if cut < len(x) else []
-            self._buf_start += min(cut, len(x))
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -125,7 +106,7 @@ class Session:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        self._buf.clear()
+        self.inbuf.clear()
         self._past.clear()
         self.utt = self.active = self.spec = None
 
@@ -154,21 +135,22 @@ class Session:
         self.feed_audio(x)
 
     def _on_input_audio_buffer_commit(self, d: dict) -> None:
-        start = self.utt.start_sample if self.utt else self._buf_start
-        audio = self._audio(start)
+        start = self.utt.start_sample if self.utt else self.inbuf.start
+        audio = self.inbuf.slice(start)
         if len(audio) < RATE_HZ // 10:
             raise ProtocolError(f"buffer too small: expected at least 100ms of audio, have "
                                 f"{self.ms(len(audio))}ms", code="input_audio_buffer_commit_empty")
         item_id = self.utt.item_id if self.utt else new_id("item")
         self._drop_utterance()
-        t = TurnTimings(speech_end_s=self._arrival_time(self.in_samples), speech_end_audio_ms=self.ms(self.in_samples),
+        end = self.in_samples
+        t = TurnTimings(speech_end_s=self.inbuf.arrival_time(end), speech_end_audio_ms=self.ms(end),
                         endpoint_s=time.monotonic())
         self._commit(item_id, audio, t, self._spawn(self._transcribe(audio, t), "asr-final"))
-        self._trim_buffer(self.in_samples)
+        self.inbuf.trim(self.in_samples)
 
     def _on_input_audio_buffer_clear(self, d: dict) -> None:
         self._drop_utterance()
-        self._trim_buffer(self.in_samples)
+        self.inbuf.trim(self.in_samples)
         self.emit({"type": "input_audio_buffer.cleared"})
 
     def _on_conversation_item_create(self, d: dict) -> None:
@@ -276,19 +258,17 @@ class Session:
         if not len(x16):
             return
         cap = int(self.opts.max_input_buffer_s * RATE_HZ)
-        self._buf.append(x16)
-        self.in_samples += len(x16)
-        self._arrivals.append((self.in_samples, time.monotonic()))
+        self.inbuf.append(x16, time.monotonic())
         td = self.cfg.turn_detection
         if td is None:
-            if self.in_samples - self._buf_start > cap:  # manual mode: keep the newest audio, say so
-                self._trim_buffer(self.in_samples - cap)
+            if self.in_samples - self.inbuf.start > cap:  # manual mode: keep the newest audio, say so
+                self.inbuf.trim(self.in_samples - cap)
                 self.emit(ProtocolError("input audio buffer is full; the oldest audio was dropped",
                                         code="input_audio_buffer_full").to_event())
         elif self.utt is None:
-            self._trim_buffer(self.in_samples - int(td.prefix_padding_ms * RATE_HZ / 1000) - RATE_HZ // 2)
-        elif self.in_samples - self._buf_start > cap:
-            self._trim_buffer(self.in_samples - cap)
+            self.inbuf.trim(self.in_samples - int(td.prefix_padding_ms * RATE_HZ / 1000) - RATE_HZ // 2)
+        elif self.in_samples - self.inbuf.start > cap:
+            self.inbuf.trim(self.in_samples - cap)
         if self.utt is not None:
             self._feed_partials(x16)
         if self._vad is not None:
@@ -330,7 +310,7 @@ class Session:
         if self.stack.transcriber_factory is not None and self.opts.asr_partial_interval_ms > 0:
             u.transcriber = self.stack.transcriber_factory()
             pad = int(self.cfg.turn_detection.prefix_padding_ms * RATE_HZ / 1000)
-            u.transcriber.feed(self._audio(sample - pad))
+            u.transcriber.feed(self.inbuf.slice(sample - pad))
             u.last_partial_sample = self.in_samples
         if announce:
             self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": self.ms(sample),
@@ -371,7 +351,7 @@ class Session:
 
     def _utterance_audio(self, u: Utterance) -> np.ndarray:
         pad = int(self.cfg.turn_detection.prefix_padding_ms * RATE_HZ / 1000) if self.cfg.turn_detection else 0
-        return self._audio(u.start_sample - pad)
+        return self.inbuf.slice(u.start_sample - pad)
 
     def _speculate(self) -> None:
         """Early silence: run the ASR final and the LLM now, hold the output until the endpoint is confirmed."""
@@ -399,7 +379,7 @@ class Session:
         spec, asr = self.spec, self._spec_asr
         self.spec, self._spec_asr = None, None
         t = spec.t if spec is not None else TurnTimings()
-        t.speech_end_s = self._arrival_time(end)
+        t.speech_end_s = self.inbuf.arrival_time(end)
         t.speech_end_audio_ms = self.ms(end)
         t.endpoint_s = time.monotonic()
         self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": self.ms(end), "item_id": u.item_id})
@@ -407,7 +387,7 @@ class Session:
         if asr is None:
             asr = self._spawn(self._transcribe(audio, t), "asr-final")
         pending = self._commit(u.item_id, audio, t, asr)
-        self._trim_buffer(self.in_samples)
+        self.inbuf.trim(self.in_samples)
         if td.create_response:
             if spec is not None:
                 self.active = spec
@@ -467,28 +447,8 @@ class Session:
 
     # -- responses -------------------------------------------------------------------------------------
     def _start_response(self, over: dict, t: TurnTimings, asr: asyncio.Task | None, *, held: bool) -> Response:
-        c = self.cfg
-        mods = over.get("output_modalities") or over.get("modalities")
-        if mods is not None:
-            if not isinstance(mods, list) or not mods or any(m not in ("text", "audio") for m in mods):
-                raise ProtocolError("response.output_modalities must be ['audio'] or ['text']",
-                                    param="response.output_modalities")
-            mods = ["audio"] if "audio" in mods else ["text"]
-        instructions = over.get("instructions", c.instructions)
-        if not isinstance(instructions, str):
-            raise ProtocolError("response.instructions must be a string", param="response.instructions")
-        max_tok = over.get("max_output_tokens", over.get("max_response_output_tokens", c.max_output_tokens))
-        if not (max_tok == "inf" or isinstance(max_tok, int) and not isinstance(max_tok, bool) and max_tok >= 1):
-            raise ProtocolError("response.max_output_tokens must be a positive integer or 'inf'",
-                                param="response.max_output_tokens")
-        voice = over.get("voice") or ((over.get("audio") or {}).get("output") or {}).get("voice") or c.voice
-        voice = voice if voice in self.stack.voices else c.voice
-        temperature = over.get("temperature", c.temperature)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            raise ProtocolError("response.temperature must be a number in [0, 2]", param="response.temperature")
-        p = ResponseParams(modalities=mods or c.output_modalities, voice=voice, output_format=c.output_format,
-                           temperature=float(temperature), max_output_tokens=max_tok,
-                           frame_ms=self.opts.output_frame_ms, lead_ms=self.opts.output_lead_ms, speed=c.speed)
+        p, instructions = ResponseParams.from_request(over, self.cfg, self.opts, self.stack.voices)
+        max_tok = p.max_output_tokens
         isolated = over.get("conversation") == "none"
         previous = self.active
 

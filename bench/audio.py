@@ -92,8 +92,9 @@ def bench_vad_accuracy(snrs_db: tuple = (None, 20, 10)) -> dict:
         start_err, stop_err, misses = [], [], 0
         for _, speech in utts:
             x = np.concatenate([np.zeros(12800, np.float32), speech, np.zeros(19200, np.float32)])
-            idx = np.nonzero(np.abs(x) > 0.02)[0]
-            on, off = int(idx[0]), int(idx[-1])
+            n = len(x) // 160 * 160  # truth: first / last 10 ms frame above -40 dBFS RMS in the clean signal
+            idx = np.nonzero(np.sqrt(np.mean(x[:n].reshape(-1, 160) ** 2, axis=1)) > 0.01)[0]
+            on, off = int(idx[0]) * 160, int(idx[-1]) * 160 + 160
             if snr is not None:
                 x = x + rng.standard_normal(len(x)).astype(np.float32) * np.sqrt(
                     np.mean(x[on:off] ** 2) / 10 ** (snr / 10))

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 RATE_HZ = 24_000
@@ -47,6 +48,7 @@ class FakeScript:
     energy_threshold: float = 0.02
     api_key: str | None = None  # when set, the key must come as Bearer header or browser subprotocol
     report_timings: bool = True
+    close_at_turn: int | None = None  # close the socket (1011) at this turn's end of speech instead of replying
 
 
 @dataclass
@@ -87,6 +89,8 @@ class _Session:
                 elif t == "conversation.item.truncate":
                     await self.send("conversation.item.truncated", item_id=ev.get("item_id"),
                                     content_index=0, audio_end_ms=ev.get("audio_end_ms"))
+        except ConnectionClosed:
+            pass
         finally:
             if self.reply:
                 self.reply.cancel()
@@ -111,6 +115,9 @@ class _Session:
             turn = FakeTurn(t_speech_end_recv=time.perf_counter(), speech_start_sample=self.speech_start,
                             speech_end_sample=self.last_voiced_end)
             self.srv.turns.append(turn)
+            if self.s.close_at_turn == len(self.srv.turns) - 1:
+                await self.ws.close(1011, "scripted failure")
+                return
             self.reply = asyncio.create_task(self.respond(turn, len(self.srv.turns) - 1))
 
     async def respond(self, turn: FakeTurn, k: int) -> None:

@@ -134,6 +134,18 @@ def test_wrong_api_key_is_a_clear_failure(tmp_path):
     assert t["status"].startswith("error:") and "401" in t["status"]
 
 
+def test_server_closing_mid_conversation_is_recorded(tmp_path):
+    wavs = _tone_dir(tmp_path, ["hello there"])
+    script = FakeScript(silence_ms=200, asr_final_ms=10, llm_ttft_ms=10, tts_first_audio_ms=10, reply_audio_ms=100,
+                        close_at_turn=1)
+    with FakeRealtimeServer(script) as srv:
+        doc = _run(["--url", srv.url, "--turns", "3", "--wav-dir", str(wavs), "--out", str(tmp_path / "o"),
+                    "--think-ms", "0"])
+    closed = "error: connection closed by the server (1011 scripted failure)"
+    assert [t["status"] for t in doc["turns"]] == ["ok", closed]
+    assert "failed turns" in (tmp_path / "o" / "summary.md").read_text()
+
+
 def test_open_loop(tmp_path):
     wavs = _tone_dir(tmp_path, ["hello there"])
     script = FakeScript(silence_ms=200, asr_final_ms=10, llm_ttft_ms=10, tts_first_audio_ms=10, reply_audio_ms=120)

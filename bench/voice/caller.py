@@ -2,8 +2,9 @@
 pace in 20 ms frames) and a listener that timestamps what comes back.
 
 Anchor: the wall-clock time (time.perf_counter) at which the frame holding the utterance's last voiced sample
-was sent. e2e_ms = first reply audio byte received - anchor. The server's speech_stopped event is recorded
-(as speech_stopped_ms, relative to the anchor) but never used as the anchor.
+was sent, on the caller's real-time 20 ms clock (the frame's slot; the actual send lag is kept as
+anchor_lag_ms). e2e_ms = first reply audio byte received - anchor. The server's speech_stopped event is
+recorded (as speech_stopped_ms, relative to the anchor) but never used as the anchor.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class TurnRecord:
     transcript_ms: float | None = None
     first_text_ms: float | None = None
     response_done_ms: float | None = None
+    anchor_lag_ms: float | None = None  # how late the speech-end frame actually went out vs its 20 ms slot
     early_audio: bool = False  # reply audio arrived before the caller finished speaking (premature endpoint)
     response_status: str | None = None  # response.done status: completed | incomplete (max tokens) | ...
     status: str = "ok"  # ok | timeout | error: ... | response cancelled/failed
@@ -136,7 +138,7 @@ class Caller:
         waiter.cancel()
         if listener in finished:
             exc = listener.exception() if not listener.cancelled() else None
-            rec.status = f"error: connection closed ({exc or 'by server'})"
+            rec.status = _closed_status(exc)
         elif not finished:
             rec.status = "timeout"
         # the caller hears the reply out (playback starts at the first byte), then pauses before speaking again
@@ -166,7 +168,11 @@ class Caller:
             await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(frame).decode()}))
             if frames:
                 if i == last_speech_frame and turn is not None:
-                    turn.t_anchor = time.perf_counter()
+                    # The anchor is this frame's real-time send time (its slot on the 20 ms clock). If the loop ran
+                    # late, the frames after it catch up, so the server still hears the silence on schedule;
+                    # the actual lag is kept for diagnostics.
+                    turn.t_anchor = t_next
+                    turn.rec.anchor_lag_ms = round((time.perf_counter() - t_next) * 1000, 2)
                     turn.anchor_set.set()
                 i += 1
                 if i == len(frames):
@@ -229,6 +235,17 @@ class Caller:
                     rec.status = f"error: response {resp.get('status')} without reply audio " \
                                  f"{json.dumps(resp.get('status_details'))[:200]}"
                     turn.done.set()
+
+
+def _closed_status(exc: BaseException | None) -> str:
+    from websockets.exceptions import ConnectionClosed
+
+    if exc is None:
+        return "error: connection closed by the server"
+    if isinstance(exc, ConnectionClosed):
+        rc = exc.rcvd
+        return "error: connection closed by the server" + (f" ({rc.code} {rc.reason})".rstrip() if rc else "")
+    return f"error: listener stopped ({type(exc).__name__}: {exc})"
 
 
 def _num(v) -> float | None:

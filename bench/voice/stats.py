@@ -56,9 +56,22 @@ def summary_markdown(meta: dict, turns: list[dict]) -> str:
              f"- command: `{meta.get('command')}`", f"- url: {meta.get('url')}",
              f"- commit: {meta.get('commit')}", f"- machine: {meta.get('machine')}",
              f"- started: {meta.get('started')}", f"- mode: {meta.get('mode')}", "",
-             "All latencies in ms from the TRUE end of speech in the audio the caller sent (the wall-clock send time",
-             "of the frame holding its last voiced sample). e2e = first reply audio byte received. Stage columns",
-             "are the server's own `voicefast_timings` (– when the server does not report them).", ""]
+             "All latencies in ms from the TRUE end of speech in the audio the caller sent (the real-time send slot",
+             "of the 20 ms frame holding its last voiced sample), not from the server's speech_stopped.",
+             "e2e = first reply audio byte received. Stage columns are the server's own `voicefast_timings`",
+             "(– when the server does not report them); server_other = e2e_server_ms minus those stages.", ""]
+    lines += ["## overview (ms; p50 / p90)", "",
+              "| concurrency | turns ok | e2e | end_of_turn | asr_final | llm_ttft | tts_first_audio | server_other "
+              "| tok/s p50 | mean WER |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for level in sorted(s, key=_level_key):
+        st = s[level]
+        cells = [f"{_fmt(st[m]['p50'], m)} / {_fmt(st[m]['p90'], m)}" for m in (
+            "e2e_ms", "end_of_turn_delay_ms", "asr_final_ms", "llm_ttft_ms", "tts_first_audio_ms", "server_other_ms")]
+        wers = [t["wer"] for t in group_by_level(turns)[level] if t.get("status") == "ok" and t.get("wer") is not None]
+        mean_wer = f"{sum(wers) / len(wers):.3f}" if wers else "–"
+        lines.append(f"| {level} | {st['_turns']['ok']}/{st['_turns']['n']} | " + " | ".join(cells)
+                     + f" | {_fmt(st['tokens_per_s']['p50'], 'tokens_per_s')} | {mean_wer} |")
+    lines.append("")
     for level in sorted(s, key=_level_key):
         st = s[level]
         lines += [f"## concurrency {level}  ({st['_turns']['ok']}/{st['_turns']['n']} turns ok)", "",

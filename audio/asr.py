@@ -86,8 +86,9 @@ class WhisperASR:
         self._prompt = self.model.get_prompt(self._tokenizer, [], without_timestamps=True)
         self._suppress = get_suppressed_tokens(self._tokenizer, [-1])
         self._multilingual_auto = multilingual and self.options.language is None
-        # Batching queued finals pays on a GPU; on a CPU the encoder is compute-bound, so a batch of 8 only
-        # delays every result to the end of the batch (bench/audio.py: 3.9 s vs 2.8 s wall for 8 finals).
+        # Batching queued finals pays on a GPU. On a CPU the encoder is compute-bound: a batch of 8 finishes in
+        # about the same wall time as 8 one-at-a-time decodes (bench/audio.py, 2 cores: 0.74-1.40 s vs
+        # 0.70-1.22 s across runs) but every caller waits for the whole batch, so the median is worse.
         if max_batch is None:
             max_batch = 8 if self.device == "cuda" else 1
         self._pool = DecodePool(self.decode_batch, workers=workers, max_batch=max_batch)

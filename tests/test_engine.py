@@ -138,7 +138,7 @@ def chat_ids(real, question, system=SYSTEM):
 
 
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "How many legs does a spider have?",
-             "Write a haiku about rain.", "What is 12 plus 7?"]
+             "What is 12 plus 7?"]
 
 
 @pytest.mark.slow
@@ -156,10 +156,10 @@ def test_batch_equals_alone_and_chunked_and_preempted(real):
     assert [t for t, _ in real.generate(prompts, GREEDY)] == alone
     chunked = engine_like(real, max_num_batched_tokens=16, enable_prefix_caching=False)
     assert [t for t, _ in chunked.generate(prompts, GREEDY)] == alone
-    # 5 prompts of ~40 tokens + 12 generated need ~20 blocks of 16: a 9-block pool forces preemption.
-    tiny_pool = engine_like(real, num_kv_blocks=9, max_num_seqs=5)
+    # 4 prompts of ~35 tokens + 12 generated need 12+ blocks of 16: a 7-block pool forces preemption.
+    tiny_pool = engine_like(real, num_kv_blocks=7, max_num_seqs=4)
     assert [t for t, _ in tiny_pool.generate(prompts, GREEDY)] == alone
-    assert tiny_pool.scheduler.num_preemptions > 0 and tiny_pool.block_manager.num_free_blocks == 9
+    assert tiny_pool.scheduler.num_preemptions > 0 and tiny_pool.block_manager.num_free_blocks == 7
 
 
 @pytest.mark.slow
@@ -219,35 +219,31 @@ def test_abort_mid_decode_frees_every_block_and_short_random_cycles(real):
 @pytest.mark.slow
 def test_seeded_sampling_is_reproducible(real):
     p = chat_ids(real, "Write a haiku about rain.", "You are a poet.")
-    sp = SamplingParams(temperature=1.0, top_p=0.95, top_k=50, max_tokens=16, seed=1234, ignore_eos=True)
+    sp = SamplingParams(temperature=1.0, top_p=0.95, top_k=50, max_tokens=10, seed=1234, ignore_eos=True)
+    other_seed = SamplingParams(temperature=1.0, top_p=0.95, top_k=50, max_tokens=10, seed=99, ignore_eos=True)
+    unseeded = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
     a = real.generate([p], sp)[0][0]
-    # same seed alongside other random requests in one batch: same tokens
-    others = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
-    b = real.generate([p, p, p], [others, sp, others])[1][0]
-    c = real.generate([p], SamplingParams(temperature=1.0, top_p=0.95, top_k=50, max_tokens=16, seed=99,
-                                          ignore_eos=True))[0][0]
+    # same seed again, now batched beside an unseeded and a differently seeded request: same tokens
+    b, c, _ = (t for t, _ in real.generate([p, p, p], [sp, other_seed, unseeded]))
     assert a == b and a != c
 
 
 @pytest.mark.slow
 def test_stop_strings_cut_before_the_match(real):
     p = chat_ids(real, QUESTION)
-    full = real.generate([p], SamplingParams(max_tokens=32))[0][1].text
-    assert full == GOLDEN_TEXT
-    for stop in ("questions", "I'm currently", "."):  # multi-token stop strings span several deltas
-        res = real.generate([p], SamplingParams(max_tokens=32, stop=(stop, "no-such-text")))[0][1]
-        assert res.finish_reason == "stop"
-        assert res.text == full[:full.index(stop)]
-    # deltas reassemble to the cut text
-    eng = real
-    rid = eng.add_request(None, p, SamplingParams(max_tokens=32, stop=("closed",)))
-    text = ""
-    while eng.has_unfinished():
-        for out in eng.step():
-            if out.request_id == rid:
-                text += out.text
-                final = out.result
-    assert text == final.text == full[:full.index("closed")]
+    stops = ["questions", "I'm currently", ".", "closed"]  # multi-token stop strings span several deltas
+    rids = [real.add_request(None, p, SamplingParams(max_tokens=32, stop=(s, "no-such-text"))) for s in stops]
+    text = dict.fromkeys(rids, "")
+    final = {}
+    while real.has_unfinished():
+        for out in real.step():
+            text[out.request_id] += out.text
+            if out.finished:
+                final[out.request_id] = out.result
+    for rid, stop in zip(rids, stops, strict=True):
+        cut = GOLDEN_TEXT[:GOLDEN_TEXT.index(stop)]
+        assert final[rid].finish_reason == "stop" and final[rid].text == cut
+        assert text[rid] == cut  # the streamed deltas hold back a possible stop-string prefix, never leak it
 
 
 @pytest.mark.slow

@@ -260,3 +260,15 @@ def test_multi_turn_resend_prefills_only_new_tokens(real):
     # reused, since the re-sent conversation tokenizes to the same ids: only the new tail is prefilled
     assert turn2[:len(turn1) + len(reply)] == turn1 + reply
     assert r2.cached_tokens == (len(turn1) + len(reply)) // 16 * 16 > len(turn1)
+
+
+def test_llm_engine_imports_without_voicefast_or_audio():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['voicefast'] = None; sys.modules['audio'] = None\n"
+            "import llm_engine, llm_engine.engine, llm_engine.async_engine, llm_engine.cli\n"
+            "from llm_engine import EngineConfig, LLMEngine, AsyncLLMEngine, StreamOutput, RequestResult\n"
+            "try:\n    EngineConfig().model_path()\nexcept ValueError as e:\n    assert 'voicefast' in str(e)\n"
+            "else:\n    raise SystemExit('expected ValueError')\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -15,6 +15,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _i8_to_f32(w):
+    """int8 -> float32 without I2F (a quarter-rate unit): 2^23 + (w + 128) as float bits, minus 2^23 + 128."""
+    u = (w.to(tl.int32) + 128) | 0x4B000000
+    return u.to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _u4_to_f32(q):
+    """4-bit code (0..15, any integer type) -> float32 without I2F: 2^23 + q as float bits, minus 2^23."""
+    return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sx, sw, so,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -28,7 +41,7 @@ def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sx, sw, so,
             km = (k0 + rk) < K
             x = tl.load(x_ptr + k0 + rk, mask=km, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + rn64[:, None] * sw + (k0 + rk)[None, :], mask=nm[:, None] & km[None, :], other=0)
-            acc2 += w.to(tl.float32) * x[None, :]
+            acc2 += _i8_to_f32(w) * x[None, :]
         acc = tl.sum(acc2, axis=1)[None, :]  # [1, BN]
         rm = tl.arange(0, 1)
     else:
@@ -52,8 +65,8 @@ def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, sx, sw,
                     HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr):
     """BLOCK_K codes (BLOCK_K/2 bytes) per row per step, BLOCK_K a multiple of GROUP. Pair j of a step holds
-    k = k0+2j (low nibble) and k0+2j+1 (high). Scales/mins load once per group ([BN, NG]) and broadcast over
-    the group's codes through a [BN, NG, GROUP/2] view."""
+    k = k0+2j (low nibble) and k0+2j+1 (high). Scales/mins load once per group ([BN, NG]); codes become floats
+    by the 2^23 magic-number trick (integer ops, no I2F)."""
     pid_n = tl.program_id(0)
     HALF: tl.constexpr = BLOCK_K // 2
     NG: tl.constexpr = BLOCK_K // GROUP
@@ -67,7 +80,7 @@ def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, sx, sw,
     rm = tl.arange(0, BLOCK_M)
     mm = rm < M
     if BLOCK_M == 1:
-        acc3 = tl.zeros([BLOCK_N, NG, GH], tl.float32)
+        acc2 = tl.zeros([BLOCK_N, NG], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -78,22 +91,29 @@ def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, sx, sw,
         soff = rn64[:, None] * ss + k0 // GROUP + rg[None, :]
         s = tl.load(s_ptr + soff, mask=gm, other=0.0).to(tl.float32)  # [BN, NG]
         z = tl.load(z_ptr + soff, mask=gm, other=0.0).to(tl.float32)
-        lo = tl.reshape((p & 15).to(tl.float32), (BLOCK_N, NG, GH))
-        hi = tl.reshape((p >> 4).to(tl.float32), (BLOCK_N, NG, GH))
-        w_lo = lo * s[:, :, None] + z[:, :, None]  # weights at even k
-        w_hi = hi * s[:, :, None] + z[:, :, None]  # odd k
         if BLOCK_M == 1:
+            # w = q*s + z per group, so x.w = s * (x.q) + z * sum(x): codes are never dequantized one by one
             xx = tl.load(x_ptr + k0 + 2 * rj[:, None] + r2[None, :], mask=jm[:, None], other=0.0).to(tl.float32)
-            x_e, x_o = tl.split(xx)  # [HALF] each
-            acc3 += w_lo * tl.reshape(x_e, (NG, GH))[None, :, :] + w_hi * tl.reshape(x_o, (NG, GH))[None, :, :]
+            x_e, x_o = tl.split(xx)  # [HALF] each: x at even / odd k
+            x_e3 = tl.reshape(x_e, (NG, GH))
+            x_o3 = tl.reshape(x_o, (NG, GH))
+            lo = tl.reshape(_u4_to_f32(p & 15), (BLOCK_N, NG, GH))
+            hi = tl.reshape(_u4_to_f32(p >> 4), (BLOCK_N, NG, GH))
+            xq = tl.sum(lo * x_e3[None, :, :] + hi * x_o3[None, :, :], axis=2)  # [BN, NG]
+            xs = tl.sum(x_e3 + x_o3, axis=1)  # [NG]
+            acc2 += xq * s + z * xs[None, :]
         else:
+            lo = tl.reshape(_u4_to_f32(p & 15), (BLOCK_N, NG, GH))
+            hi = tl.reshape(_u4_to_f32(p >> 4), (BLOCK_N, NG, GH))
+            w_lo = lo * s[:, :, None] + z[:, :, None]  # weights at even k
+            w_hi = hi * s[:, :, None] + z[:, :, None]  # odd k
             xx = tl.load(x_ptr + rm[:, None, None] * sx + k0 + 2 * rj[None, :, None] + r2[None, None, :],
                          mask=mm[:, None, None] & jm[None, :, None], other=0.0)  # [BM, HALF, 2]
             x_e, x_o = tl.split(xx)  # [BM, HALF] each
             acc += tl.dot(x_e, tl.trans(tl.reshape(w_lo, (BLOCK_N, HALF)).to(x_ptr.dtype.element_ty)))
             acc += tl.dot(x_o, tl.trans(tl.reshape(w_hi, (BLOCK_N, HALF)).to(x_ptr.dtype.element_ty)))
     if BLOCK_M == 1:
-        acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]  # [1, BN]
+        acc = tl.sum(acc2, axis=1)[None, :]  # [1, BN]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * so + rn[None, :], acc.to(out_ptr.dtype.element_ty),

@@ -36,7 +36,7 @@ def test_hf_safetensors_dir_loads_to_the_same_logits(tmp_path, case, shard):
     if shard:
         assert (tmp_path / "model.safetensors.index.json").exists()
         assert len(list(tmp_path.glob("*.safetensors"))) > 1
-    model, cfg = load_model(tmp_path)
+    model, cfg = load_model(tmp_path, half_gemv=False)  # exact fp32 for the 1e-4 parity
     assert cfg.family == {"Llama": "llama", "Glm4F": "glm4", "GlmFo": "glm"}[type(hf).__name__[:5]]
     toks = torch.randint(0, VOCAB, (10,))
     with torch.no_grad():
@@ -120,7 +120,7 @@ def test_f32_gguf_with_llamacpp_permuted_qk_matches_transformers(tmp_path, cache
     hf = hf_model(*CASES[case], seed=int.from_bytes(os.urandom(4), "little"))
     path = tmp_path / "tiny.gguf"
     write_llama_gguf(hf, path, gguf.GGMLQuantizationType.F32)
-    model, cfg = load_model(path)
+    model, cfg = load_model(path, half_gemv=False)
     assert cfg.rope_interleaved and cfg.tie_word_embeddings == hf.config.tie_word_embeddings
     assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (2, hf.config.num_attention_heads,
                                                                                hf.config.num_key_value_heads, 16)
@@ -266,3 +266,18 @@ def test_load_checkpoint_errors(tmp_path):
                                                       "num_hidden_layers": 1, "num_attention_heads": 2}))
     with pytest.raises(ValueError, match="no \\*.safetensors"):
         load_checkpoint(tmp_path)
+
+
+def test_load_model_uses_half_gemv_only_for_float32_cpu(tmp_path):
+    from test_model_parity import CASES
+
+    from llm_engine.layers.linear import HalfGemvLinear
+
+    hf_model(*CASES["llama-gqa2"], seed=0).save_pretrained(tmp_path, safe_serialization=True)
+    model, _ = load_model(tmp_path)
+    assert isinstance(model.lm_head, HalfGemvLinear)
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj, HalfGemvLinear)
+    model, _ = load_model(tmp_path, dtype=torch.bfloat16)
+    assert not any(isinstance(m, HalfGemvLinear) for m in model.modules())
+    model, _ = load_model(tmp_path, half_gemv=False)
+    assert not any(isinstance(m, HalfGemvLinear) for m in model.modules())

@@ -51,6 +51,7 @@ class TurnRecord:
     server_other_ms: float | None = None  # e2e_server_ms minus the four stages: time between/around them
     network_client_ms: float | None = None  # e2e_ms minus e2e_server_ms: transport, client and clock offsets
     tokens_per_s: float | None = None
+    speculative: bool | None = None  # the server started ASR/LLM before the end of turn (stages overlap the window)
     llm_tokens: int | None = None
     wer: float | None = None
     transcript: str | None = None
@@ -219,6 +220,7 @@ class Caller:
                 rec.e2e_server_ms = _num(timings.get("e2e_server_ms"))
                 rec.tokens_per_s = _num(timings.get("llm_tok_s"))
                 rec.llm_tokens = timings.get("llm_tokens")
+                rec.speculative = timings.get("speculative")
                 rec.response_done_ms = round(turn.rel_ms(now), 2)
                 stages = [rec.__dict__[k] for k in STAGES]
                 if rec.e2e_server_ms is not None:

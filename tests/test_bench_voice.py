@@ -58,6 +58,18 @@ def test_wer_and_percentiles():
     assert sweep_levels(4) == [1, 2, 4] and sweep_levels(6) == [1, 2, 4, 6] and sweep_levels(1) == [1]
 
 
+def test_stage_plot_with_overlapping_stages(tmp_path):
+    from bench.voice.plots import write_plots
+
+    # a speculative server: stages run inside the silence window, so they sum past e2e (server_other < 0)
+    turns = [{"status": "ok", "concurrency": c, "e2e_ms": 540.0 + i, "end_of_turn_delay_ms": 520.0,
+              "asr_final_ms": 70.0, "llm_ttft_ms": 120.0, "tts_first_audio_ms": 66.0, "server_other_ms": -236.0,
+              "network_client_ms": 1.0, "speech_stopped_ms": 522.0, "transcript_ms": 523.0, "first_text_ms": 530.0}
+             for c in (1, 2) for i in range(3)]
+    for p in write_plots(turns, tmp_path):
+        _assert_png(p)
+
+
 def test_wav_dir_errors(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         load_wav_dir(tmp_path / "nope")

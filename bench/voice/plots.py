@@ -39,28 +39,55 @@ def write_plots(turns: list[dict], out_dir: Path) -> list[Path]:
     ax.legend()
     paths.append(_save(fig, out_dir / "latency_vs_concurrency.png"))
 
-    # Stacked medians: the server's stages when reported (then what the server spent between them, then network
-    # and client), else the client-side marks as consecutive segments.
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    paths.append(_save(_stage_figure(plt, ok, groups, levels), out_dir / "stage_breakdown.png"))
+    return paths
+
+
+def _median(ts: list[dict], name: str) -> float | None:
+    return percentile([t[name] for t in ts if t.get(name) is not None], 50)
+
+
+def _stage_figure(plt, ok: list[dict], groups: dict[str, list[dict]], levels: list[str]):
+    """Stacked medians. Sequential server stages (each starts when the previous ends) stack as reported, then
+    the server's time between them, then network + client. When they overlap (a speculative server prepares the
+    reply inside the silence window, so server_other_ms < 0) or aren't reported, the stack is the client-side
+    timeline instead (speech_stopped -> transcript -> first text -> first audio), and overlapping server stages
+    are drawn beside it as plain durations."""
     have_server = any(t.get(STAGES[0]) is not None for t in ok)
-    names = [*STAGES, "server_other_ms", "network_client_ms"] if have_server else list(CLIENT_MARKS)
-    labels = {"server_other_ms": "server, between stages", "network_client_ms": "network + client"}
+    overlapping = have_server and any((_median(groups[lv], "server_other_ms") or 0.0) < 0 for lv in levels)
+    sequential = have_server and not overlapping
+    fig, axes = plt.subplots(1, 2 if overlapping else 1, figsize=(12 if overlapping else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    names = [*STAGES, "server_other_ms", "network_client_ms"] if sequential else list(CLIENT_MARKS)
+    labels = {"server_other_ms": "server, between stages", "network_client_ms": "network + client",
+              "speech_stopped_ms": "until speech_stopped", "transcript_ms": "-> final transcript",
+              "first_text_ms": "-> first reply text", "e2e_ms": "-> first reply audio"}
     bottoms = [0.0] * len(levels)
     for name in names:
         heights = []
         for i, lv in enumerate(levels):
-            med = percentile([t[name] for t in groups[lv] if t.get(name) is not None], 50)
+            med = _median(groups[lv], name)
             # client marks are cumulative times after the anchor: plot the increments
-            heights.append(max(0.0, med or 0.0) if have_server else max(0.0, (med or bottoms[i]) - bottoms[i]))
+            heights.append(max(0.0, med or 0.0) if sequential else max(0.0, (med or bottoms[i]) - bottoms[i]))
         ax.bar(levels, heights, bottom=bottoms, label=labels.get(name, name.removesuffix("_ms")))
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
-    ax.plot(levels, [percentile([t["e2e_ms"] for t in groups[lv]], 50) for lv in levels], "k_", markersize=30,
-            markeredgewidth=2, label="median e2e")
+    ax.plot(levels, [_median(groups[lv], "e2e_ms") for lv in levels], "k_", markersize=30, markeredgewidth=2,
+            label="median e2e")
     ax.set(xlabel="concurrent sessions", ylabel="median ms after end of speech",
-           title="where the time goes (median of each part)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    paths.append(_save(fig, out_dir / "stage_breakdown.png"))
-    return paths
+           title="where the time goes" + ("" if sequential else " (client-side timeline)"))
+    ax.set_ylim(0, max([*bottoms, 1.0]) * 1.5)  # headroom for the legend
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
+    if overlapping:
+        ax2 = axes[0][1]
+        width = 0.8 / len(STAGES)
+        for j, name in enumerate(STAGES):
+            xs = [i + (j - (len(STAGES) - 1) / 2) * width for i in range(len(levels))]
+            ax2.bar(xs, [_median(groups[lv], name) or 0.0 for lv in levels], width, label=name.removesuffix("_ms"))
+        ax2.set_xticks(range(len(levels)), levels)
+        ax2.set(xlabel="concurrent sessions", ylabel="median ms",
+                title="server stages (overlapping: speculative start)")
+        ax2.legend(fontsize=8)
+    return fig
 
 
 def _save(fig, path: Path) -> Path:

@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="voicefast bench engine", description=__doc__)
     ap.add_argument("--model", default=None, help="checkpoint (default: embedded SmolLM2-135M)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     ap.add_argument("--concurrency", default="1,2,4,8", help="closed-loop levels ('' to skip)")
     ap.add_argument("--rates", default="2,4", help="Poisson request rates in req/s ('' to skip)")
     ap.add_argument("--num-prompts", type=int, default=16, help="requests per run")
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from llm_engine import AsyncLLMEngine, EngineConfig, SamplingParams
 
-    cfg = EngineConfig(model=args.model, device=args.device, max_num_seqs=args.max_num_seqs,
+    cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=4 * args.num_prompts)
     aeng = AsyncLLMEngine(cfg)
     vocab = aeng.engine.model_config.vocab_size
@@ -169,13 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         stats = aeng.stats()
     finally:
         aeng.shutdown()
-    print(f"model={cfg.model_path().name} device={aeng.engine.device} input={args.input_tokens} "
+    print(f"model={cfg.model_path().name} device={aeng.engine.device} dtype={aeng.engine.dtype} "
+          f"input={args.input_tokens} "
           f"output={args.output_tokens} prompts/run={args.num_prompts} max_num_seqs={args.max_num_seqs}")
     print_table(rows)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        report = {"config": vars(args), "device": str(aeng.engine.device), "runs": rows,
+        report = {"config": vars(args), "device": str(aeng.engine.device), "dtype": str(aeng.engine.dtype),
+                  "runs": rows,
                   "engine_stats": asdict(stats)}
         (out / "engine.json").write_text(json.dumps(report, indent=2))
         print(f"wrote {out / 'engine.json'}")

@@ -1,6 +1,7 @@
 """Int4 weight-only Linear, asymmetric group-wise: w[n, k] ~= q[n, k] * scale[n, g] + min[n, g], q in [0, 15],
-g = k // group (group 128, or 64/32 where K is not a multiple of 128). Two codes per byte along K:
-packed[n, j] = q[n, 2j] | q[n, 2j+1] << 4."""
+g = k // group (group 128, or 64/32 where K is not a multiple of 128). Two codes per byte, half-split within
+each group: byte j of group g holds q[n, g*group + j] (low nibble) and q[n, g*group + group/2 + j] (high), so
+a kernel multiplies both nibbles against contiguous slices of x with no register shuffles."""
 
 from __future__ import annotations
 
@@ -28,18 +29,20 @@ def quantize_int4(w: torch.Tensor, group: int = 128):
     scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.float16)  # [N, G]
     mn = lo.to(torch.float16)  # [N, G]
     q = torch.round((wg - mn.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
-    q = q.reshape(N, K)
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()  # [N, K/2]
+    half = group // 2
+    packed = (q[..., :half] | (q[..., half:] << 4)).reshape(N, K // 2).contiguous()  # [N, K/2]
     return packed, scale, mn, group
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """[N, K/2] uint8 -> [N, K] uint8 codes."""
-    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+def unpack_int4(packed: torch.Tensor, group: int) -> torch.Tensor:
+    """[N, K/2] uint8 (half-split layout) -> [N, K] uint8 codes."""
+    N = packed.shape[0]
+    p = packed.reshape(N, -1, group // 2)  # [N, G, group/2]
+    return torch.cat((p & 15, p >> 4), dim=-1).reshape(N, -1)
 
 
 def dequantize_int4(packed, scale, mn, group: int, dtype: torch.dtype) -> torch.Tensor:
-    q = unpack_int4(packed).float()
+    q = unpack_int4(packed, group).float()
     N, K = q.shape
     w = q.reshape(N, K // group, group) * scale.float()[..., None] + mn.float()[..., None]
     return w.reshape(N, K).to(dtype)

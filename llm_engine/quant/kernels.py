@@ -63,55 +63,46 @@ def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sx, sw, so,
 @triton.jit
 def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, sx, sw, ss, so,
                     HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    """BLOCK_K codes (BLOCK_K/2 bytes) per row per step, BLOCK_K a multiple of GROUP. Pair j of a step holds
-    k = k0+2j (low nibble) and k0+2j+1 (high). Scales/mins load once per group ([BN, NG]); codes become floats
-    by the 2^23 magic-number trick (integer ops, no I2F)."""
+                    GROUPS_PER_STEP: tl.constexpr):
+    """Half-split layout (llm_engine.quant.int4): byte j of group g holds codes k = g*GROUP + j (low nibble)
+    and g*GROUP + GROUP/2 + j (high), so both nibbles meet contiguous slices of x and a per-row scale — no
+    shuffles. Codes become floats by the 2^23 magic-number trick (integer ops, no I2F)."""
     pid_n = tl.program_id(0)
-    HALF: tl.constexpr = BLOCK_K // 2
-    NG: tl.constexpr = BLOCK_K // GROUP
     GH: tl.constexpr = GROUP // 2
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rj = tl.arange(0, HALF)
-    rg = tl.arange(0, NG)
-    r2 = tl.arange(0, 2)
+    rj = tl.arange(0, GH)
     nm = rn < N
     rn64 = rn.to(tl.int64)
     rm = tl.arange(0, BLOCK_M)
     mm = rm < M
     if BLOCK_M == 1:
-        acc2 = tl.zeros([BLOCK_N, NG], tl.float32)
+        acc2 = tl.zeros([BLOCK_N, GH], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        jm = (k0 + 2 * rj) < K
-        p = tl.load(w_ptr + rn64[:, None] * sw + k0 // 2 + rj[None, :], mask=nm[:, None] & jm[None, :],
-                    other=0)  # [BN, HALF] uint8
-        gm = nm[:, None] & ((k0 + rg * GROUP) < K)[None, :]
-        soff = rn64[:, None] * ss + k0 // GROUP + rg[None, :]
-        s = tl.load(s_ptr + soff, mask=gm, other=0.0).to(tl.float32)  # [BN, NG]
-        z = tl.load(z_ptr + soff, mask=gm, other=0.0).to(tl.float32)
-        if BLOCK_M == 1:
-            # w = q*s + z per group, so x.w = s * (x.q) + z * sum(x): codes are never dequantized one by one
-            xx = tl.load(x_ptr + k0 + 2 * rj[:, None] + r2[None, :], mask=jm[:, None], other=0.0).to(tl.float32)
-            x_e, x_o = tl.split(xx)  # [HALF] each: x at even / odd k
-            x_e3 = tl.reshape(x_e, (NG, GH))
-            x_o3 = tl.reshape(x_o, (NG, GH))
-            lo = tl.reshape(_u4_to_f32(p & 15), (BLOCK_N, NG, GH))
-            hi = tl.reshape(_u4_to_f32(p >> 4), (BLOCK_N, NG, GH))
-            xq = tl.sum(lo * x_e3[None, :, :] + hi * x_o3[None, :, :], axis=2)  # [BN, NG]
-            xs = tl.sum(x_e3 + x_o3, axis=1)  # [NG]
-            acc2 += xq * s + z * xs[None, :]
-        else:
-            lo = tl.reshape(_u4_to_f32(p & 15), (BLOCK_N, NG, GH))
-            hi = tl.reshape(_u4_to_f32(p >> 4), (BLOCK_N, NG, GH))
-            w_lo = lo * s[:, :, None] + z[:, :, None]  # weights at even k
-            w_hi = hi * s[:, :, None] + z[:, :, None]  # odd k
-            xx = tl.load(x_ptr + rm[:, None, None] * sx + k0 + 2 * rj[None, :, None] + r2[None, None, :],
-                         mask=mm[:, None, None] & jm[None, :, None], other=0.0)  # [BM, HALF, 2]
-            x_e, x_o = tl.split(xx)  # [BM, HALF] each
-            acc += tl.dot(x_e, tl.trans(tl.reshape(w_lo, (BLOCK_N, HALF)).to(x_ptr.dtype.element_ty)))
-            acc += tl.dot(x_o, tl.trans(tl.reshape(w_hi, (BLOCK_N, HALF)).to(x_ptr.dtype.element_ty)))
+    n_groups = K // GROUP
+    for g0 in range(0, n_groups, GROUPS_PER_STEP):
+        for gi in tl.static_range(GROUPS_PER_STEP):
+            g = g0 + gi
+            gj = (g + rj * 0) < n_groups  # [GH] (tensor masks: the interpreter rejects scalar ones)
+            gn = nm & ((g + rn * 0) < n_groups)  # [BN]
+            p = tl.load(w_ptr + rn64[:, None] * sw + g * GH + rj[None, :], mask=gn[:, None] & gj[None, :], other=0)
+            sc = tl.load(s_ptr + rn64 * ss + g, mask=gn, other=0.0).to(tl.float32)  # [BN]
+            zp = tl.load(z_ptr + rn64 * ss + g, mask=gn, other=0.0).to(tl.float32)
+            lo = _u4_to_f32(p & 15)  # [BN, GH] codes of the group's first half
+            hi = _u4_to_f32(p >> 4)  # second half
+            if BLOCK_M == 1:
+                xl = tl.load(x_ptr + g * GROUP + rj, mask=gj, other=0.0).to(tl.float32)  # [GH]
+                xh = tl.load(x_ptr + g * GROUP + GH + rj, mask=gj, other=0.0).to(tl.float32)
+                # w = q*s + z  =>  x.w = s * (x.q) + z * sum(x), accumulated per lane, reduced once at the end
+                acc2 += (lo * xl[None, :] + hi * xh[None, :]) * sc[:, None] + zp[:, None] * (xl + xh)[None, :]
+            else:
+                xm = mm[:, None] & gj[None, :]
+                xl = tl.load(x_ptr + rm[:, None] * sx + g * GROUP + rj[None, :], mask=xm, other=0.0)  # [BM, GH]
+                xh = tl.load(x_ptr + rm[:, None] * sx + g * GROUP + GH + rj[None, :], mask=xm, other=0.0)
+                wl = (lo * sc[:, None] + zp[:, None]).to(x_ptr.dtype.element_ty)  # [BN, GH] dequantized
+                wh = (hi * sc[:, None] + zp[:, None]).to(x_ptr.dtype.element_ty)
+                acc += tl.dot(xl, tl.trans(wl))
+                acc += tl.dot(xh, tl.trans(wh))
     if BLOCK_M == 1:
         acc = tl.sum(acc2, axis=1)[None, :]  # [1, BN]
     if HAS_BIAS:
@@ -120,16 +111,17 @@ def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, sx, sw,
              mask=mm[:, None] & nm[None, :])
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) candidates; the first is the default (CPU / during capture)
+# int8: (BLOCK_N, BLOCK_K, num_warps, num_stages) candidates; the first is the default (CPU / during capture)
 _CANDIDATES = {
     ("int8", 1): [(8, 512, 4, 4), (4, 1024, 4, 4), (16, 256, 4, 4), (8, 1024, 8, 3), (2, 2048, 4, 3)],
     ("int8", 16): [(32, 256, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (64, 128, 4, 4)],
-    ("int4", 1): [(8, 512, 4, 4), (4, 1024, 4, 4), (16, 256, 4, 4), (8, 1024, 8, 3), (2, 2048, 4, 3)],
-    ("int4", 16): [(32, 256, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (64, 128, 4, 4)],
+    # int4: (BLOCK_N, GROUPS_PER_STEP, num_warps, num_stages)
+    ("int4", 1): [(16, 2, 4, 4), (32, 1, 4, 4), (8, 4, 4, 4), (32, 2, 4, 3), (64, 1, 4, 3), (16, 4, 8, 3)],
+    ("int4", 16): [(32, 1, 4, 4), (16, 2, 4, 3), (64, 1, 4, 3), (32, 2, 4, 3)],
 }
-for _kind in ("int8", "int4"):
-    for _m in (32, 64):
-        _CANDIDATES[(_kind, _m)] = [(32, 128, 4, 3), (64, 128, 4, 3), (16, 256, 4, 3), (32, 64, 4, 4)]
+for _m in (32, 64):
+    _CANDIDATES[("int8", _m)] = [(32, 128, 4, 3), (64, 128, 4, 3), (16, 256, 4, 3), (32, 64, 4, 4)]
+    _CANDIDATES[("int4", _m)] = [(32, 1, 4, 3), (64, 1, 4, 3), (16, 2, 4, 3), (32, 2, 4, 4)]
 MAX_M = 64
 
 
@@ -191,7 +183,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, wmin: torch.Tensor, group: int,
                 bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x [M, K] (M <= 64), packed uint8 [N, K/2], scale/wmin [N, K/group] -> [M, N] in x's dtype."""
+    """x [M, K] (M <= 64), packed uint8 [N, K/2] (half-split layout), scale/wmin [N, K/group] -> [M, N].
+    config: (BLOCK_N, GROUPS_PER_STEP, num_warps, num_stages)."""
     M, K = x.shape
     N = packed.shape[0]
     if M > MAX_M:
@@ -201,12 +194,11 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, wmin
     m_class = _m_class(M)
 
     def launch(c):
-        bn, bk, nw, ns = c
+        bn, gps, nw, ns = c
         _int4_mm_kernel[(triton.cdiv(N, bn),)](x, packed, scale, wmin, bias if bias is not None else scale, out,
                                               M, N, K, x.stride(0), packed.stride(0), scale.stride(0),
                                               out.stride(0), HAS_BIAS=bias is not None, GROUP=group,
-                                              BLOCK_M=m_class, BLOCK_N=bn,
-                                              BLOCK_K=max(group, min(bk, triton.next_power_of_2(K))),
+                                              BLOCK_M=m_class, BLOCK_N=bn, GROUPS_PER_STEP=gps,
                                               num_warps=nw, num_stages=ns)
 
     launch(config or _pick("int4", N, K, m_class, launch))

@@ -21,6 +21,7 @@ class EngineConfig:
     max_waiting: int = 64  # admission control: a request beyond this raises EngineOverloaded
     max_model_len: int | None = None  # None -> the model's max_position_embeddings
     quantize: str | None = None  # weight-only "int8" | "int4" module swap (llm_engine.quant); None = off
+    quantize_lm_head: bool = False  # with quantize: also swap the lm_head (a tied one gets its own quantized copy)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # GPU runner: no CUDA graphs
     # Additions beyond docs/interfaces.md (all optional):
@@ -47,6 +48,10 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be an int >= 2 or None, got {self.max_model_len!r}")
         if self.quantize not in (None, "int8", "int4"):
             raise ValueError(f"quantize must be None, 'int8' or 'int4', got {self.quantize!r}")
+        if not isinstance(self.quantize_lm_head, bool):
+            raise ValueError(f"quantize_lm_head must be a bool, got {self.quantize_lm_head!r}")
+        if self.quantize_lm_head and self.quantize is None:
+            raise ValueError("quantize_lm_head=True needs quantize='int8' or 'int4'")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

@@ -74,7 +74,7 @@ class LLMEngine:
             if cfg.quantize:
                 from llm_engine.quant.swap import quantize_model
 
-                quantize_model(model, cfg.quantize)
+                quantize_model(model, cfg.quantize, include_lm_head=cfg.quantize_lm_head)
         self.model = model
         self.model_config: ModelConfig = model.config
         self.tokenizer = tokenizer

@@ -1,0 +1,172 @@
+"""Soak: one long-lived real server (127.0.0.1:0, fake models) serves many sequential sessions -- spoken turns by
+server VAD and by manual commit, barge-ins, clients that vanish mid-response -- and afterwards holds nothing more
+than it did after warm-up: tasks, sessions, engine requests and blocks, fds, threads, live Session/Response
+objects; RSS growth stays bounded. (Leaks in long-lived voice workers: /work/shared/reference/voice-agents.md §6.)"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+from fakes import FakeEngine, FakeTTS, make_stack, silence, speech_like
+from websockets.asyncio.client import connect
+
+from voicefast.config import ServerConfig
+from voicefast.formats import AudioFormat
+from voicefast.response import Response
+from voicefast.server import RealtimeServer
+from voicefast.session import Session
+from voicefast.session_config import SessionConfig
+
+pytestmark = pytest.mark.anyio
+
+SESSIONS = 40
+WARMUP = 4
+# RSS bound after warm-up. Measured growth over the 36 post-warm-up sessions is a few hundred KiB to ~2 MiB
+# (allocator high-water marks, prometheus histograms, the fakes' own request logs); a leak of one session's
+# input audio (~1.3 s at 16 kHz float32 = 83 KB) plus its response audio and task graph per session would be
+# a steady climb, caught by the object/task counts below long before RSS. 20 MiB leaves ~10x margin for
+# allocator noise while still catching a leak of ~0.5 MB per session (e.g. buffers kept alive).
+RSS_GROWTH_BOUND_BYTES = 20 * 2**20
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def live(cls) -> int:
+    return sum(1 for o in gc.get_objects() if isinstance(o, cls))
+
+
+def b64(x: np.ndarray) -> str:
+    return base64.b64encode(AudioFormat().encode(x)).decode()
+
+
+def chunks(x: np.ndarray) -> list[str]:
+    return [b64(x[i:i + 960]) for i in range(0, len(x), 960)]  # 40 ms at 24 kHz
+
+
+TURN = chunks(np.concatenate([silence(100), speech_like(500), silence(700)]))
+BARGE = chunks(np.concatenate([speech_like(600), silence(700)]))  # > barge_in_min_ms of speech, then a turn end
+
+
+async def send_all(ws, frames: list[str]) -> None:
+    for c in frames:
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": c}))
+
+
+async def recv_until(ws, t: str, timeout_s: float = 10.0) -> list[dict]:
+    got = []
+    async with asyncio.timeout(timeout_s):
+        while True:
+            ev = json.loads(await ws.recv())
+            got.append(ev)
+            if ev["type"] == "error":
+                raise AssertionError(f"server error event: {ev}")
+            if ev["type"] == t:
+                return got
+
+
+async def one_session(url: str, kind: int) -> str:
+    """kind 0: VAD turn, completed, clean close. 1: VAD turn, vanish mid-response. 2: barge-in, then the second
+    response completes, clean close. 3: manual commit + response.create, vanish mid-response."""
+    ws = await connect(url)
+    await recv_until(ws, "session.created")
+    if kind == 3:
+        await ws.send(json.dumps({"type": "session.update",
+                                  "session": {"audio": {"input": {"turn_detection": None}}}}))
+        await recv_until(ws, "session.updated")
+        await send_all(ws, TURN)
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        await ws.send(json.dumps({"type": "response.create"}))
+    else:
+        await send_all(ws, TURN)
+    await recv_until(ws, "response.output_audio.delta")
+    if kind in (1, 3):
+        ws.transport.abort()  # vanish without a closing handshake, mid-response
+        return "vanished"
+    if kind == 2:
+        await send_all(ws, BARGE)
+        first = (await recv_until(ws, "response.done"))[-1]["response"]
+        assert first["status"] == "cancelled" and first["status_details"]["reason"] == "turn_detected", first
+    done = (await recv_until(ws, "response.done"))[-1]["response"]
+    assert done["status"] == "completed", done
+    await ws.close()
+    return "completed"
+
+
+async def settle(server: RealtimeServer, engine: FakeEngine) -> None:
+    """Wait until the server has torn the last session down (its handler runs after the client leaves)."""
+    async with asyncio.timeout(5):
+        while server.sessions or engine.stats().running:
+            await asyncio.sleep(0.01)
+    for _ in range(5):  # let cancelled tasks and closing transports run their last callbacks
+        await asyncio.sleep(0.01)
+    gc.collect()
+
+
+def snapshot(server: RealtimeServer, engine: FakeEngine) -> dict:
+    st = engine.stats()
+    return {"rss": rss_bytes(), "tasks": len(asyncio.all_tasks()), "sessions": len(server.sessions),
+            "running": st.running, "waiting": st.waiting, "free_blocks": st.free_blocks,
+            "fds": len(os.listdir("/proc/self/fd")), "threads": threading.active_count(),
+            "live_sessions": live(Session), "live_responses": live(Response)}
+
+
+async def test_sequential_sessions_leave_nothing_behind():
+    # A reply long enough (~0.5 s of audio) that a vanishing client always leaves mid-response.
+    engine = FakeEngine(reply=lambda m: "Sure, we are open from nine to six, Monday to Saturday, and on "
+                                        "Sunday from ten to four. Anything else today?", token_s=0.005)
+    stack = make_stack(engine=engine, tts=FakeTTS(word_s=0.02))
+    server = RealtimeServer(stack, ServerConfig(host="127.0.0.1", port=0, output_lead_ms=100),
+                            defaults=SessionConfig(instructions="Soak persona.", voice="fake"))
+    await server.start()
+    url = f"ws://127.0.0.1:{server.port}/v1/realtime"
+    try:
+        outcomes, samples = [], []
+        base = None
+        for i in range(SESSIONS):
+            outcomes.append(await one_session(url, i % 4))
+            await settle(server, engine)
+            if i + 1 == WARMUP:
+                base = snapshot(server, engine)
+            elif i + 1 > WARMUP:
+                samples.append(snapshot(server, engine))
+        end = samples[-1]
+        print("\nsoak baseline:", base)
+        for n in range(0, len(samples), 8):
+            s = samples[n]
+            print(f"after {WARMUP + n + 1} sessions: rss {(s['rss'] - base['rss']) / 2**20:+.2f} MiB, "
+                  f"tasks {s['tasks']}, fds {s['fds']}, threads {s['threads']}")
+        print("soak end:", end, f"rss growth {(end['rss'] - base['rss']) / 2**20:+.2f} MiB")
+
+        assert outcomes.count("vanished") == SESSIONS // 2
+        assert len(engine.requests) == SESSIONS + SESSIONS // 4  # one more per barge-in session
+        for k in ("tasks", "sessions", "running", "waiting", "free_blocks", "fds", "threads"):
+            assert end[k] == base[k], (k, base, end)
+        assert end["sessions"] == end["running"] == end["live_sessions"] == end["live_responses"] == 0, end
+        assert end["free_blocks"] == engine.total_blocks
+        # No per-session climb: every post-warm-up snapshot had the baseline counts, not just the last one.
+        for k in ("tasks", "fds", "live_sessions", "live_responses"):
+            assert max(s[k] for s in samples) == base[k], (k, [s[k] for s in samples])
+        assert end["rss"] - base["rss"] < RSS_GROWTH_BOUND_BYTES, (base["rss"], end["rss"])
+        metrics = server.metrics.render()
+        assert b"voicefast_active_sessions 0.0" in metrics
+        assert f"voicefast_sessions_total {float(SESSIONS)}".encode() in metrics
+    finally:
+        await server.close()

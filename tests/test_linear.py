@@ -38,14 +38,20 @@ def test_every_row_count_matches_fp32_linear(bias):
                 assert torch.equal(got, ref)
 
 
-def test_mm_path_is_taken_and_really_differs_from_fp16():
-    lin, fast = make()
-    x = torch.randn(fast.max_rows + 1, 64)  # the smallest mm-path input
-    with torch.inference_mode():
-        got = fast(x)
-        fp16 = F.linear(x.half(), fast.weight_half).float()
-    torch.testing.assert_close(got, F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
-    assert (got - fp16).abs().max().item() > 1e-5  # not the fp16 product: fp32 accuracy kept
+@pytest.mark.parametrize("packed", [True, False])
+def test_few_row_path_keeps_fp32_accuracy_with_and_without_onednn(packed):
+    lin, fast = make(bias=True)
+    assert (fast.weight_packed is not None) == torch.backends.mkldnn.is_available()
+    if not packed:
+        fast.weight_packed = None  # the torch.mm(W, x.T) fallback
+    for rows in (fast.max_rows + 1, fast.mm_max_rows):
+        x = torch.randn(rows, 64)
+        with torch.inference_mode():
+            got = fast(x)
+            fp16 = F.linear(x.half(), fast.weight_half, fast.bias_half).float()
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        assert (got - fp16).abs().max().item() > 1e-4  # not the fp16 product: fp32 accuracy kept
 
 
 def test_non_2d_and_non_contiguous_inputs():

@@ -1,7 +1,8 @@
 """Soak: one long-lived real server (127.0.0.1:0, fake models) serves many sequential sessions -- spoken turns by
-server VAD and by manual commit, barge-ins, clients that vanish mid-response -- and afterwards holds nothing more
-than it did after warm-up: tasks, sessions, engine requests and blocks, fds, threads, live Session/Response
-objects; RSS growth stays bounded. (Leaks in long-lived voice workers: /work/shared/reference/voice-agents.md §6.)"""
+server VAD and by manual commit, discarded speculations, barge-ins, clients vanishing mid-response -- and afterwards
+holds nothing more than it did after warm-up: tasks, sessions, engine requests and blocks, fds, threads, live
+Session/Response objects; RSS growth stays bounded. The real engine gets the same treatment for generate/abort cycles.
+(Leaks in long-lived voice workers: /work/shared/reference/voice-agents.md section 6.)"""
 
 from __future__ import annotations
 
@@ -62,6 +63,10 @@ def chunks(x: np.ndarray) -> list[str]:
 
 
 TURN = chunks(np.concatenate([silence(100), speech_like(500), silence(700)]))
+# A pause past the VAD's early silence (200 ms) but short of the turn end (500 ms): a speculative response starts
+# and is discarded when speech resumes, then the real turn follows.
+SPEC_HEAD = chunks(np.concatenate([silence(100), speech_like(300), silence(300)]))
+SPEC_TAIL = chunks(np.concatenate([speech_like(300), silence(700)]))
 BARGE = chunks(np.concatenate([speech_like(600), silence(700)]))  # > barge_in_min_ms of speech, then a turn end
 
 
@@ -82,9 +87,16 @@ async def recv_until(ws, t: str, timeout_s: float = 10.0) -> list[dict]:
                 return got
 
 
-async def one_session(url: str, kind: int) -> str:
-    """kind 0: VAD turn, completed, clean close. 1: VAD turn, vanish mid-response. 2: barge-in, then the second
-    response completes, clean close. 3: manual commit + response.create, vanish mid-response."""
+async def wait_for_request(engine: FakeEngine, n: int) -> None:
+    async with asyncio.timeout(5):
+        while len(engine.requests) < n:
+            await asyncio.sleep(0.005)
+
+
+async def one_session(url: str, engine: FakeEngine, kind: int) -> str:
+    """kind 0: VAD turn with a discarded speculation, completed, clean close. 1: VAD turn, vanish mid-response.
+    2: barge-in, then the second response completes, clean close. 3: manual commit + response.create, vanish
+    mid-response."""
     ws = await connect(url)
     await recv_until(ws, "session.created")
     if kind == 3:
@@ -94,6 +106,11 @@ async def one_session(url: str, kind: int) -> str:
         await send_all(ws, TURN)
         await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
         await ws.send(json.dumps({"type": "response.create"}))
+    elif kind == 0:
+        n = len(engine.requests)
+        await send_all(ws, SPEC_HEAD)
+        await wait_for_request(engine, n + 1)  # the speculative response is generating (held)
+        await send_all(ws, SPEC_TAIL)
     else:
         await send_all(ws, TURN)
     await recv_until(ws, "response.output_audio.delta")
@@ -141,7 +158,7 @@ async def test_sequential_sessions_leave_nothing_behind():
         outcomes, samples = [], []
         base = None
         for i in range(SESSIONS):
-            outcomes.append(await one_session(url, i % 4))
+            outcomes.append(await one_session(url, engine, i % 4))
             await settle(server, engine)
             if i + 1 == WARMUP:
                 base = snapshot(server, engine)
@@ -156,7 +173,10 @@ async def test_sequential_sessions_leave_nothing_behind():
         print("soak end:", end, f"rss growth {(end['rss'] - base['rss']) / 2**20:+.2f} MiB")
 
         assert outcomes.count("vanished") == SESSIONS // 2
-        assert len(engine.requests) == SESSIONS + SESSIONS // 4  # one more per barge-in session
+        # one request per turn, one more per barge-in session and per discarded speculation; aborted: the
+        # vanished sessions' requests, the barged-in ones and the discarded speculations
+        assert len(engine.requests) == SESSIONS + SESSIONS // 2
+        assert len(engine.aborted) == SESSIONS // 2 + SESSIONS // 4 + SESSIONS // 4
         for k in ("tasks", "sessions", "running", "waiting", "free_blocks", "fds", "threads"):
             assert end[k] == base[k], (k, base, end)
         assert end["sessions"] == end["running"] == end["live_sessions"] == end["live_responses"] == 0, end

@@ -1,5 +1,5 @@
-"""HalfGemvLinear's three paths (fp16 GEMV, transposed fp32 mm, F.linear) against F.linear on the fp32 weight,
-use_half_gemv's swap, and EngineConfig.quantize_lm_head wired through to quantize_model on the real model."""
+"""HalfGemvLinear's paths (fp16 GEMV, oneDNN-packed fp32, transposed fp32 mm, F.linear) against F.linear on the
+fp32 weight, use_half_gemv's swap, and EngineConfig.quantize_lm_head wired through to quantize_model."""
 
 import pytest
 import torch
@@ -32,9 +32,9 @@ def test_every_row_count_matches_fp32_linear(bias):
             assert got.shape == (rows, 96) and got.dtype == torch.float32 and got.is_contiguous()
             if rows <= fast.max_rows:  # fp16 weights and inputs: close, not equal
                 assert (got - ref).abs().max().item() < 2e-2 if rows else True
-            elif rows <= fast.mm_max_rows:  # same fp32 math, another summation order
+            elif fast.weight_packed is not None or rows <= fast.mm_max_rows:  # fp32, another summation order
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-            else:  # prefill: F.linear itself, bit for bit
+            else:  # no oneDNN, many rows: F.linear itself, bit for bit
                 assert torch.equal(got, ref)
 
 
@@ -52,6 +52,14 @@ def test_few_row_path_keeps_fp32_accuracy_with_and_without_onednn(packed):
         assert got.is_contiguous()
         torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
         assert (got - fp16).abs().max().item() > 1e-4  # not the fp16 product: fp32 accuracy kept
+
+
+def test_without_onednn_many_rows_fall_back_to_f_linear_exactly():
+    lin, fast = make(bias=True)
+    fast.weight_packed = None
+    x = torch.randn(fast.mm_max_rows + 5, 64)
+    with torch.inference_mode():
+        assert torch.equal(fast(x), F.linear(x, lin.weight, lin.bias))
 
 
 def test_non_2d_and_non_contiguous_inputs():

@@ -274,7 +274,7 @@ def test_llama_rope_scaling_matches_transformers(rope, seed: int):
     assert (plain - ref).abs().max().item() > 1e-3  # the scaling really changed something
 
 
-def test_half_gemv_swap_keeps_prefill_exact_and_decode_close(seed: int):
+def test_half_gemv_swap_keeps_prefill_fp32_and_decode_close(seed: int):
     from llm_engine.layers.linear import HalfGemvLinear, use_half_gemv
 
     hf = hf_model(*CASES["glm-edge-full-rotary-tied"], seed=seed)  # tied lm_head, GQA 4
@@ -287,6 +287,7 @@ def test_half_gemv_swap_keeps_prefill_exact_and_decode_close(seed: int):
     assert len(swapped) == 2 * cfg.num_layers * 2 + 1  # qkv, o, gate_up, down per layer + lm_head
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     half = torch.stack(run_steps(model, cfg, steps, {0: toks}, torch.Generator().manual_seed(seed))[0])
-    assert torch.equal(half[:10], plain[:10])  # 10-row prefill: the fp32 weights, bit for bit
+    # 10-row prefill: fp32 weights through oneDNN, equal to F.linear up to summation order
+    torch.testing.assert_close(half[:10], plain[:10], rtol=1e-5, atol=1e-5)
     diff = (half[10:] - plain[10:]).abs().max().item()
     assert 0 < diff < 2e-2, f"decode rows via fp16 weights differ by {diff} (seed {seed})"

@@ -33,22 +33,21 @@ def _pack_onednn(w: torch.Tensor) -> torch.Tensor | None:
 
 
 class HalfGemvLinear(Linear):
-    """A float32 CPU Linear with faster paths for the few-row inputs of batched decode (prefill keeps F.linear).
+    """A float32 CPU Linear with faster paths than F.linear for every 2-D input.
 
     - at most `max_rows` rows (batch-1/2 decode): a float16 copy of the weight. Decode is memory-bound and the fp16
       GEMV reads half the bytes (~4x faster than the fp32 GEMV for these weights on AVX-512). Activations stay
       float32; only the product is computed from fp16-rounded inputs and weights.
-    - up to `mm_max_rows` rows: float32 through oneDNN with the weight pre-packed in its blocked layout (another
-      fp32 copy). For SmolLM2-135M's 120 layer projections at 2 threads (AVX-512) it runs 3-9 rows at about the
-      memory floor, 11-14 ms, vs 35-47 ms with F.linear and 13-31 ms with torch.mm(W, x.T) (fp16 GEMMs grow
-      linearly per row on CPUs without native fp16 math, so they lose from 3 rows on).
-      Same float32 math as F.linear up to summation order (~1e-6 relative differences). Without oneDNN,
-      torch.mm(W, x.T) (MKL's sgemm on the transposed problem) is the fallback.
-    Larger inputs (prefill, decode batches of 10+) stay on F.linear, bit for bit: oneDNN is faster there too
-    (2.3x at 64 rows), but prefill's exact fp32 output is a tested property (tests/test_model_parity.py)."""
+    - more rows (batched decode, prefill): float32 through oneDNN with the weight pre-packed in its blocked layout
+      (another fp32 copy). For SmolLM2-135M's 120 layer projections at 2 threads (AVX-512) it runs 3-12 rows at
+      about the memory floor, 11-14 ms, vs 35-47 ms with F.linear, and a 64-token prefill in ~65 ms vs ~115 ms
+      (fp16 GEMMs grow linearly per row on CPUs without native fp16 math, so they lose from 3 rows on).
+      Same float32 math as F.linear up to summation order (~1e-6 relative differences).
+    - without oneDNN: torch.mm(W, x.T) (MKL's sgemm on the transposed problem) up to `mm_max_rows` rows, where it
+      beats F.linear, and F.linear beyond."""
 
     max_rows = 2  # fp16 GEMV at <= this many rows
-    mm_max_rows = 9  # oneDNN packed (or mm(W, x.T)) at <= this many rows, F.linear beyond
+    mm_max_rows = 9  # without oneDNN: mm(W, x.T) at <= this many rows, F.linear beyond
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> HalfGemvLinear:
@@ -64,12 +63,14 @@ class HalfGemvLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if x.dim() != 2 or rows > self.mm_max_rows:
+        if x.dim() != 2:
             return F.linear(x, self.weight, self.bias)
         if rows <= self.max_rows:
             return F.linear(x.to(torch.float16), self.weight_half, self.bias_half).to(x.dtype)
         if self.weight_packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight_packed, self.bias, "none", [], "")  # [rows, out]
+        if rows > self.mm_max_rows:
+            return F.linear(x, self.weight, self.bias)
         if self.bias is None:
             y = torch.mm(self.weight, x.T)  # [out, rows]
         else:

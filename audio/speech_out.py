@@ -2,16 +2,23 @@
 
 Phrases from the TextChunker are synthesized one after another in a worker thread (the next phrase is
 synthesized while the previous one's frames are consumed), resampled by one continuous StreamResampler (no
-clicks at phrase joins) and cut into `frame_ms` frames. For every phrase the map records which output samples
+clicks at phrase joins) and cut into `frame_ms` frames (the last one zero-padded, or left short with
+`pad_last_frame=False`). Synthesis runs on `executor` (the loop's default one if None); `start()` begins it
+before anyone reads frames() (a held response synthesizes ahead). For every phrase the map records which output samples
 speak which characters of the full text (proportionally within a phrase), so after a barge-in the server can
-cut the assistant's text to what was heard: text_offset_at_ms(played_ms). cancel() stops synthesis after the
-current Piper call and drops every queued frame."""
+cut the assistant's text to what was heard: text_offset_at_ms(played_ms, whole_words=True). cancel() stops
+synthesis after the current Piper sentence and drops every queued frame; aclose() also waits for the producer
+task. `first_phrase_s` / `first_audio_s` (time.monotonic) mark when the first phrase went to the synthesizer and
+when its first audio came back."""
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -26,7 +33,7 @@ log = logging.getLogger("voicefast.audio")
 
 @dataclass(frozen=True, slots=True)
 class AudioFrame:
-    pcm: np.ndarray  # [frame_samples] float32 at out_rate_hz
+    pcm: np.ndarray  # [frame_samples] float32 at out_rate_hz (the last may be shorter: pad_last_frame=False)
     text_end: int  # characters of the full text spoken by the end of this frame
     start_ms: float  # position of the frame's first sample in this output's audio
     index: int
@@ -42,7 +49,7 @@ class _Span:
 
 class SpeechOutput:
     def __init__(self, tts, out_rate_hz: int, frame_ms: int = 20, *, chunker: TextChunker | None = None,
-                 speaking_rate: float | None = None):
+                 speaking_rate: float | None = None, executor=None, pad_last_frame: bool = True):
         if frame_ms <= 0 or out_rate_hz <= 0:
             raise ValueError(f"frame_ms and out_rate_hz must be > 0, got {frame_ms}, {out_rate_hz}")
         self.tts = tts
@@ -50,6 +57,8 @@ class SpeechOutput:
         self.frame_ms = frame_ms
         self.frame_samples = out_rate_hz * frame_ms // 1000
         self.speaking_rate = speaking_rate
+        self.executor = executor
+        self.pad_last_frame = pad_last_frame
         self.chunker = chunker or TextChunker()
         self._resampler = StreamResampler(tts.sample_rate_hz, out_rate_hz)
         self._framer = FrameBuffer(self.frame_samples)
@@ -65,6 +74,8 @@ class SpeechOutput:
         self._producer: asyncio.Task | None = None
         self._drained = False  # every phrase has been synthesized
         self.error: Exception | None = None
+        self.first_phrase_s: float | None = None
+        self.first_audio_s: float | None = None
 
     # ---- text in ----
     @property
@@ -101,17 +112,30 @@ class SpeechOutput:
             self._out.get_nowait()
         self._out.put_nowait(None)
 
+    async def aclose(self) -> None:
+        """cancel() and wait for the producer task to end (a Piper call in flight finishes in its thread)."""
+        self.cancel()
+        if self._producer is not None and not self._producer.done():
+            self._producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._producer
+
     # ---- audio out ----
+    def start(self, name: str | None = None) -> None:
+        """Start synthesizing now (frames() does it otherwise); frames queue up until they are read."""
+        if self._producer is None:
+            self._producer = asyncio.get_running_loop().create_task(self._produce(), name=name)
+
     async def frames(self) -> AsyncIterator[AudioFrame]:
         """Frames as soon as they are synthesized (pacing to real time is the transport's job). A producer task
         synthesizes ahead of the consumer, so the next phrase is ready while this one plays."""
-        if self._producer is None:
-            self._producer = asyncio.get_running_loop().create_task(self._produce())
+        self.start()
         while True:
             frame = await self._out.get()
             if frame is None or self.cancelled:
                 if self.error is not None and not self.cancelled:
-                    raise RuntimeError("speech synthesis failed") from self.error
+                    raise RuntimeError(f"speech synthesis failed: {type(self.error).__name__}: {self.error}"
+                                       ) from self.error
                 return
             yield frame
 
@@ -122,7 +146,9 @@ class SpeechOutput:
                 phrase = await self._phrases.get()
                 if phrase is None:
                     break
-                audio = await loop.run_in_executor(None, self._synthesize, phrase.text)
+                if self.first_phrase_s is None:
+                    self.first_phrase_s = time.monotonic()
+                audio = await loop.run_in_executor(self.executor, self._synthesize, phrase.text)
                 if self.cancelled:
                     break
                 for frame in self._frames_for(audio, phrase):
@@ -142,6 +168,8 @@ class SpeechOutput:
             return np.zeros(0, np.float32)
         chunks = []
         for chunk in self.tts.synthesize(text, self.speaking_rate):
+            if self.first_audio_s is None:
+                self.first_audio_s = time.monotonic()
             chunks.append(chunk)
             if self.cancelled:  # stop between Piper sentences
                 break
@@ -158,17 +186,21 @@ class SpeechOutput:
     def _tail_frames(self) -> list[AudioFrame]:
         frames = self._framer.push(self._resampler.flush())
         rest = self._framer.flush()
-        if len(rest):  # the last frame is zero-padded to full size
-            frames.append(np.concatenate([rest, np.zeros(self.frame_samples - len(rest), np.float32)]))
-        return self._emit(frames)
+        if len(rest):  # the last frame is zero-padded to full size (or left short)
+            pad = self.frame_samples - len(rest) if self.pad_last_frame else 0
+            frames.append(np.concatenate([rest, np.zeros(pad, np.float32)]))
+        out = self._emit(frames)
+        if out:  # the last frame ends the speech: all of the text is spoken by its end
+            out[-1] = dataclasses.replace(out[-1], text_end=self._text_len_final)
+        return out
 
     def _emit(self, pcms: list[np.ndarray]) -> list[AudioFrame]:
         out = []
         for pcm in pcms:
             start_ms = self._frames_out * self.frame_ms
             self._frames_out += 1
-            out.append(AudioFrame(pcm, self.text_offset_at_ms(self._frames_out * self.frame_ms), start_ms,
-                                  self._frames_out - 1))
+            end_ms = start_ms + len(pcm) * 1000.0 / self.out_rate_hz
+            out.append(AudioFrame(pcm, self.text_offset_at_ms(end_ms), start_ms, self._frames_out - 1))
         return out
 
     # ---- the map ----
@@ -182,8 +214,9 @@ class SpeechOutput:
         k = 1000.0 / self.tts.sample_rate_hz
         return [(s.in_start * k, s.in_end * k, s.text_start, s.text_end) for s in self._spans]
 
-    def text_offset_at_ms(self, ms: float) -> int:
-        """Characters of the full text spoken by `ms` of this output's audio (monotonic in ms)."""
+    def text_offset_at_ms(self, ms: float, *, whole_words: bool = False) -> int:
+        """Characters of the full text spoken by `ms` of this output's audio (monotonic in ms). Proportional
+        within a phrase; `whole_words` moves a cut inside a word back to that word's start (still monotonic)."""
         pos = ms * self.tts.sample_rate_hz / 1000.0  # TTS-rate sample position
         if not self._spans or pos <= 0:
             return 0
@@ -194,4 +227,9 @@ class SpeechOutput:
         if pos <= s.in_start:
             return self._spans[i - 1].text_end if i else 0
         frac = (pos - s.in_start) / (s.in_end - s.in_start)
-        return s.text_start + int(frac * (s.text_end - s.text_start))
+        cut = s.text_start + int(frac * (s.text_end - s.text_start))
+        if whole_words:
+            text = self.chunker.text
+            while cut > s.text_start and not text[cut].isspace() and not text[cut - 1].isspace():
+                cut -= 1
+        return cut

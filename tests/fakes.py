@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-import re
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from audio.text_chunker import TextChunker
 from voicefast.stack import Stack
 
 
@@ -154,19 +154,30 @@ class FakeTranscriber:
 
 # -- TTS ----------------------------------------------------------------------------------------------
 class FakeTTS:
-    """`word_s` of a 220 Hz tone per word at 22.05 kHz, one chunk per word; `delay_s` per chunk (in the thread)."""
+    """A fake synthesizer (the model only: the real SpeechOutput, chunker and resampler run on it). `word_s` of a
+    220 Hz tone per word at 22.05 kHz (divided by the speaking rate), one chunk per word; in the worker thread,
+    `first_delay_s` before a call's first chunk and `delay_s` before each chunk. Records every call."""
 
     sample_rate_hz = 22_050
 
-    def __init__(self, *, delay_s: float = 0.0, word_s: float = 0.05):
-        self.delay_s, self.word_s = delay_s, word_s
+    def __init__(self, *, delay_s: float = 0.0, first_delay_s: float = 0.0, word_s: float = 0.05,
+                 speaking_rate: float = 1.0):
+        self.delay_s, self.first_delay_s, self.word_s = delay_s, first_delay_s, word_s
+        self.speaking_rate = speaking_rate
         self.texts: list[str] = []
+        self.rates: list[float] = []  # the speaking rate of each call
 
-    def synthesize(self, text: str, speaking_rate: float = 1.0):
+    def synthesize(self, text: str, speaking_rate: float | None = None):
+        rate = self.speaking_rate if speaking_rate is None else speaking_rate
+        if rate <= 0:
+            raise ValueError(f"speaking_rate must be > 0, got {rate}")
         self.texts.append(text)
-        n = int(self.sample_rate_hz * self.word_s / speaking_rate)
+        self.rates.append(rate)
+        n = int(self.sample_rate_hz * self.word_s / rate)
         tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(n) / self.sample_rate_hz)).astype(np.float32)
-        for _ in text.split():
+        for i, _ in enumerate(text.split()):
+            if i == 0 and self.first_delay_s:
+                time.sleep(self.first_delay_s)
             if self.delay_s:
                 time.sleep(self.delay_s)
             yield tone
@@ -227,30 +238,11 @@ class FakeVad:
         return out
 
 
-class FakeChunker:
-    """Phrases end at . ! ? , followed by a space (or at flush)."""
-
-    def __init__(self):
-        self.buf = ""
-
-    def push(self, delta: str) -> list[str]:
-        self.buf += delta
-        out = []
-        while (m := re.search(r"[.!?,]\s", self.buf)):
-            out.append(self.buf[:m.end()].strip())
-            self.buf = self.buf[m.end():]
-        return out
-
-    def flush(self) -> list[str]:
-        rest, self.buf = self.buf.strip(), ""
-        return [rest] if rest else []
-
-
 def make_stack(*, engine=None, asr=None, tts=None, partials: bool = True, **kw) -> Stack:
     return Stack(engine=engine or FakeEngine(), asr=asr or FakeASR(), voices={"fake": tts or FakeTTS()},
                  vad_factory=lambda td: FakeVad(silence_ms=td.silence_duration_ms,
                                                 early_ms=min(200, td.silence_duration_ms // 2)),
-                 chunker_factory=FakeChunker, sampling_params=FakeSamplingParams,
+                 chunker_factory=TextChunker, sampling_params=FakeSamplingParams,
                  transcriber_factory=FakeTranscriber if partials else None, **kw)
 
 

@@ -11,7 +11,7 @@ import pytest
 from voicefast.conversation import Conversation, Item
 from voicefast.errors import ProtocolError
 from voicefast.formats import AudioFormat
-from voicefast.playout import PlayoutClock, SpokenTextMap
+from voicefast.playout import PlayoutClock
 from voicefast.protocol import CLIENT_EVENTS, RealtimeProtocol
 from voicefast.session_config import SessionConfig
 
@@ -163,7 +163,7 @@ def test_context_policy_drops_oldest_turns_keeps_system():
     assert len(full) == 21
 
 
-def test_playout_clock_and_spoken_map():
+def test_playout_clock():
     c = PlayoutClock(lead_ms=300)
     assert c.wait_s(0.0) == 0.0
     c.sent(100, 0.0)
@@ -173,15 +173,6 @@ def test_playout_clock_and_spoken_map():
     c.sent(100, 0.0)  # 400 ms buffered: must wait 100 ms
     assert abs(c.wait_s(0.0) - 0.1) < 1e-9
     assert abs(c.played_ms(0.25) - 250) < 1e-6
-    text = "Hello there. We open at nine."
-    m = SpokenTextMap()
-    m.add(0, 1000, 0, 12)
-    m.add(1000, 2000, 13, len(text))
-    assert m.text_offset_at(0, text) == 0
-    assert text[:m.text_offset_at(1000, text)] == "Hello there."
-    assert text[:m.text_offset_at(5000, text)] == text
-    cut = text[:m.text_offset_at(1500, text)]
-    assert text.startswith(cut) and cut.startswith("Hello there.") and not cut.endswith("ope")
 
 
 def test_input_buffer_absolute_offsets_trim_and_arrivals():

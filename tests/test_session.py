@@ -287,7 +287,7 @@ async def test_close_mid_response_frees_everything():
 
 async def test_tts_failure_fails_the_response_not_the_session():
     class BrokenTTS(FakeTTS):
-        def synthesize(self, text):
+        def synthesize(self, text, speaking_rate=None):
             raise RuntimeError("voice exploded")
             yield  # pragma: no cover
 
@@ -314,4 +314,5 @@ async def test_speed_reaches_tts():
     fast = sum(len(base64.b64decode(e["delta"])) for e in h.of("response.output_audio.delta"))
     words = len(h.stack.engine.reply([]).split())
     assert abs(fast / 48 - words * 50 / 1.5) < 50  # ms of 24 kHz PCM16 vs words x 50 ms / speed
+    assert set(h.stack.voices["fake"].rates) == {1.5}
     await h.session.close()

@@ -78,5 +78,8 @@ async def warm_up(stack: Stack, instructions: str) -> None:
                                                        {"role": "user", "content": "Hello"}]):
         pass
     await stack.asr.transcribe_async(np.zeros(8000, np.float32))
-    async for _ in stack.synthesize(stack.voice_names[0], "Hello."):
-        pass
+    for voice in stack.voice_names:  # the response path: chunker -> Piper on the TTS pool -> resampler -> frames
+        speech = stack.speech_output(voice, 24_000, 100)
+        speech.say("Hello.")
+        async for _ in speech.frames():
+            pass

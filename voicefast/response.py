@@ -1,4 +1,6 @@
-"""One assistant response: LLM deltas -> phrase chunker -> TTS -> paced audio deltas, all overlapped.
+"""One assistant response: LLM deltas -> SpeechOutput (phrase chunker -> TTS -> frames) -> paced audio deltas, all
+overlapped. Each audio delta goes out with the transcript delta its frame finishes speaking (AudioFrame.text_end);
+the SpeechOutput's audio-ms -> text map says what a listener cut off at `played_ms` has heard.
 A response may start *held* (speculative start at the VAD's early silence): it generates but sends nothing
 until `release()`; `discard()` drops it silently. `cancel(reason)` ends it with response.done cancelled."""
 
@@ -12,13 +14,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from voicefast.conversation import Item, new_id
 from voicefast.errors import ProtocolError
 from voicefast.formats import AudioFormat
 from voicefast.metrics import TurnTimings
-from voicefast.playout import PlayoutClock, SpokenTextMap
+from voicefast.playout import PlayoutClock
 
 log = logging.getLogger("voicefast.response")
 
@@ -77,7 +77,7 @@ class Response:
         self.result = None  # engine RequestResult
         self.started = False  # response.created sent
         self.clock = PlayoutClock(lead_ms=params.lead_ms)
-        self.spoken = SpokenTextMap()
+        self.speech = None  # SpeechOutput of an audio response, made once its messages are known
         self._gate = asyncio.Event()
         if not held:
             self._gate.set()
@@ -85,6 +85,7 @@ class Response:
         self._out: asyncio.Queue = asyncio.Queue()
         self._engine_rid: str | None = None
         self._producer: asyncio.Task | None = None
+        self._llm_error: Exception | None = None
         self._emitted_text_end = 0
         self.done = asyncio.Event()
         self.task = asyncio.create_task(self._run(), name=f"response-{self.id}")
@@ -117,12 +118,16 @@ class Response:
             self.stack.engine.abort(self._engine_rid)
         if self._producer is not None:
             self._producer.cancel()
+        if self.speech is not None:
+            self.speech.cancel()
 
     def played_ms(self) -> float:
         return self.clock.played_ms(time.monotonic())
 
     def heard_text(self, ms: float) -> str:
-        return self.text[: self.spoken.text_offset_at(ms, self.text)].rstrip()
+        if self.speech is None:
+            return ""
+        return self.text[: self.speech.text_offset_at_ms(ms, whole_words=True)].rstrip()
 
     # -- the pipeline ----------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -131,10 +136,15 @@ class Response:
             if messages is None:
                 self.status = "discarded"
                 return
+            if self.audio:  # synthesis starts now, overlapping decoding (and the hold of a speculative start)
+                self.speech = self.stack.speech_output(self.p.voice, self.p.output_format.rate_hz, self.p.frame_ms,
+                                                       self.p.speed)
+                self.speech.start(name=f"speech-{self.id}")
             self._producer = asyncio.create_task(self._produce(messages), name=f"produce-{self.id}")
             await self._gate.wait()
             self._start()
-            await self._consume()
+            await (self._speak() if self.audio else self._write_text())
+            self._set_status()
         except asyncio.CancelledError:
             pass
         except Exception as e:  # a stage failed: tell the client, keep the session
@@ -145,77 +155,49 @@ class Response:
         finally:
             if self._producer is not None and not self._producer.done():
                 self._abort_engine()
+            pending = [t for t in (self._producer,) if t is not None and not t.done()]
+            if self.speech is not None:
+                pending.append(asyncio.ensure_future(self.speech.aclose()))
+            if pending:
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(asyncio.gather(self._producer, return_exceptions=True))
+                    await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+            self._copy_tts_timings()
             if self.started:
                 self._finish()
             self.done.set()
             self._on_end(self)
 
     async def _produce(self, messages: list[dict]) -> None:
-        """LLM -> (text deltas | phrases -> TTS audio) into self._out, as fast as the stages go."""
-        out = self._out
+        """LLM -> text deltas (into self._out for text, into the SpeechOutput for audio), as fast as it goes."""
+        speech = self.speech
         try:
             max_tokens = 4096 if self.p.max_output_tokens == "inf" else int(self.p.max_output_tokens)
             sp = self.stack.sampling_params(temperature=self.p.temperature, max_tokens=max_tokens)
             self._engine_rid = self.id
             self.t.llm_request_s = time.monotonic()
-            stream = self.stack.engine.generate(sp, messages=messages, request_id=self.id)
-            chunker = self.stack.chunker_factory() if self.audio else None
-            phrases: asyncio.Queue = asyncio.Queue()
-            tts = asyncio.create_task(self._tts(phrases)) if self.audio else None
-            try:
-                async for o in stream:
-                    if o.text:
-                        if self.t.llm_first_token_s is None:
-                            self.t.llm_first_token_s = time.monotonic()
-                        self.text += o.text
-                        if chunker is None:
-                            out.put_nowait(("text", o.text))
-                        else:
-                            for ph in chunker.push(o.text):
-                                phrases.put_nowait(ph)
-                    if o.finished:
-                        self.result = o.result
-                if chunker is not None:
-                    for ph in chunker.flush():
-                        phrases.put_nowait(ph)
-                phrases.put_nowait(None)
-                if tts is not None:
-                    await tts
-            finally:
-                if tts is not None and not tts.done():
-                    tts.cancel()
-            out.put_nowait(("end", None))
+            async for o in self.stack.engine.generate(sp, messages=messages, request_id=self.id):
+                if o.text:
+                    if self.t.llm_first_token_s is None:
+                        self.t.llm_first_token_s = time.monotonic()
+                    self.text += o.text
+                    if speech is None:
+                        self._out.put_nowait(("text", o.text))
+                    else:
+                        speech.add_text(o.text)
+                if o.finished:
+                    self.result = o.result
+            if speech is not None:
+                speech.finish()
+            else:
+                self._out.put_nowait(("end", None))
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            out.put_nowait(("error", e))
-
-    async def _tts(self, phrases: asyncio.Queue) -> None:
-        from audio.resample import StreamResampler
-
-        cursor = 0
-        voice = self.stack.voices.get(self.p.voice) or next(iter(self.stack.voices.values()))
-        rs = StreamResampler(voice.sample_rate_hz, self.p.output_format.rate_hz)
-        while (ph := await phrases.get()) is not None:
-            s = self.text.find(ph.strip(), cursor)
-            s = cursor if s < 0 else s
-            e = min(len(self.text), s + len(ph.strip())) if ph.strip() else s
-            cursor = e
-            self._out.put_nowait(("phrase", s, e))
-            if self.t.tts_request_s is None:
-                self.t.tts_request_s = time.monotonic()
-            async for chunk in self.stack.synthesize(self.p.voice, ph, self.p.speed):
-                if self.t.tts_first_audio_s is None:
-                    self.t.tts_first_audio_s = time.monotonic()
-                y = rs.process(chunk)
-                if len(y):
-                    self._out.put_nowait(("audio", y))
-            self._out.put_nowait(("phrase_end", s, e))
-        tail = rs.flush()
-        if len(tail):
-            self._out.put_nowait(("audio", tail))
+            self._llm_error = e
+            if speech is not None:
+                speech.cancel()  # nothing more to say: _speak() raises the error
+            else:
+                self._out.put_nowait(("error", e))
 
     def _ids(self) -> dict:
         return {"response_id": self.id, "item_id": self.item.id, "output_index": 0, "content_index": 0}
@@ -229,38 +211,43 @@ class Response:
         part = {"type": "output_audio", "transcript": ""} if self.audio else {"type": "output_text", "text": ""}
         self._emit({"type": "response.content_part.added", **self._ids(), "part": part})
 
-    async def _consume(self) -> None:
-        rate = self.p.output_format.rate_hz
-        frame = max(1, rate * self.p.frame_ms // 1000)
-        phrase_start_ms = 0.0
+    async def _write_text(self) -> None:
         while True:
-            kind, *val = await self._out.get()
+            kind, val = await self._out.get()
             if kind == "end":
                 break
             if kind == "error":
-                raise val[0]
-            if kind == "text":
-                self._mark_first_output()
-                self._emit({"type": "response.output_text.delta", **self._ids(), "delta": val[0]})
-                self.item.text = self.text
-            elif kind == "phrase":
-                s, e = val
-                phrase_start_ms = self.clock.sent_ms
-                delta = self.text[self._emitted_text_end:e]
-                self._emitted_text_end = e
-                if delta:
-                    self._emit({"type": "response.output_audio_transcript.delta", **self._ids(), "delta": delta})
-            elif kind == "phrase_end":
-                s, e = val
-                self.spoken.add(phrase_start_ms, self.clock.sent_ms, s, e)
-            elif kind == "audio":
-                y: np.ndarray = val[0]
-                for i in range(0, len(y), frame):
-                    await self._paced_send(y[i:i + frame], rate)
-        if self.audio and self._emitted_text_end < len(self.text):
-            self._emit({"type": "response.output_audio_transcript.delta", **self._ids(),
-                        "delta": self.text[self._emitted_text_end:]})
-            self._emitted_text_end = len(self.text)
+                raise val
+            self._mark_first_output()
+            self._emit({"type": "response.output_text.delta", **self._ids(), "delta": val})
+            self.item.text = self.text
+
+    async def _speak(self) -> None:
+        """Frames paced to real time plus the lead (so a barge-in interrupts what is still unsaid), each after
+        the transcript delta it finishes speaking."""
+        speech = self.speech
+        async for frame in speech.frames():
+            wait = self.clock.wait_s(time.monotonic())
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._copy_tts_timings()
+            self._mark_first_output()
+            self._transcript_to(frame.text_end)
+            self._emit({"type": "response.output_audio.delta", **self._ids(),
+                        "delta": base64.b64encode(self.p.output_format.encode(frame.pcm)).decode("ascii")})
+            self.clock.sent(len(frame.pcm) * 1000.0 / speech.out_rate_hz, time.monotonic())
+            self.item.audio_ms = int(self.clock.sent_ms)
+        if self._llm_error is not None:
+            raise self._llm_error
+        self._transcript_to(len(self.text))  # text with no audio (markup, a cancelled tail) is still transcript
+
+    def _transcript_to(self, end: int) -> None:
+        if end > self._emitted_text_end:
+            delta = self.text[self._emitted_text_end:end]
+            self._emitted_text_end = end
+            self._emit({"type": "response.output_audio_transcript.delta", **self._ids(), "delta": delta})
+
+    def _set_status(self) -> None:
         r = self.result
         if r is not None and getattr(r, "finish_reason", None) == "length":
             self.status, self.status_details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
@@ -271,16 +258,10 @@ class Response:
             self.status = "completed"
         self.item.text = self.text
 
-    async def _paced_send(self, y: np.ndarray, rate: int) -> None:
-        # Pace to real time plus a small lead, so that a barge-in actually interrupts what is still unsaid.
-        wait = self.clock.wait_s(time.monotonic())
-        if wait > 0:
-            await asyncio.sleep(wait)
-        self._mark_first_output()
-        self._emit({"type": "response.output_audio.delta", **self._ids(),
-                    "delta": base64.b64encode(self.p.output_format.encode(y)).decode("ascii")})
-        self.clock.sent(len(y) * 1000.0 / rate, time.monotonic())
-        self.item.audio_ms = int(self.clock.sent_ms)
+    def _copy_tts_timings(self) -> None:
+        if self.speech is not None:
+            self.t.tts_request_s = self.speech.first_phrase_s
+            self.t.tts_first_audio_s = self.speech.first_audio_s
 
     def _mark_first_output(self) -> None:
         if self.t.first_output_s is None:

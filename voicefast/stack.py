@@ -4,23 +4,20 @@ builds the real one."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
+from audio.speech_out import SpeechOutput
 
 
 @dataclass
 class Stack:
     engine: object  # AsyncLLMEngine: generate(params, messages=, request_id=), abort(id), stats(), tokenizer
     asr: object  # transcribe_async(x16k: float32) -> str
-    voices: dict[str, object]  # name -> TTS with .sample_rate_hz and .synthesize(text) -> Iterator[float32]
+    voices: dict[str, object]  # name -> TTS: .sample_rate_hz, .synthesize(text, speaking_rate=None) -> Iterator[f32]
     vad_factory: Callable[[object], object]  # TurnDetection -> stream with .process(x16k) -> list[VadEvent]
-    chunker_factory: Callable[[], object]  # -> .push(delta) -> list[str]; .flush() -> list[str]
+    chunker_factory: Callable[[], object]  # -> TextChunker (its first phrase is short: speech starts early)
     sampling_params: Callable[..., object]  # SamplingParams(temperature=, max_tokens=, ...)
     transcriber_factory: Callable[[], object] | None = None  # streaming partials: feed(x16k); async partial()
     max_model_len: int = 2048
@@ -38,40 +35,21 @@ class Stack:
             return len(text) // 3 + 1
         return len(tok.encode(text))
 
-    async def synthesize(self, voice: str, text: str, speed: float = 1.0) -> AsyncIterator[np.ndarray]:
-        """Run the blocking TTS iterator on the TTS pool; chunks arrive here as they are made. Closing this
-        iterator early (barge-in) stops the worker at its next chunk."""
+    @property
+    def tts_executor(self) -> ThreadPoolExecutor:
+        """The TTS worker pool (`tts_workers` threads, shared by every session), started on first use."""
         if self._tts_pool is None:
             self._tts_pool = ThreadPoolExecutor(self.tts_workers, thread_name_prefix="voicefast-tts")
+        return self._tts_pool
+
+    def speech_output(self, voice: str, out_rate_hz: int, frame_ms: int, speed: float = 1.0,
+                      *, pad_last_frame: bool = False) -> SpeechOutput:
+        """One response's speech: text deltas in, `frame_ms` frames at `out_rate_hz` out, synthesized with
+        `voice` (the first voice if unknown) on the TTS pool; speed 1.0 keeps the voice's own rate."""
         tts = self.voices.get(voice) or next(iter(self.voices.values()))
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
-
-        def work() -> None:
-            try:
-                chunks = tts.synthesize(text) if speed == 1.0 else tts.synthesize(text, speaking_rate=speed)
-                for chunk in chunks:
-                    if stop.is_set():
-                        break
-                    loop.call_soon_threadsafe(q.put_nowait, ("chunk", chunk))
-                loop.call_soon_threadsafe(q.put_nowait, ("end", None))
-            except BaseException as e:  # forwarded to the awaiting coroutine
-                with contextlib.suppress(RuntimeError):  # the loop may be closed already
-                    loop.call_soon_threadsafe(q.put_nowait, ("error", e))
-
-        fut = loop.run_in_executor(self._tts_pool, work)
-        try:
-            while True:
-                kind, val = await q.get()
-                if kind == "end":
-                    return
-                if kind == "error":
-                    raise val
-                yield np.asarray(val, dtype=np.float32)
-        finally:
-            stop.set()
-            fut.cancel()
+        return SpeechOutput(tts, out_rate_hz, frame_ms, chunker=self.chunker_factory(),
+                            speaking_rate=None if speed == 1.0 else speed, executor=self.tts_executor,
+                            pad_last_frame=pad_last_frame)
 
     def shutdown(self) -> None:
         if self._tts_pool is not None:

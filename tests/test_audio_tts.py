@@ -152,3 +152,65 @@ def test_synthesis_error_reaches_the_consumer():
     with pytest.raises(RuntimeError, match="synthesis failed") as e:
         asyncio.run(run())
     assert isinstance(e.value.__cause__, OSError)
+
+
+class CharTTS:
+    """A fake synthesizer for the map's arithmetic: 10 ms of tone per character, one chunk per call."""
+
+    sample_rate_hz = 16000
+
+    def __init__(self):
+        self.threads: list[str] = []
+
+    def synthesize(self, text, speaking_rate=None):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        n = 160 * len(text)
+        yield (0.3 * np.sin(2 * np.pi * 200 * np.arange(n) / self.sample_rate_hz)).astype(np.float32)
+
+
+def test_whole_words_cut_never_ends_inside_a_word():
+    text = "Hello there, friend. We open at nine tomorrow morning."
+
+    async def run():
+        so = SpeechOutput(CharTTS(), 16000, frame_ms=20)
+        return so, await _collect(so, text, step=3)
+
+    so, frames = asyncio.run(run())
+    total_ms = len(frames) * 20
+    cuts = [so.text_offset_at_ms(ms, whole_words=True) for ms in range(0, total_ms + 40, 5)]
+    raw = [so.text_offset_at_ms(ms) for ms in range(0, total_ms + 40, 5)]
+    assert cuts == sorted(cuts) and cuts[0] == 0 and cuts[-1] == len(text)  # monotonic, reaches the end
+    assert all(c <= r for c, r in zip(cuts, raw, strict=True)) and cuts != raw  # only ever moved back
+    for c in cuts:  # a cut is at a word boundary: the whole text, or a space before or after it
+        assert c == len(text) or text[c].isspace() or c == 0 or text[c - 1].isspace(), text[:c]
+    assert "Hello there, friend." in {text[:c].rstrip() for c in cuts}  # a phrase is heard whole at its end
+
+
+def test_short_last_frame_start_and_executor():
+    from concurrent.futures import ThreadPoolExecutor
+
+    text = "Hi there. Bye now."
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tts-test")
+    tts = CharTTS()
+
+    async def run():
+        so = SpeechOutput(tts, 24000, frame_ms=20, executor=pool, pad_last_frame=False)
+        so.say(text)
+        so.start()  # synthesis runs before anyone reads the frames
+        while so._out.qsize() < 3:
+            await asyncio.sleep(0.005)
+        assert so.first_phrase_s is not None and so.first_audio_s >= so.first_phrase_s
+        frames = [f async for f in so.frames()]
+        await so.aclose()
+        return so, frames
+
+    so, frames = asyncio.run(run())
+    pool.shutdown()
+    assert tts.threads and all(n.startswith("tts-test") for n in tts.threads)
+    # no padding: exactly the resampled audio, the last frame shorter than 20 ms and ending the text
+    n = sum(len(f.pcm) for f in frames)
+    assert n == int(np.ceil(so.ms_synthesized * 24))
+    assert 0 < len(frames[-1].pcm) < 480 and all(len(f.pcm) == 480 for f in frames[:-1])
+    assert frames[-1].text_end == len(text) and so._producer.done()

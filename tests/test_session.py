@@ -92,6 +92,25 @@ async def test_spoken_turn_event_order_and_timings():
     await h.session.close()
 
 
+async def test_transcript_deltas_go_out_with_the_audio_that_speaks_them():
+    h = Harness()
+    h.audio(np.concatenate([speech_like(500), silence(700)]))
+    await h.wait_for("response.done")
+    reply, said, heard_by_frame = h.stack.engine.reply([]), "", []
+    for e in h.events:
+        if e["type"] == "response.output_audio_transcript.delta":
+            said += e["delta"]
+        elif e["type"] == "response.output_audio.delta":
+            heard_by_frame.append(said)
+    assert said == reply
+    # Each audio delta goes out after the text it speaks, not the whole reply up front: the transcript grows
+    # frame by frame (17 words x 50 ms of fake speech in 100 ms frames), starting with part of the first phrase.
+    assert 0 < len(heard_by_frame[0]) < len("Sure. We are open from nine")
+    assert all(reply.startswith(t) for t in heard_by_frame) and heard_by_frame == sorted(heard_by_frame, key=len)
+    assert len(set(heard_by_frame)) >= 6
+    await h.session.close()
+
+
 async def test_second_turn_carries_context():
     h = Harness(asr=FakeASR(["What time do you open?", "And on Sunday?"]))
     h.audio(np.concatenate([speech_like(500), silence(700)]))
@@ -149,6 +168,7 @@ async def test_barge_in_cancels_and_truncates_to_what_was_heard():
     heard = done["response"]["output"][0]["content"][0]["transcript"]
     full = long
     assert full.startswith(heard) and 0 < len(heard) < len(full) // 2
+    assert full[len(heard)] == " "  # cut between words, never inside one
     # Audio was paced (real time + lead), not dumped: far less audio sent than the whole reply.
     sent_ms = sum(len(base64.b64decode(e["delta"])) // 48 for e in h.of("response.output_audio.delta"))
     assert sent_ms < 60 * 100

@@ -32,7 +32,7 @@ WARMUP = 4
 # RSS bound after warm-up. Measured growth over the 36 post-warm-up sessions is 0.0-0.6 MiB
 # (allocator high-water marks, prometheus histograms, the fakes' own request logs); a leak of one session's
 # input audio (~1.3 s at 16 kHz float32 = 83 KB) plus its response audio and task graph per session would be
-# a steady climb, caught by the object/task counts below long before RSS. 20 MiB leaves ~10x margin for
+# a steady climb, caught by the object/task counts below long before RSS. 20 MiB leaves >30x margin for
 # allocator noise while still catching a leak of ~0.5 MB per session (e.g. buffers kept alive).
 RSS_GROWTH_BOUND_BYTES = 20 * 2**20
 

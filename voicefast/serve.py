@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"voicefast serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if opts.log_level.upper() != "DEBUG":
+        # websockets logs every plain HTTP request (the demo page, /healthz, /metrics) at INFO as
+        # "connection rejected (200 OK)": true for its handshake, misleading in a server log.
+        logging.getLogger("websockets.server").setLevel(logging.WARNING)
     from voicefast.assets import MissingAssetError
 
     try:

@@ -84,9 +84,11 @@ function scrollLog() {
   log.scrollTop = log.scrollHeight;
 }
 
+let instructionsEdited = false;  // set on user input; until then the server's own instructions stand
+
 function settings() {
   return {
-    instructions: $("instructions").value.trim(),
+    instructions: instructionsEdited ? $("instructions").value.trim() : "",
     voice: $("voice").value,
     silenceMs: Math.max(100, Math.min(3000, parseInt($("silence").value, 10) || 500)),
     apiKey: $("apikey").value.trim(),
@@ -195,6 +197,12 @@ function onEvent(ev) {
   }
   if (t === "session.created" || t === "session.updated") {
     vf.session = ev.session || null;
+    // Show the server's system prompt (its built-in persona holds the business facts the small model
+    // needs); only a prompt the user edited is ever sent back.
+    const box = $("instructions");
+    if (vf.session && typeof vf.session.instructions === "string" && !instructionsEdited) {
+      box.value = vf.session.instructions;
+    }
   } else if (t === "input_audio_buffer.speech_started") {
     userSpeaking = true;
     setState("listening", "hearing you…");
@@ -354,6 +362,7 @@ async function loadVoices() {
   }
 }
 
+$("instructions").addEventListener("input", () => { instructionsEdited = true; });
 $("talk").addEventListener("click", () => (conn || ctx ? stop() : start()));
 $("apply").addEventListener("click", () => {
   if (conn && conn.isOpen) conn.send(sessionUpdate());

@@ -153,6 +153,9 @@ def test_real_server_conversation(playwright, question_wav, real_server):
         p.wait("voicefast.tokS !== null", 60, "tokens/s from voicefast_timings")
         assert float(p.page.inner_text("#toks")) > 0
         assert vf["error"] is None, vf["error"]
+        # The page shows the server's persona and never sent a prompt of its own over it.
+        assert "Maple Street Outfitters" in p.page.input_value("#instructions")
+        assert "Maple Street Outfitters" in (vf["session"] or {}).get("instructions", "")
         _screenshot_not_blank(p.page, "demo_real_server.png")
     finally:
         p.close()

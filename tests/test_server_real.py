@@ -93,7 +93,9 @@ async def test_two_spoken_turns_with_context(real):
                   "input_audio_buffer.committed", "response.created", "response.output_audio.delta"):
             assert t in t1["types"], t
         assert t1["types"].index("input_audio_buffer.speech_stopped") < t1["types"].index("response.created")
-        assert "saturday" in t1["user"].lower()
+        from audio.wer import word_error_rate  # the transcript is the real ASR's: allow one misheard word
+
+        assert word_error_rate("What time do you open on Saturday?", t1["user"]) <= 1 / 7, t1["user"]
         assert t1["done"].status in ("completed", "incomplete") and t1["text"].strip()
         assert len(t1["audio"]) > 24_000  # > 0.5 s of 24 kHz PCM16 speech
         tim = t1["done"].metadata["voicefast_timings"]

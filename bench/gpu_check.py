@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
+from bench.decode_gpu import copy_bw_gbs  # noqa: E402  (one copy-bandwidth measurement for both scripts)
 from llm_engine.kernels import decode_attention as DA  # noqa: E402
 from llm_engine.kernels import rms_norm as RN  # noqa: E402
 from llm_engine.kernels import rotary_kv as RK  # noqa: E402
@@ -44,16 +45,6 @@ def check(name, a, b, tol):
     RESULTS.append({"kind": "check", "name": name, "rel": r, "tol": tol, "ok": ok})
     if not ok:
         FAILS.append(name)
-
-
-def copy_bw_gbs() -> float:
-    n = 2 * 1024**3
-    a = torch.randint(0, 255, (n,), dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda a=a, b=b: b.copy_(a), warmup=50, rep=300, return_mode="median")
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * n / (ms / 1e3) / 1e9
 
 
 def time_graph_us(fn, reps_inside: int = 1) -> float:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SMALL_BATCH_MAX = 64  # rows that take the Triton small-batch kernel; larger (prefill) dequantize + GEMM
+from llm_engine.quant.base import WeightOnlyLinear
 
 
 def pick_group(k: int, group: int = 128) -> int:
@@ -52,7 +52,7 @@ def reference_int4_linear(x, packed, scale, mn, group, bias=None):
     return F.linear(x, dequantize_int4(packed, scale, mn, group, x.dtype), bias)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(WeightOnlyLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=torch.bfloat16,
                  group: int = 128):
         super().__init__()
@@ -63,8 +63,7 @@ class Int4Linear(nn.Module):
                                                     device=device))
         self.register_buffer("scale", torch.ones((out_features, ng), dtype=torch.float16, device=device))
         self.register_buffer("wmin", torch.zeros((out_features, ng), dtype=torch.float16, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
-            if bias else None
+        self._init_bias(bias, device, dtype)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group: int = 128) -> Int4Linear:
@@ -73,19 +72,16 @@ class Int4Linear(nn.Module):
         m.qweight.copy_(packed)
         m.scale.copy_(s)
         m.wmin.copy_(mn)
-        if lin.bias is not None:
-            m.bias.data.copy_(lin.bias.data)
+        m._copy_bias(lin)
         return m
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if x.is_cuda and x2.shape[0] <= SMALL_BATCH_MAX:
-            from llm_engine.quant.kernels import int4_matmul
-            y = int4_matmul(x2, self.qweight, self.scale, self.wmin, self.group, self.bias)
-        else:
-            y = reference_int4_linear(x2, self.qweight, self.scale, self.wmin, self.group, self.bias)
-        return y.reshape(*shape[:-1], self.out_features)
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        from llm_engine.quant.kernels import int4_matmul
+
+        return int4_matmul(x2, self.qweight, self.scale, self.wmin, self.group, self.bias)
+
+    def _reference(self, x2: torch.Tensor) -> torch.Tensor:
+        return reference_int4_linear(x2, self.qweight, self.scale, self.wmin, self.group, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int4 group {self.group}"

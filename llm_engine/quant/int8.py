@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SMALL_BATCH_MAX = 64  # rows that take the Triton small-batch kernel; larger (prefill) dequantize + GEMM
+from llm_engine.quant.base import WeightOnlyLinear
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,14 +25,13 @@ def reference_int8_linear(x, q, scale, bias=None):
     return F.linear(x, dequantize_int8(q, scale, x.dtype), bias)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(WeightOnlyLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=torch.bfloat16):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("qweight", torch.zeros((out_features, in_features), dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
-            if bias else None
+        self._init_bias(bias, device, dtype)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> Int8Linear:
@@ -40,19 +39,16 @@ class Int8Linear(nn.Module):
         q, s = quantize_int8(lin.weight.data)
         m.qweight.copy_(q)
         m.scale.copy_(s)
-        if lin.bias is not None:
-            m.bias.data.copy_(lin.bias.data)
+        m._copy_bias(lin)
         return m
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if x.is_cuda and x2.shape[0] <= SMALL_BATCH_MAX:
-            from llm_engine.quant.kernels import int8_matmul
-            y = int8_matmul(x2, self.qweight, self.scale, self.bias)
-        else:
-            y = reference_int8_linear(x2, self.qweight, self.scale, self.bias)
-        return y.reshape(*shape[:-1], self.out_features)
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        from llm_engine.quant.kernels import int8_matmul
+
+        return int8_matmul(x2, self.qweight, self.scale, self.bias)
+
+    def _reference(self, x2: torch.Tensor) -> torch.Tensor:
+        return reference_int8_linear(x2, self.qweight, self.scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel"

@@ -1,5 +1,12 @@
 """Speech fixtures made at test time (never committed): sentences spoken by the embedded Piper voice
-(or espeak-ng when installed), as 16 kHz mono PCM16 WAVs cached under .cache/speech/."""
+(or espeak-ng when installed), as 16 kHz mono PCM16 WAVs cached under .cache/speech/.
+
+Piper's VITS model samples noise inside the ONNX graph (durations and waveform), so the same text sounds a little
+different on every call, and a real-ASR assertion that passes on one synthesis can fail on the next. Fixtures are
+therefore synthesized reproducibly: onnxruntime's random ops draw from a seed fixed per text (set before the voice's
+session is created, a fresh session per fixture), so every clone on every run hears the same audio.
+`bench/asr_variation.py` measures how much the ASR's word error rate moves over many seeds; the real-ASR tests take
+their bounds from that measurement."""
 
 from __future__ import annotations
 
@@ -56,22 +63,23 @@ def resample_whole(x: np.ndarray, in_rate_hz: int, out_rate_hz: int) -> np.ndarr
     return y[:n_out].astype(np.float32)
 
 
-_voices: dict[str, object] = {}
+def text_seed(text: str) -> int:
+    """A stable per-text seed (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:4], "little")
 
 
-def _piper_voice():
+def synthesize_piper(text: str, seed: int | None = None, voice_path: str | None = None) -> tuple[np.ndarray, int]:
+    """`text` spoken by a Piper voice (the embedded one by default), reproducibly: the same (text, seed) gives the
+    same samples. The seed defaults to `text_seed(text)`."""
+    import onnxruntime
     from piper import PiperVoice
 
     from voicefast.assets import resolve_tts
 
-    path = str(resolve_tts().path)
-    if path not in _voices:
-        _voices[path] = PiperVoice.load(path)
-    return _voices[path]
-
-
-def synthesize_piper(text: str) -> tuple[np.ndarray, int]:
-    voice = _piper_voice()
+    path = voice_path or str(resolve_tts().path)
+    # The random ops of a session draw from the generator seeded when the session is made: seed, then load.
+    onnxruntime.set_seed(text_seed(text) if seed is None else seed)
+    voice = PiperVoice.load(path)
     chunks = list(voice.synthesize(text))
     audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
     return audio, chunks[0].sample_rate
@@ -93,7 +101,9 @@ def synthesize_espeak(text: str, voice: str = "en", speed_wpm: int = 140) -> tup
 def speech_wav(text: str, *, rate_hz: int = 16_000, engine: str = "piper", lead_silence_ms: int = 0,
                trail_silence_ms: int = 0) -> Path:
     """Path to a cached mono PCM16 WAV of `text` at `rate_hz`, with optional silence padding."""
-    key = hashlib.sha1(f"{engine}|{text}|{rate_hz}|{lead_silence_ms}|{trail_silence_ms}".encode()).hexdigest()[:16]
+    # "seeded": fixtures made before synthesis was seeded must not be reused from an old cache.
+    spec = f"{engine}|seeded|{text}|{rate_hz}|{lead_silence_ms}|{trail_silence_ms}"
+    key = hashlib.sha1(spec.encode()).hexdigest()[:16]
     path = CACHE_DIR / f"{engine}-{rate_hz}-{key}.wav"
     if path.exists():
         return path

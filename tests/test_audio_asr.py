@@ -285,5 +285,5 @@ def test_vad_driven_speculative_final_is_decoded_once(asr):
 
     spec_text, final = asyncio.run(run())
     assert spec_text == final
-    assert word_error_rate(text, final) <= 0.15, final  # Piper fixtures vary run to run
+    assert word_error_rate(text, final) <= 0.15, final  # bench.asr_variation: 0 over 20 seeds; slack for other CPUs
     assert submitted.count(True) == 1  # the speculative final was reused, not decoded twice

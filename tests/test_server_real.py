@@ -93,9 +93,14 @@ async def test_two_spoken_turns_with_context(real):
                   "input_audio_buffer.committed", "response.created", "response.output_audio.delta"):
             assert t in t1["types"], t
         assert t1["types"].index("input_audio_buffer.speech_stopped") < t1["types"].index("response.created")
-        from audio.wer import word_error_rate  # the transcript is the real ASR's: allow one misheard word
+        from audio.wer import normalize_words, word_error_rate
 
-        assert word_error_rate("What time do you open on Saturday?", t1["user"]) <= 1 / 7, t1["user"]
+        # The fixture is synthesized with a fixed seed (tests/speech.py), so this transcript is the same on every
+        # run (measured: exact). The bound is what 20 other seeds gave through this very path
+        # (`python -m bench.asr_variation`): 19 exact, one "open on setter day?" (2 of 7 words), so a fixture that
+        # differs on another CPU still passes, and the content words must be there whatever the seed.
+        assert word_error_rate("What time do you open on Saturday?", t1["user"]) <= 2 / 7, t1["user"]
+        assert {"what", "time", "open"} <= set(normalize_words(t1["user"])), t1["user"]
         assert t1["done"].status in ("completed", "incomplete") and t1["text"].strip()
         assert len(t1["audio"]) > 24_000  # > 0.5 s of 24 kHz PCM16 speech
         tim = t1["done"].metadata["voicefast_timings"]

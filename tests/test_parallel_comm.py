@@ -137,7 +137,7 @@ def test_step_messages_round_trip_a_real_runners_inputs():
                       max_model_len=256)
     gen = torch.Generator().manual_seed(1)
     for i, n in enumerate((5, 20)):
-        seq = Sequence(f"r{i}", list(range(1, n + 1)), SamplingParams(temperature=0.5, seed=3, max_tokens=8), frozenset())
+        seq = Sequence(f"r{i}", list(range(1, n + 1)), SamplingParams(temperature=0.5, seed=3, max_tokens=8))
         seq.generator = gen
         sched.add(seq)
     made = {}
@@ -163,3 +163,50 @@ def test_step_messages_round_trip_a_real_runners_inputs():
     assert kind == steps.GRAPH and b == 3 and np.array_equal(got, rows)
     with pytest.raises(RuntimeError, match="not made by ModelRunner._tensor"):
         steps.pack_inputs(inp, {})
+
+
+class _FakeGraphs:
+    def __init__(self, rows: int, cols: int):
+        self.staging = torch.zeros(rows, cols, dtype=torch.int64)
+        self.replayed: list[tuple[int, torch.Tensor]] = []
+
+    def replay(self, b: int) -> None:
+        self.replayed.append((b, self.staging[:b].clone()))
+
+
+class _FakeRunner:
+    """The parts of GpuModelRunner a decode-graph step touches: pinned staging (_h_st, numpy view _n_st)."""
+
+    block_size = 16
+
+    def __init__(self, rows: int = 8, cols: int = 7 + 16):
+        self._h_st = torch.zeros(rows, cols, dtype=torch.int64)
+        self._n_st = self._h_st.numpy()
+        self.graphs = _FakeGraphs(rows, cols)
+
+
+def test_decode_graph_steps_reach_the_worker_with_the_used_columns():
+    from llm_engine.cuda_graphs import COL_ID, COL_SEQ_LEN, STAGING_COLS
+    from llm_engine.parallel.runner import _GraphSteps, _PublishingGraphs
+
+    sent = []
+    leader = _FakeRunner()
+    leader._tp = type("Leader", (), {"publish": staticmethod(sent.append)})()
+    published = _PublishingGraphs(leader.graphs, leader)
+    worker, steps_ = _FakeRunner(), _GraphSteps()
+    worker._n_st[:] = -5  # stale garbage past the used columns stays harmless
+    for b, lens in ((4, [17, 3, 40, 1]), (2, [5, 33])):
+        st = leader._n_st
+        st[:b] = 0
+        st[:b, COL_ID] = np.arange(b) + 100
+        st[:b, COL_SEQ_LEN] = lens
+        for i, n in enumerate(lens):
+            st[i, STAGING_COLS:STAGING_COLS + -(-n // 16)] = np.arange(-(-n // 16)) + 10 * i
+        published.replay(b)  # rank 0: send, then replay its own graph
+        kind, (bb, rows) = steps.decode(memoryview(sent[-1]))
+        assert kind == steps.GRAPH and bb == b and rows.shape == (b, STAGING_COLS + -(-max(lens) // 16))
+        steps_.replay(worker, bb, rows)
+        w = rows.shape[1]
+        b_w, staged = worker.graphs.replayed[-1]
+        assert b_w == b and torch.equal(staged[:, :w], torch.from_numpy(st[:b, :w]))
+    assert [b for b, _ in leader.graphs.replayed] == [4, 2]

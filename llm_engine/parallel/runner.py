@@ -71,8 +71,7 @@ def resolve(fn: str):
 @torch.inference_mode()
 def serve_steps(model, model_cfg, device: torch.device, receive) -> None:
     """A worker's loop: `receive()` -> the next message (bytes); returns on STOP."""
-    runner = None
-    copied = None  # CUDA event: the last staging copy out of the pinned host buffer
+    runner, worker = None, _GraphSteps()
     while True:
         kind, obj = steps.decode(receive())
         if kind == steps.STOP:
@@ -80,15 +79,7 @@ def serve_steps(model, model_cfg, device: torch.device, receive) -> None:
         if kind == steps.INIT:
             runner = obj["cls"](model, model_cfg, device=device, **obj["kwargs"])
         elif kind == steps.GRAPH:
-            b, rows = obj
-            if copied is not None:
-                copied.synchronize()  # the host buffer is free again
-            runner._n_st[:b, :rows.shape[1]] = rows
-            g = runner.graphs
-            g.staging[:b].copy_(runner._h_st[:b], non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-            g.replay(b)
+            worker.replay(runner, *obj)
         elif kind == steps.EAGER:
             inp = steps.unpack_inputs(obj, runner._tensor)
             hidden = runner.forward(inp)
@@ -98,6 +89,25 @@ def serve_steps(model, model_cfg, device: torch.device, receive) -> None:
             resolve(obj["fn"])(runner, *obj["args"])
         else:
             raise RuntimeError(f"unknown step message kind {kind}")
+
+
+class _GraphSteps:
+    """A worker's decode-graph step: rank 0's staging rows into this runner's pinned staging buffer, one copy to
+    the device, replay. The pinned buffer is reused only after the previous copy out of it finished."""
+
+    def __init__(self):
+        self.copied = None  # CUDA event of the last host-to-device staging copy
+
+    def replay(self, runner, b: int, rows: np.ndarray) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
+        runner._n_st[:b, :rows.shape[1]] = rows
+        g = runner.graphs
+        g.staging[:b].copy_(runner._h_st[:b], non_blocking=True)
+        if g.staging.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        g.replay(b)
 
 
 @torch.inference_mode()

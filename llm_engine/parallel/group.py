@@ -109,8 +109,11 @@ class TPGroup:
 
     def close(self) -> None:
         if self._regions is not None:
-            torch.cuda.synchronize(self.device)
-            self._regions.close()
+            try:
+                torch.cuda.synchronize(self.device)
+                self._regions.close()
+            except RuntimeError as e:  # a peer that already exited: its mapping goes with this process anyway
+                log.warning("closing the peer-to-peer buffers: %s", e)
             self._regions, self.custom = None, None
         if dist.is_initialized():
             dist.destroy_process_group()

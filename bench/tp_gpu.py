@@ -45,6 +45,9 @@ SHAPES = {
                       num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0),
 }
 MAX_MODEL_LEN = 2048
+BUDGET_S = 500  # no piece starts later, and none outlives it: the device call's 9 minutes hold
+DEVICE, DTYPE = "cuda", "bfloat16"  # tests/test_tp_gpu_bench.py runs the check piece on CPU at tiny shapes
+CHECKS = [(m, d) for m in ("glm4-9b", "llama3-8b") for d in ("bf16", "int8")]
 # (piece args, seconds it may take), most important first
 PLAN = [
     (["allreduce"], 120),
@@ -60,7 +63,7 @@ def model_config(name: str, layers: int | None = None) -> ModelConfig:
     shape = dict(SHAPES[name])
     if layers:
         shape["num_layers"] = layers
-    return ModelConfig(max_position_embeddings=4096, dtype=torch.bfloat16, **shape)
+    return ModelConfig(max_position_embeddings=4096, dtype=getattr(torch, DTYPE), **shape)
 
 
 def make_engine(name: str, dtype: str, tp: int, max_seqs: int, layers: int | None = None, seed: int = 0):
@@ -69,7 +72,7 @@ def make_engine(name: str, dtype: str, tp: int, max_seqs: int, layers: int | Non
     from llm_engine.parallel import RandomCheckpoint
 
     return LLMEngine(EngineConfig(
-        model=RandomCheckpoint(model_config(name, layers), seed=seed), device="cuda", dtype="bfloat16",
+        model=RandomCheckpoint(model_config(name, layers), seed=seed), device=DEVICE, dtype=DTYPE,
         tensor_parallel=tp, quantize=None if dtype == "bf16" else dtype, quantize_lm_head=dtype != "bf16",
         max_num_seqs=max_seqs, kv_block_size=16, num_kv_blocks=max_seqs * (MAX_MODEL_LEN // 16) // 4 + 256,
         max_num_batched_tokens=2048, max_waiting=1024, max_model_len=MAX_MODEL_LEN, enable_prefix_caching=False))
@@ -156,39 +159,38 @@ def piece_check(common: dict) -> list[dict]:
 
     tol = {"bf16": 3e-2, "int8": 5e-2}  # relative norm of the logits error, TP=2 vs TP=1
     recs = []
-    for name in ("glm4-9b", "llama3-8b"):
-        for dtype in ("bf16", "int8"):
-            g = torch.Generator().manual_seed(5)
-            vocab = SHAPES[name]["vocab_size"]
-            prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (7, 40, 130, 19)]
-            probe = torch.randint(0, vocab, (96,), generator=g).tolist()
-            params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-            ref = make_engine(name, dtype, 1, max_seqs=4, layers=4, seed=3)
-            ref_tok = [t for t, _ in ref.generate(prompts, params)]
-            ref_lg = prompt_logits(ref.runner, probe).cpu()
-            eng = make_engine(name, dtype, 2, max_seqs=4, layers=4, seed=3)
-            try:
-                tok = [t for t, _ in eng.generate(prompts, params)]  # 4 at once: eager prefill, graph decodes
-                lg = eng.tp.call(eng.runner, "llm_engine.parallel.runner:prompt_logits", probe).cpu()
-            finally:
-                eng.close()
-            err = logits_error(ref_lg, lg)
-            runner = ref.runner
+    for name, dtype in CHECKS:
+        rng = torch.Generator().manual_seed(5)
+        vocab = SHAPES[name]["vocab_size"]
+        prompts = [torch.randint(0, vocab, (n,), generator=rng).tolist() for n in (7, 40, 130, 19)]
+        probe = torch.randint(0, vocab, (96,), generator=rng).tolist()
+        params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+        ref = make_engine(name, dtype, 1, max_seqs=4, layers=4, seed=3)
+        ref_tok = [t for t, _ in ref.generate(prompts, params)]
+        ref_lg = prompt_logits(ref.runner, probe).cpu()
+        eng = make_engine(name, dtype, 2, max_seqs=4, layers=4, seed=3)
+        try:
+            tok = [t for t, _ in eng.generate(prompts, params)]  # 4 at once: eager prefill, graph decodes
+            lg = eng.tp.call(eng.runner, "llm_engine.parallel.runner:prompt_logits", probe).cpu()
+        finally:
+            eng.close()
+        err = logits_error(ref_lg, lg)
+        runner = ref.runner
 
-            def last_logits(ids, runner=runner):
-                return prompt_logits(runner, ids)[-1].cpu()
+        def last_logits(ids, runner=runner):
+            return prompt_logits(runner, ids)[-1].cpu()
 
-            greedy = [greedy_agrees(p, a, b, last_logits, tie_gap=1e-2)
-                      for p, a, b in zip(prompts, ref_tok, tok, strict=True)]
-            del ref, runner
-            gc.collect()
-            torch.cuda.empty_cache()
-            ok = err["rel_norm"] < tol[dtype] and all(g[0] for g in greedy)
-            recs.append(dict(impl="tp-check", model=name + "-4layer", dtype=dtype, tp=2, logits=err,
-                             rel_norm_tol=tol[dtype], greedy=[g[1] for g in greedy], ok=ok, **common))
-            print(f"check {name}-4layer {dtype} TP=2 vs TP=1: logits rel {err['rel_norm']:.2e} (tol {tol[dtype]:g}) "
-                  f"max abs {err['max_abs']:.3f} argmax-equal {err['argmax_equal']:.3f}; greedy "
-                  f"{[g[1] for g in greedy]} -> {'OK' if ok else 'FAIL'}", flush=True)
+        greedy = [greedy_agrees(p, a, b, last_logits, tie_gap=1e-2)
+                  for p, a, b in zip(prompts, ref_tok, tok, strict=True)]
+        del ref, runner
+        gc.collect()
+        torch.cuda.empty_cache()
+        ok = err["rel_norm"] < tol[dtype] and all(g[0] for g in greedy)
+        recs.append(dict(impl="tp-check", model=name + "-4layer", dtype=dtype, tp=2, logits=err,
+                         rel_norm_tol=tol[dtype], greedy=[g[1] for g in greedy], ok=ok, **common))
+        print(f"check {name}-4layer {dtype} TP=2 vs TP=1: logits rel {err['rel_norm']:.2e} (tol {tol[dtype]:g}) "
+              f"max abs {err['max_abs']:.3f} argmax-equal {err['argmax_equal']:.3f}; greedy "
+              f"{[g[1] for g in greedy]} -> {'OK' if ok else 'FAIL'}", flush=True)
     return recs
 
 
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="directory for tp_gpu.jsonl and tp_gpu.log")
     ap.add_argument("--commit", default="unknown")
-    ap.add_argument("--budget-s", type=float, default=520.0, help="stop starting pieces after this long")
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="stop starting pieces after this long")
     ap.add_argument("--only", default=None, help="comma list of piece kinds to run (allreduce, perf, check)")
     ap.add_argument("--piece", nargs="+", help=argparse.SUPPRESS)  # internal: run one piece here
     args = ap.parse_args(argv)

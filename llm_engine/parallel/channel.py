@@ -2,20 +2,23 @@
 memory ring (one writer, R readers) — a few µs per step, where a gloo or pickle-over-pipe broadcast costs
 50-200 µs. Single writer: rank 0's engine thread.
 
-Layout (one SharedMemory block): readers' acknowledgements int64 [R] (the last sequence number each consumed),
-then `slots` slots of [seq int64, nbytes int64, payload `slot_bytes`]. The writer fills a slot's payload, then
-stores its sequence number; a reader polls the next slot's sequence number, then reads the payload, then acks.
-The writer reuses a slot only after every reader acked the message that was in it. Stores and loads go through
-numpy in this order; x86-64's store ordering (TSO) makes the payload visible before the sequence number.
+Layout (one memory-mapped file, in /dev/shm where there is one, else the temp directory): readers' acknowledgements
+int64 [R] (the last sequence number each consumed), then `slots` slots of [seq int64, nbytes int64, payload
+`slot_bytes`]. The writer fills a slot's payload, then stores its sequence number; a reader polls the next slot's
+sequence number, then reads the payload, then acks. The writer reuses a slot only after every reader acked the
+message that was in it. Stores and loads go through numpy in this order; x86-64's store ordering (TSO) makes
+the payload visible before the sequence number.
 
 Readers spin for `spin_s` after each message (decode steps follow each other within milliseconds), then back off
 to short sleeps, and give up with ChannelClosed once the writer's process is gone (`parent_pid`)."""
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
+import tempfile
 import time
-from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -27,9 +30,13 @@ class ChannelClosed(RuntimeError):
 
 
 class StepChannel:
-    def __init__(self, shm: shared_memory.SharedMemory, readers: int, slots: int, slot_bytes: int, owner: bool):
-        self.shm, self.readers, self.slots, self.slot_bytes, self.owner = shm, readers, slots, slot_bytes, owner
-        buf = shm.buf
+    def __init__(self, path: str, readers: int, slots: int, slot_bytes: int, owner: bool):
+        self.path, self.readers, self.slots, self.slot_bytes, self.owner = path, readers, slots, slot_bytes, owner
+        size = self.size_for(readers, slots, slot_bytes)
+        with open(path, "r+b") as f:
+            self.mm = mmap.mmap(f.fileno(), size)  # shared with every process that maps the file
+        buf = memoryview(self.mm)
+        self._buf = buf
         self.acks = np.ndarray((readers,), np.int64, buf, 0)  # [R]
         base = 8 * readers
         self.stride = _HDR + slot_bytes
@@ -37,22 +44,27 @@ class StepChannel:
         self.payloads = [np.ndarray((slot_bytes,), np.uint8, buf, base + i * self.stride + _HDR) for i in range(slots)]
         self.next_seq = 1  # writer: the next message; reader: the next message it expects
 
+    @staticmethod
+    def size_for(readers: int, slots: int, slot_bytes: int) -> int:
+        return 8 * readers + slots * (_HDR + slot_bytes)
+
     @classmethod
     def create(cls, readers: int, slots: int = 4, slot_bytes: int = 2 << 20) -> StepChannel:
-        size = 8 * readers + slots * (_HDR + slot_bytes)
-        return cls(shared_memory.SharedMemory(create=True, size=size), readers, slots, slot_bytes, owner=True)
+        shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        fd, path = tempfile.mkstemp(prefix="voicefast-tp-", dir=shm_dir)
+        try:
+            os.ftruncate(fd, cls.size_for(readers, slots, slot_bytes))  # zero-filled
+        finally:
+            os.close(fd)
+        return cls(path, readers, slots, slot_bytes, owner=True)
 
     @classmethod
-    def attach(cls, name: str, readers: int, slots: int = 4, slot_bytes: int = 2 << 20) -> StepChannel:
-        return cls(shared_memory.SharedMemory(name=name), readers, slots, slot_bytes, owner=False)
-
-    @property
-    def name(self) -> str:
-        return self.shm.name
+    def attach(cls, path: str, readers: int, slots: int = 4, slot_bytes: int = 2 << 20) -> StepChannel:
+        return cls(path, readers, slots, slot_bytes, owner=False)
 
     def spec(self) -> dict:
         """What a reader process needs to attach."""
-        return {"name": self.name, "readers": self.readers, "slots": self.slots, "slot_bytes": self.slot_bytes}
+        return {"path": self.path, "readers": self.readers, "slots": self.slots, "slot_bytes": self.slot_bytes}
 
     # -- writer ----------------------------------------------------------------------------------------
     def publish(self, payload: bytes | memoryview | np.ndarray, timeout_s: float = 600.0) -> None:
@@ -97,7 +109,12 @@ class StepChannel:
         return memoryview(out)
 
     def close(self) -> None:
+        if self.mm is None:
+            return
         self.acks = self.seqs = self.payloads = None
-        self.shm.close()
+        self._buf.release()
+        self.mm.close()
+        self.mm = None
         if self.owner:
-            self.shm.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)

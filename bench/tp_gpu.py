@@ -56,6 +56,7 @@ PLAN = [
     (["check"], 240),
     (["perf", "glm4-9b", "bf16", "1", "64"], 110), (["perf", "glm4-9b", "bf16", "2", "64"], 150),
     (["perf", "glm4-32b", "bf16", "1", "1"], 150), (["perf", "glm4-32b", "bf16", "2", "1"], 170),
+    (["perf", "glm4-9b", "bf16", "2", "1", "nccl"], 130),  # ablation: TP=2 with NCCL for every all-reduce
 ]
 
 
@@ -66,7 +67,8 @@ def model_config(name: str, layers: int | None = None) -> ModelConfig:
     return ModelConfig(max_position_embeddings=4096, dtype=getattr(torch, DTYPE), **shape)
 
 
-def make_engine(name: str, dtype: str, tp: int, max_seqs: int, layers: int | None = None, seed: int = 0):
+def make_engine(name: str, dtype: str, tp: int, max_seqs: int, layers: int | None = None, seed: int = 0,
+                one_shot: bool = True):
     from llm_engine.config import EngineConfig
     from llm_engine.engine import LLMEngine
     from llm_engine.parallel import RandomCheckpoint
@@ -75,7 +77,8 @@ def make_engine(name: str, dtype: str, tp: int, max_seqs: int, layers: int | Non
         model=RandomCheckpoint(model_config(name, layers), seed=seed), device=DEVICE, dtype=DTYPE,
         tensor_parallel=tp, quantize=None if dtype == "bf16" else dtype, quantize_lm_head=dtype != "bf16",
         max_num_seqs=max_seqs, kv_block_size=16, num_kv_blocks=max_seqs * (MAX_MODEL_LEN // 16) // 4 + 256,
-        max_num_batched_tokens=2048, max_waiting=1024, max_model_len=MAX_MODEL_LEN, enable_prefix_caching=False))
+        max_num_batched_tokens=2048, max_waiting=1024, max_model_len=MAX_MODEL_LEN, enable_prefix_caching=False,
+        tp_one_shot_max_bytes=512 * 1024 if one_shot else 0))
 
 
 def rank_weight_bytes(model) -> int:
@@ -123,12 +126,12 @@ def graph_step_ms(runner, b: int, ctx: int, n: int = 100) -> float:
     return s.elapsed_time(e) / n
 
 
-def piece_perf(name: str, dtype: str, tp: int, batch: int, common: dict) -> list[dict]:
+def piece_perf(name: str, dtype: str, tp: int, batch: int, common: dict, one_shot: bool = True) -> list[dict]:
     from bench.decode_gpu import copy_bw_gbs, run_requests
 
     bw = copy_bw_gbs()
     t0 = time.time()
-    eng = make_engine(name, dtype, tp, max_seqs=batch)
+    eng = make_engine(name, dtype, tp, max_seqs=batch, one_shot=one_shot)
     nbytes = rank_weight_bytes(eng.model)
     custom = eng.tp is not None and eng.tp.group.custom is not None
     print(f"[{name} {dtype} tp={tp}] built in {time.time() - t0:.1f} s; {nbytes / 1e9:.2f} GB/step/GPU; one-shot "
@@ -202,21 +205,22 @@ def run_piece(args: list[str], jsonl: str, common: dict) -> None:
         allreduce_main(["--out", jsonl])
         return
     recs = piece_check(common) if kind == "check" else piece_perf(args[1], args[2], int(args[3]), int(args[4]),
-                                                                  common)
+                                                                  common, one_shot=args[5:] != ["nccl"])
     with open(jsonl, "a") as f:
         for r in recs:
             f.write(json.dumps(r) + "\n")
 
 
 def summary(jsonl: str) -> None:
-    print("\nmodel       dtype tp   B     tok/s  per-stream   limit   %lim  step_ms  itl_p99")
+    print("\nmodel       dtype tp   B     tok/s  per-stream   limit   %lim  step_ms  itl_p99   (tp 2* = NCCL only)")
     recs = []
     if os.path.exists(jsonl):
         with open(jsonl) as f:
             recs = [json.loads(line) for line in f if line.strip()]
     for r in recs:
         if r.get("impl") == "voicefast":
-            print(f"{r['model']:11s} {r['dtype']:5s} {r['tp']:2d} {r['batch']:3d} {r['tok_s']:9.1f} "
+            star = "" if r["one_shot_all_reduce"] or r["tp"] == 1 else "*"
+            print(f"{r['model']:11s} {r['dtype']:5s} {r['tp']:2d}{star:1s}{r['batch']:3d} {r['tok_s']:9.1f} "
                   f"{r['tok_s_per_stream']:10.1f} {r['limit_tok_s']:7.0f} {r['frac_of_limit'] * 100:5.1f}% "
                   f"{r['step_ms']:8.3f} {r['itl_p99_ms']:7.2f}")
         elif r.get("impl") == "all-reduce":

@@ -31,6 +31,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of free memory the weights + KV pool may use
     seed: int = 0  # seed for unseeded random sampling
     tensor_parallel: int = 1  # ranks (GPUs of this host; gloo processes on CPU) the model is split over
+    tp_one_shot_max_bytes: int = 512 * 1024  # CUDA TP: all-reduces up to this size take the one-shot kernel; 0 = NCCL
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
@@ -57,6 +58,10 @@ class EngineConfig:
         if not isinstance(self.tensor_parallel, int) or isinstance(self.tensor_parallel, bool) \
                 or not 1 <= self.tensor_parallel <= 8:
             raise ValueError(f"tensor_parallel must be an int in [1, 8], got {self.tensor_parallel!r}")
+        if not isinstance(self.tp_one_shot_max_bytes, int) or not 0 <= self.tp_one_shot_max_bytes <= 64 << 20 \
+                or self.tp_one_shot_max_bytes % 256:
+            raise ValueError(f"tp_one_shot_max_bytes must be a multiple of 256 in [0, 64 MiB], got "
+                             f"{self.tp_one_shot_max_bytes!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

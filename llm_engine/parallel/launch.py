@@ -100,7 +100,8 @@ def worker_main(spec: WorkerSpec, status) -> None:
     group = channel = None
     try:
         group = TPGroup.init(spec.rank, spec.world, device, spec.init_method)
-        group.enable_custom_all_reduce()
+        if spec.engine_config.tp_one_shot_max_bytes:
+            group.enable_custom_all_reduce(spec.engine_config.tp_one_shot_max_bytes)
         model, _ = load_rank_model(spec.engine_config, group, spec.dtype, tokenizer=False)
         channel = StepChannel.attach(**spec.channel)
         status.put((spec.rank, "ready"))
@@ -139,7 +140,8 @@ class TensorParallel:
         atexit.register(self.close)
         try:
             self.group = TPGroup.init(0, tp, self.device, init_method)
-            self.group.enable_custom_all_reduce()
+            if cfg.tp_one_shot_max_bytes:  # the same decision on every rank (the same config)
+                self.group.enable_custom_all_reduce(cfg.tp_one_shot_max_bytes)
             self.model, self.tokenizer = load_rank_model(cfg, self.group, dtype, tokenizer=True)
             self._wait_ready(tp - 1, ready_timeout_s)
         except BaseException:

@@ -13,6 +13,7 @@ import ctypes
 import torch
 
 CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
+CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED = 3
 
 
 class _Handle(ctypes.Structure):
@@ -34,12 +35,23 @@ class CudaDriver:
         self._open = getattr(L, "cuIpcOpenMemHandle_v2", None) or L.cuIpcOpenMemHandle
         self._open.argtypes = [ctypes.POINTER(ctypes.c_uint64), _Handle, ctypes.c_uint]
         L.cuIpcCloseMemHandle.argtypes = [ctypes.c_uint64]
+        L.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+        L.cuDeviceGetP2PAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int, ctypes.c_int]
 
     def check(self, rc: int, what: str) -> None:
         if rc != 0:
             msg = ctypes.c_char_p()
             self.lib.cuGetErrorString(rc, ctypes.byref(msg))
             raise RuntimeError(f"{what} failed: CUDA error {rc} ({(msg.value or b'?').decode()})")
+
+    def p2p_atomics(self, src_ordinal: int, dst_ordinal: int) -> bool:
+        """Can GPU src do atomics on GPU dst's memory (NVLink: yes; PCIe: usually not)?"""
+        src, dst, v = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        self.check(self.lib.cuDeviceGet(ctypes.byref(src), src_ordinal), "cuDeviceGet")
+        self.check(self.lib.cuDeviceGet(ctypes.byref(dst), dst_ordinal), "cuDeviceGet")
+        self.check(self.lib.cuDeviceGetP2PAttribute(ctypes.byref(v), CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED,
+                                                    src.value, dst.value), "cuDeviceGetP2PAttribute")
+        return bool(v.value)
 
     def alloc_zeroed(self, nbytes: int) -> int:
         p = ctypes.c_uint64()

@@ -89,15 +89,22 @@ class TPGroup:
             from llm_engine.parallel.cuda_ipc import CudaDriver, PeerRegions
             from llm_engine.parallel.one_shot import OneShotAllReduce, region_bytes
 
-            CudaDriver()
+            drv = CudaDriver()
             OneShotAllReduce(torch.zeros(self.world, dtype=torch.int64), self.rank, self.world, max_bytes)
         except (ImportError, RuntimeError, ValueError) as e:
             reason = str(e)
         idx = self.all_gather_object(self.device.index)
-        if not reason:
-            reason = next((f"no peer-to-peer access from GPU {self.device.index} to GPU {j}" for j in idx
-                           if j != self.device.index and not torch.cuda.can_device_access_peer(self.device.index, j)),
-                          "")
+        me = self.device.index
+        for j in idx:  # the kernel reads peers' buffers and raises flags in their memory with atomics
+            if reason or j == me:
+                continue
+            try:
+                if not torch.cuda.can_device_access_peer(me, j):
+                    reason = f"no peer-to-peer access from GPU {me} to GPU {j}"
+                elif not drv.p2p_atomics(me, j):
+                    reason = f"no peer-to-peer atomics from GPU {me} to GPU {j} (no NVLink?)"
+            except RuntimeError as e:
+                reason = str(e)
         reasons = [r for r in self.all_gather_object(reason) if r]
         if reasons:
             log.warning("one-shot all-reduce unavailable (%s): NCCL for every size", reasons[0])

@@ -251,6 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t_end = time.monotonic() + args.budget_s
     only = set(args.only.split(",")) if args.only else None
+    running: list[subprocess.Popen] = []
+
+    def stop(signum, frame):  # an outer `timeout`: take the running piece (its own session) down too
+        for q in running:
+            os.killpg(q.pid, signal.SIGKILL)
+        summary(jsonl)
+        sys.exit(1)
+
+    signal.signal(signal.SIGTERM, stop)
     with open(os.path.join(args.out, "tp_gpu.log"), "a") as log:
         for piece, limit_s in PLAN:
             if only and piece[0] not in only:
@@ -265,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             # its own session: on timeout the piece's whole process group goes (TP workers, GPU kernels included)
             p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                                  start_new_session=True)
+            running[:] = [p]
             try:
                 out, _ = p.communicate(timeout=min(limit_s, left))
                 rc = p.returncode

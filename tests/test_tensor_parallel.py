@@ -119,3 +119,33 @@ def test_serve_flag_reaches_the_engine_config():
     with pytest.raises(ValueError, match="tensor_parallel"):
         config_from(["--tensor-parallel", "0"])
     assert engine_config(config_from(["--tensor-parallel", "2"])).tensor_parallel == 2
+
+
+def test_async_engine_with_tp2_serves_and_its_shutdown_stops_the_worker():
+    import asyncio
+
+    from llm_engine.async_engine import AsyncLLMEngine
+
+    cfg = EngineConfig(model=RandomCheckpoint(GLM4, seed=7, std=0.2), device="cpu", tensor_parallel=2, max_num_seqs=4,
+                       num_kv_blocks=64, max_model_len=256, cpu_threads=1)
+    ref = _engine(GLM4, 1)
+    want = [t for t, _ in ref.generate([[3, 1, 4, 1, 5]], SamplingParams(temperature=0.0, max_tokens=8,
+                                                                          ignore_eos=True))][0]
+    aeng = AsyncLLMEngine(cfg)  # the engine (and its TP worker) is built on the engine thread, as in the server
+    procs = aeng.engine.tp.procs
+
+    async def two_at_once():
+        async def one():
+            toks = []
+            async for out in aeng.generate(SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                                           prompt_token_ids=[3, 1, 4, 1, 5]):
+                toks += out.token_ids
+            return toks
+        return await asyncio.gather(one(), one())
+
+    try:
+        got = asyncio.run(two_at_once())
+    finally:
+        aeng.shutdown()
+    assert got == [want, want]
+    assert not any(p.is_alive() for p in procs)

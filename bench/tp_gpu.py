@@ -98,32 +98,14 @@ def rank_weight_bytes(model) -> int:
     return total
 
 
-@torch.inference_mode()
-def graph_step_ms(runner, b: int, ctx: int, n: int = 100) -> float:
-    """Device time of one captured decode step (batch b, context ctx), replayed back to back. Under TP every rank
-    runs it at once (TensorParallel.call); the replays bypass rank 0's step broadcast."""
-    from llm_engine.cuda_graphs import COL_POS, COL_SEQ_LEN, COL_SLOT, STAGING_COLS
+def graph_step_ms(runner, b: int, ctx: int) -> float:
+    """Device time of one captured decode step (bench/decode_gpu.py). Under TP every rank runs it at once
+    (TensorParallel.call): the replays bypass rank 0's step broadcast."""
+    from types import SimpleNamespace
 
-    g = getattr(runner.graphs, "_inner", runner.graphs)
-    nb = -(-ctx // 16)
-    st = g.staging
-    st[:b].zero_()
-    st[:b, COL_SEQ_LEN] = ctx
-    st[:b, STAGING_COLS:STAGING_COLS + nb] = torch.arange(nb, device=st.device)
-    st[:b, COL_POS] = ctx - 1
-    st[:b, COL_SLOT] = torch.arange(b, device=st.device) + (nb + 1) * 16
-    for _ in range(5):
-        g.replay(b)
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    s.record()
-    for _ in range(n):
-        g.replay(b)
-    e.record()
-    torch.cuda.synchronize()
-    st.zero_()
-    st[:, COL_SLOT] = -1
-    return s.elapsed_time(e) / n
+    from bench.decode_gpu import graph_step_ms as one_engine
+
+    return one_engine(SimpleNamespace(runner=runner), b, ctx)
 
 
 def piece_perf(name: str, dtype: str, tp: int, batch: int, common: dict, one_shot: bool = True) -> list[dict]:

@@ -1,4 +1,4 @@
-"""`voicefast bench voice | engine | asr | tts`: each benchmark lives in its own module, imported lazily."""
+"""`voicefast bench voice | engine | asr | tts | rolling`: each benchmark lives in its own module, imported lazily."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "engine": ("bench.engine:main", "LLM decode engine throughput and latency"),
     "asr": ("bench.audio:asr_main", "streaming ASR latency and WER"),
     "tts": ("bench.audio:tts_main", "TTS time to first audio and real-time factor"),
+    "rolling": ("bench.rolling:main", "failed calls across a rolling restart of replicas behind HAProxy"),
 }
 
 

@@ -144,7 +144,7 @@ def graph_step_ms(engine: LLMEngine, b: int, ctx: int, n: int = 100) -> float:
     """Device time of one captured decode step at batch b and context ctx, replayed back to back."""
     from llm_engine.cuda_graphs import COL_POS, COL_SEQ_LEN, COL_SLOT, STAGING_COLS
 
-    g = engine.runner.graphs
+    g = getattr(engine.runner.graphs, "_inner", engine.runner.graphs)  # TP rank 0: bypass the step broadcast
     nb = (ctx + 15) // 16
     st = g.staging
     st[:b].zero_()

@@ -164,6 +164,7 @@ class AsyncLLMEngine:
                     for rid in list(eng._seqs):
                         eng.abort(rid)
                     self._deliver(eng.step())
+                    eng.close()  # tensor-parallel workers stop with the engine
                     return
                 outs = eng.step()
             except Exception as e:  # a bug outside the model step: fail in-flight requests, keep looping

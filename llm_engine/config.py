@@ -11,7 +11,8 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass(slots=True)
 class EngineConfig:
-    model: str | Path | None = None  # HF checkpoint dir or .gguf; None -> embedded SmolLM2 (voicefast.assets)
+    model: str | Path | None = None  # HF checkpoint dir or .gguf; None -> embedded SmolLM2 (voicefast.assets);
+    #                                  or a llm_engine.parallel.RandomCheckpoint (random weights of a given shape)
     device: str = "auto"  # "cpu" | "cuda" | "auto" (cuda when available)
     dtype: str = "auto"  # "float32" on CPU, "bfloat16" on CUDA by default
     max_num_seqs: int = 16  # most sequences in one step (running batch)
@@ -29,6 +30,8 @@ class EngineConfig:
     kv_cache_memory_mib: int = 512  # CPU: KV pool budget when num_kv_blocks is None
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of free memory the weights + KV pool may use
     seed: int = 0  # seed for unseeded random sampling
+    tensor_parallel: int = 1  # ranks (GPUs of this host; gloo processes on CPU) the model is split over
+    tp_one_shot_max_bytes: int = 512 * 1024  # CUDA TP: all-reduces up to this size take the one-shot kernel; 0 = NCCL
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
@@ -52,6 +55,13 @@ class EngineConfig:
             raise ValueError(f"quantize_lm_head must be a bool, got {self.quantize_lm_head!r}")
         if self.quantize_lm_head and self.quantize is None:
             raise ValueError("quantize_lm_head=True needs quantize='int8' or 'int4'")
+        if not isinstance(self.tensor_parallel, int) or isinstance(self.tensor_parallel, bool) \
+                or not 1 <= self.tensor_parallel <= 8:
+            raise ValueError(f"tensor_parallel must be an int in [1, 8], got {self.tensor_parallel!r}")
+        if not isinstance(self.tp_one_shot_max_bytes, int) or not 0 <= self.tp_one_shot_max_bytes <= 64 << 20 \
+                or self.tp_one_shot_max_bytes % 256:
+            raise ValueError(f"tp_one_shot_max_bytes must be a multiple of 256 in [0, 64 MiB], got "
+                             f"{self.tp_one_shot_max_bytes!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

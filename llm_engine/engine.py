@@ -8,6 +8,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,7 +70,13 @@ class LLMEngine:
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.cpu_threads)
-        if model is None:
+        self.tp = None  # llm_engine.parallel.TensorParallel when the model is split over ranks
+        if model is None and (cfg.tensor_parallel > 1 or not isinstance(cfg.model, (str, Path, type(None)))):
+            model, tokenizer = self._load_parallel(cfg)
+        elif cfg.tensor_parallel > 1:
+            raise ValueError("tensor_parallel > 1: every rank loads its own shard, so pass EngineConfig.model (a "
+                             "checkpoint path or a RandomCheckpoint), not a built model")
+        elif model is None:
             model, tokenizer = self._load(cfg)
             if cfg.quantize:
                 from llm_engine.quant.swap import quantize_model
@@ -86,6 +93,8 @@ class LLMEngine:
                                    max_num_batched_tokens=cfg.max_num_batched_tokens, max_waiting=cfg.max_waiting,
                                    max_model_len=self.max_model_len)
         runner_cls = pick_runner_class(self.device)
+        if self.tp is not None:
+            runner_cls = self.tp.runner_class(runner_cls)  # broadcasts every step to the worker ranks
         self.runner = runner_cls(model, mc, num_kv_blocks=num_blocks, block_size=cfg.kv_block_size,
                                  max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                                  max_model_len=self.max_model_len, device=self.device, dtype=self.dtype,
@@ -105,6 +114,22 @@ class LLMEngine:
         path = cfg.model_path()
         model, _ = load_model(path, device=self.device, dtype=self.dtype)
         return model, Tokenizer.from_path(path)
+
+    def _load_parallel(self, cfg: EngineConfig) -> tuple[torch.nn.Module, Any]:
+        """tensor_parallel > 1: spawn the worker ranks, load rank 0's shard (llm_engine.parallel). With 1 rank
+        (a RandomCheckpoint model): the plain model."""
+        from llm_engine.parallel.group import TPGroup
+        from llm_engine.parallel.launch import TensorParallel, load_rank_model
+
+        if cfg.tensor_parallel == 1:
+            return load_rank_model(cfg, TPGroup(0, 1, self.device), self.dtype, tokenizer=True)
+        self.tp = TensorParallel(cfg, self.device, self.dtype)
+        return self.tp.model, self.tp.tokenizer
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker ranks (nothing to do otherwise). Idempotent."""
+        if self.tp is not None:
+            self.tp.close()
 
     def _size_kv_pool(self) -> int:
         cfg, mc = self.config, self.model_config

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create or refresh the local virtual environment .venv with voicefast and its embedded models.
 #   scripts/setup.sh          runtime (server, CLI, benchmarks)
-#   scripts/setup.sh test     + test tools, and Debian's chromium and espeak-ng for the browser/ASR tests
+#   scripts/setup.sh test     + test tools, and Debian's chromium, espeak-ng and haproxy for the browser/ASR/deploy tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-run}"
@@ -44,13 +44,14 @@ if [ "$MODE" = "test" ]; then
   need=()
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
   command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
+  command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "[setup] apt-get install ${need[*]}"
       apt-get update -qq >/dev/null
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
     else
-      echo "[setup] warning: ${need[*]} missing and apt-get not usable; browser/espeak tests will be skipped" >&2
+      echo "[setup] warning: ${need[*]} missing and apt-get not usable; browser/espeak/haproxy tests will be skipped" >&2
     fi
   fi
 fi

@@ -26,12 +26,16 @@ class ServerConfig:
     max_model_len: int | None = None
     num_kv_blocks: int | None = None
     max_waiting: int = 64
+    tensor_parallel: int = 1  # GPUs one model is split over (Megatron-style, one process per GPU; llm_engine.parallel)
     # Session limits
     max_sessions: int = 16
     max_message_bytes: int = 1 << 21  # websockets max_size; one append of 15 MiB is OpenAI's cap, ours is lower
     max_input_buffer_s: float = 60.0  # per-session uncommitted input audio
     idle_timeout_s: float = 300.0  # no client frame for this long -> close
     max_send_queue: int = 256  # outgoing events buffered per session before the reader is deemed hopeless
+    # Readiness and drain (docs/deploy.md)
+    drain_timeout_s: float = 120.0  # after SIGTERM, live sessions may go on this long; then each is closed (1001)
+    ready_max_waiting: int = 8  # /readyz fails while more LLM requests than this wait for a batch slot
     # Turn-taking and output
     barge_in_min_ms: int = 300  # user speech during a response must last this long to interrupt it
     speculative_start: bool = True  # start ASR final + LLM at the VAD's early silence, hold output
@@ -61,6 +65,12 @@ class ServerConfig:
             raise ValueError("output_lead_ms must be >= 0 and output_frame_ms >= 10")
         if self.tts_first_phrase_words < 1:
             raise ValueError(f"tts_first_phrase_words must be >= 1, got {self.tts_first_phrase_words}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.ready_max_waiting < 0:
+            raise ValueError(f"ready_max_waiting must be >= 0, got {self.ready_max_waiting}")
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.barge_in_min_ms < 0:
             raise ValueError(f"barge_in_min_ms must be >= 0, got {self.barge_in_min_ms}")
         self.api_keys = tuple(k for k in self.api_keys if k)

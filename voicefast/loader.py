@@ -21,6 +21,16 @@ def budget_threads(opts: ServerConfig) -> None:
     os.environ.setdefault("MKL_NUM_THREADS", str(opts.torch_threads))
 
 
+def engine_config(opts: ServerConfig):
+    """The LLM engine's EngineConfig for these server options."""
+    from llm_engine import EngineConfig
+
+    return EngineConfig(model=opts.llm_model, device=opts.device, max_num_seqs=opts.max_num_seqs,
+                        num_kv_blocks=opts.num_kv_blocks, max_waiting=opts.max_waiting,
+                        max_model_len=opts.max_model_len, cpu_threads=opts.torch_threads,
+                        tensor_parallel=opts.tensor_parallel)
+
+
 def load_stack(opts: ServerConfig) -> Stack:
     """Load every model (raises voicefast.assets.MissingAssetError naming the install command)."""
     from voicefast.assets import resolve_asr, resolve_llm, resolve_tts, resolve_vad
@@ -35,14 +45,12 @@ def load_stack(opts: ServerConfig) -> Stack:
     from audio.transcriber import StreamingTranscriber
     from audio.tts import PiperTTS
     from audio.vad import SileroVadModel, VadParams, VadStream
-    from llm_engine import AsyncLLMEngine, EngineConfig, SamplingParams
+    from llm_engine import AsyncLLMEngine, SamplingParams
 
     vad_model = SileroVadModel(opts.vad_model)
     asr = WhisperASR(opts.asr_model, device=opts.device, cpu_threads=opts.asr_cpu_threads, workers=1)
     tts = PiperTTS(opts.tts_voice, threads=opts.tts_threads)
-    engine = AsyncLLMEngine(EngineConfig(model=opts.llm_model, device=opts.device, max_num_seqs=opts.max_num_seqs,
-                                         num_kv_blocks=opts.num_kv_blocks, max_waiting=opts.max_waiting,
-                                         max_model_len=opts.max_model_len, cpu_threads=opts.torch_threads))
+    engine = AsyncLLMEngine(engine_config(opts))
 
     def vad_factory(td) -> VadStream:
         silence_ms = td.silence_duration_ms

@@ -21,6 +21,10 @@ _HELP = {
     "asr_model": "ASR: faster-whisper model dir or name (default: embedded tiny.en)",
     "tts_voice": "TTS: Piper .onnx voice (default: embedded voice)",
     "vad_model": "VAD: Silero ONNX file (default: bundled with faster-whisper)",
+    "drain_timeout_s": "after SIGTERM: seconds live sessions may go on before each is closed (1001) once its "
+                       "response in progress is finished (docs/deploy.md)",
+    "ready_max_waiting": "/readyz fails while more LLM requests than this wait for a batch slot",
+    "tensor_parallel": "split the LLM over this many GPUs of this host (tensor parallelism, NCCL; docs/gpu.md)",
 }
 
 
@@ -60,26 +64,49 @@ async def _run(opts: ServerConfig) -> int:
 
     stack = await asyncio.to_thread(load_stack, opts)
     voice = stack.voice_names[0]
-    await warm_up(stack, opts.instructions or DEFAULT_INSTRUCTIONS)
     server = RealtimeServer(stack, opts, defaults=session_defaults(opts, opts.instructions or DEFAULT_INSTRUCTIONS,
                                                                   voice))
+    server.models_loaded = False  # /readyz says "loading" until the warm-up is done
     await server.start()
+    await warm_up(stack, opts.instructions or DEFAULT_INSTRUCTIONS)
+    server.models_loaded = True
     for stage, what in stack.description.items():
         print(f"  {stage.upper():4} {what}")
     print(f"voicefast serving on {server.url}  (Realtime API: ws://{server.url[7:]}v1/realtime)")
     if not opts.api_keys:
         print("  no API keys configured: listening on loopback only; set --api-key / VOICEFAST_API_KEYS to expose it")
     sys.stdout.flush()
-    stop = asyncio.Event()
+    try:
+        await serve_until_signalled(server)
+    finally:
+        stack.shutdown()
+    return 0
+
+
+async def serve_until_signalled(server) -> None:
+    """Serve until SIGTERM or SIGINT, then drain (docs/deploy.md): /readyz fails and new upgrades get 503 at
+    once, live sessions go on for --drain-timeout-s, then each is closed (1001) after its response in progress.
+    A second signal skips the rest of the drain."""
     loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
+    drain: list[asyncio.Task] = []
+
+    def on_signal() -> None:
+        if signalled.is_set() and drain:
+            print("second signal: closing now", flush=True)
+            drain[0].cancel()
+        signalled.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print("shutting down")
+            loop.add_signal_handler(sig, on_signal)
+    await signalled.wait()
+    print(f"draining: {len(server.sessions)} live session(s), up to {server.opts.drain_timeout_s:.0f} s", flush=True)
+    drain.append(asyncio.create_task(server.drain()))
+    with contextlib.suppress(asyncio.CancelledError):
+        await drain[0]
+    print("shutting down", flush=True)
     await server.close()
-    stack.shutdown()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

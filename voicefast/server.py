@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,10 +17,12 @@ from websockets.http11 import Request, Response
 
 from voicefast import auth
 from voicefast.config import ServerConfig
+from voicefast.drain import Close, Drain, SessionView, Stop
 from voicefast.errors import ProtocolError
 from voicefast.http import HttpReply, static_file
 from voicefast.metrics import ServerMetrics
 from voicefast.protocol import RealtimeProtocol
+from voicefast.readiness import Readiness, readiness
 from voicefast.session import Session
 from voicefast.session_config import SessionConfig
 
@@ -59,6 +62,10 @@ class RealtimeServer:
         self.metrics.bind_engine(stack.engine)
         self.demo_dir = Path(opts.demo_dir) if opts.demo_dir else DEFAULT_DEMO_DIR
         self.sessions: set[Session] = set()
+        self._links: dict[Session, tuple[ServerConnection, Outbox]] = {}  # for the drain's closes
+        self.models_loaded = True  # `voicefast serve` clears it until the warm-up is done (readiness)
+        self.drain_state = Drain(opts.drain_timeout_s)
+        self._closing: set[asyncio.Task] = set()
         self._server = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -97,6 +104,9 @@ class RealtimeServer:
         path = urlsplit(request.path).path
         if path in REALTIME_PATHS:
             return self._check_handshake(conn, request)
+        if path == "/readyz":
+            r = self.readiness()
+            return self._response(HttpReply.json(r.body, r.http_status))
         if path == "/healthz":
             reply = HttpReply.json({"status": "ok", "sessions": len(self.sessions),
                                     "max_sessions": self.opts.max_sessions, "models": self.stack.description})
@@ -117,6 +127,10 @@ class RealtimeServer:
 
     def _check_handshake(self, conn: ServerConnection, request: Request) -> Response | None:
         h = request.headers
+        if not self.drain_state.accepting:  # a load balancer retries this upgrade on another replica
+            self.metrics.rejected_total.labels("draining").inc()
+            return self._response(HttpReply.json({"error": {"type": "server_error", "code": "server_draining",
+                                                            "message": "this replica is shutting down"}}, 503))
         offered = auth.offered_subprotocols(", ".join(h.get_all("Sec-WebSocket-Protocol")))
         if not auth.key_ok(auth.presented_key(h.get("Authorization"), offered), self.opts.api_keys):
             self.metrics.rejected_total.labels("auth").inc()
@@ -155,6 +169,7 @@ class RealtimeServer:
 
         session = Session(self.stack, self.opts, emit=emit, beta=beta, defaults=self.defaults, metrics=self.metrics)
         self.sessions.add(session)
+        self._links[session] = (ws, outbox)
         self.metrics.active_sessions.inc()
         self.metrics.sessions_total.inc()
         log.info("session %s opened (%s)", session.cfg.id, "beta" if beta else "GA")
@@ -191,8 +206,43 @@ class RealtimeServer:
                 t.cancel()
             await asyncio.gather(sender, watchdog, return_exceptions=True)
             self.sessions.discard(session)
+            self._links.pop(session, None)
             self.metrics.active_sessions.dec()
             log.info("session %s closed", session.cfg.id)
+
+    # -- readiness and drain (voicefast/readiness.py, voicefast/drain.py) ---------------------------------
+    def readiness(self) -> Readiness:
+        waiting = running = None
+        try:
+            st = self.stack.engine.stats()
+            waiting, running = st.waiting, st.running
+        except Exception:  # readiness must answer even when stats fail
+            log.warning("engine stats failed", exc_info=True)
+        return readiness(models_loaded=self.models_loaded, draining=not self.drain_state.accepting,
+                         sessions=len(self.sessions), max_sessions=self.opts.max_sessions, engine_waiting=waiting,
+                         engine_running=running, ready_max_waiting=self.opts.ready_max_waiting,
+                         drain_remaining_s=self.drain_state.remaining_s(time.monotonic()))
+
+    async def drain(self, poll_s: float = 0.1) -> None:
+        """Refuse new sessions at once, let live ones go on for `drain_timeout_s`, then close each (1001) as soon
+        as its response in progress is finished and sent. Returns when no session is left."""
+        if self.drain_state.begin(time.monotonic()):
+            log.info("draining: %d live session(s), grace %.0f s", len(self.sessions), self.opts.drain_timeout_s)
+        while True:
+            views = [SessionView(s.cfg.id, _responding(s), self._links[s][1].queue.empty())
+                     for s in self.sessions if s in self._links]
+            by_id = {s.cfg.id: s for s in self.sessions}
+            for action in self.drain_state.poll(time.monotonic(), views):
+                if isinstance(action, Stop):
+                    log.info("drained: no session left")
+                    return
+                if isinstance(action, Close) and by_id.get(action.session_id) in self._links:
+                    ws = self._links[by_id[action.session_id]][0]
+                    log.info("session %s: closing (%d %s)", action.session_id, action.code, action.reason)
+                    t = asyncio.create_task(ws.close(action.code, action.reason), name=f"drain-{action.session_id}")
+                    self._closing.add(t)
+                    t.add_done_callback(self._closing.discard)
+            await asyncio.sleep(poll_s)
 
     @staticmethod
     async def _sender(ws: ServerConnection, outq: asyncio.Queue) -> None:
@@ -207,6 +257,11 @@ class RealtimeServer:
         with contextlib.suppress(Exception):
             await ws.close(1008, "client too slow reading events")
         ws.transport.abort() if ws.transport is not None else None
+
+
+def _responding(session: Session) -> bool:
+    r = session.active
+    return r is not None and not r.done.is_set()
 
 
 def session_defaults(opts: ServerConfig, instructions: str, voice: str) -> SessionConfig:

@@ -29,6 +29,11 @@ class EngineConfig:
     kv_cache_memory_mib: int = 512  # CPU: KV pool budget when num_kv_blocks is None
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of free memory the weights + KV pool may use
     seed: int = 0  # seed for unseeded random sampling
+    # Speculative decoding (llm_engine.spec_decode): prompt-lookup drafts verified in one forward pass; exact.
+    speculative_tokens: int = 4  # drafts per decode step at most; 0 = off (SamplingParams.speculate: per request)
+    speculative_ngram_min: int = 2  # shortest suffix n-gram looked up in the sequence's earlier tokens
+    speculative_ngram_max: int = 4  # longest (tried first)
+    speculative_max_rows: int = 32  # drafts only while a step's decode rows (1 + drafts per seq) stay <= this
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
@@ -52,6 +57,14 @@ class EngineConfig:
             raise ValueError(f"quantize_lm_head must be a bool, got {self.quantize_lm_head!r}")
         if self.quantize_lm_head and self.quantize is None:
             raise ValueError("quantize_lm_head=True needs quantize='int8' or 'int4'")
+        for name in ("speculative_tokens", "speculative_ngram_min", "speculative_ngram_max", "speculative_max_rows"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "speculative_tokens" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'speculative_tokens' else 'positive'}"
+                                 f" int, got {v!r}")
+        if self.speculative_ngram_min > self.speculative_ngram_max:
+            raise ValueError(f"speculative_ngram_min ({self.speculative_ngram_min}) > speculative_ngram_max "
+                             f"({self.speculative_ngram_max})")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

@@ -46,6 +46,8 @@ class GpuModelRunner(ModelRunner):
         self._n_st = self._h_st.numpy()
         self._n_st_f = self._n_st.view(np.float64)
         self._done = torch.cuda.Event()
+        self.num_graph_steps = 0  # decode steps replayed through a graph (a speculative verify included)
+        self.num_graph_verify_steps = 0  # of which carried drafts
         if not self.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, B, mb, self.max_blocks_per_seq * self.block_size,
                                        self.device)
@@ -105,6 +107,8 @@ class GpuModelRunner(ModelRunner):
             st[R:b, COL_SLOT] = -1
         g.staging[:b].copy_(self._h_st[:b], non_blocking=True)  # the step's one host-to-device copy
         g.replay(b)
+        self.num_graph_steps += 1
+        self.num_graph_verify_steps += int(R > len(batch))
         if needs_filter:  # top-k / top-p rows: re-sample the graph's logits with the sorting sampler
             rows = [s for s, d in zip(batch.seqs, batch.drafts, strict=True) for _ in range(1 + len(d))]
             top_k = torch.tensor([s.params.top_k for s in rows] + [0] * (b - R), device=self.device)

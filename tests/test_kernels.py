@@ -1,12 +1,16 @@
-"""Every Triton kernel against its plain-torch reference, on CPU under TRITON_INTERPRET=1 at tiny shapes
-(fresh random inputs per case). Real shapes run on the GPU: bench/gpu_check.py."""
+"""Every Triton kernel against its plain-torch reference at tiny shapes (fresh random inputs per case): on a CPU
+under TRITON_INTERPRET=1, on a GPU compiled (the interpreter is switched on only where there is no CUDA, so a GPU
+pytest process runs the real kernels). Real shapes run on the GPU: bench/gpu_check.py."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated (no GPU here)
+import torch
+
+INTERPRET = not torch.cuda.is_available()
+if INTERPRET:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -17,7 +21,8 @@ from llm_engine.kernels import rotary_kv as RK  # noqa: E402
 from llm_engine.kernels import sampling as SA  # noqa: E402
 from llm_engine.kernels import silu_and_mul as SM  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DEV = "cpu" if INTERPRET else "cuda"
+DOT_TOL = 1e-5 if INTERPRET else 5e-3  # compiled, an fp32 tl.dot runs in tf32
 
 
 def _rel(a, b):
@@ -108,7 +113,7 @@ def test_decode_attention_matches_reference(B, Hq, Hkv, D, seq_lens, splits):
     DA.decode_attention(q.to(DEV), kc.to(DEV), vc.to(DEV), sl.to(DEV), bt.to(DEV), D**-0.5,
                         split_tokens=splits, max_seq_len=max(seq_lens), out=out)
     assert not out.isnan().any()
-    assert _rel(out.cpu(), ref) < 1e-5
+    assert _rel(out.cpu(), ref) < DOT_TOL
     # the same partition under a larger length bound (the CUDA graph's capacity): bit-identical
     again = DA.decode_attention(q.to(DEV), kc.to(DEV), vc.to(DEV), sl.to(DEV), bt.to(DEV), D**-0.5,
                                 split_tokens=splits)

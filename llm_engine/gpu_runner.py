@@ -108,7 +108,7 @@ class GpuModelRunner(ModelRunner):
         g.staging[:b].copy_(self._h_st[:b], non_blocking=True)  # the step's one host-to-device copy
         g.replay(b)
         self.num_graph_steps += 1
-        self.num_graph_verify_steps += int(R > len(batch))
+        self.num_graph_verify_steps += int(len(batch) < R)  # rows beyond one per sequence: drafts
         if needs_filter:  # top-k / top-p rows: re-sample the graph's logits with the sorting sampler
             rows = [s for s, d in zip(batch.seqs, batch.drafts, strict=True) for _ in range(1 + len(d))]
             top_k = torch.tensor([s.params.top_k for s in rows] + [0] * (b - R), device=self.device)

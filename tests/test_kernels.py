@@ -181,3 +181,38 @@ def test_top_k_top_p_filter_and_full_sampler():
     ref = SA.reference_sample(lg.cpu(), torch.ones(n), torch.full((n,), 2), torch.ones(n),
                               torch.Generator().manual_seed(0))
     assert set(ref.tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize("M,N,K,bias,silu", [(1, 24, 64, True, False), (1, 19, 48, False, True),
+                                             (3, 40, 64, False, False), (16, 33, 80, True, True)])
+def test_gemv_matches_reference(M, N, K, bias, silu):
+    from llm_engine.kernels import gemv as GV
+
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x = torch.randn(M, 2 * K if silu else K, generator=g)
+    w = torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    ref = GV.reference_gemv(x, w, b, silu)
+    for cfg in ((8, 32, 4, 1), (4, 16, 2, 2)):  # several N tiles, K tails
+        d = {"device": DEV}
+        out = GV.gemv(x.to(**d), w.to(**d), None if b is None else b.to(**d), silu, cfg)
+        assert _rel(out.cpu(), ref) < (1e-5 if M == 1 else DOT_TOL)
+    with pytest.raises(ValueError, match="small-batch"):
+        GV.gemv(torch.zeros(17, K), w)
+    # the decode-sized dispatch takes whichever candidate was chosen for the shape
+    GV.set_choice(N, K, GV.m_class(M), silu, (8, 32, 4, 1))
+    assert _rel(GV.linear(x.to(DEV), w.to(DEV), None if b is None else b.to(DEV), silu).cpu(), ref) < DOT_TOL
+    GV.set_choice(N, K, GV.m_class(M), silu, GV.TORCH)
+    assert _rel(GV.linear(x, w, b, silu), ref) < 1e-5
+
+
+def test_norm_add_rms_norm_matches_two_unfused_steps():
+    g = torch.Generator().manual_seed(5)
+    x, r = torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g)
+    pw, w = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    out, res = RN.norm_add_rms_norm(x.to(DEV), pw.to(DEV), r.to(DEV), w.to(DEV), 1e-5)
+    ref_out, ref_res = RN.reference_norm_add_rms_norm(x, pw, r, w, 1e-5)
+    assert _rel(out.cpu(), ref_out) < 1e-5 and _rel(res.cpu(), ref_res) < 1e-6
+    ops = pytest.importorskip("llm_engine.ops")
+    a, b = ops.norm_add_rms_norm(x, pw, r, w, 1e-5)  # the CPU path: the same maths
+    assert _rel(a, ref_out) < 1e-5 and _rel(b, ref_res) < 1e-6

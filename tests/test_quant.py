@@ -98,3 +98,26 @@ def test_bad_mode_is_a_clear_error():
         quantize_model(_Tiny(), "int3")
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize_int4(torch.randn(4, 100))
+
+
+def test_int4_backends_validate():
+    with pytest.raises(ValueError, match="int4_backend"):
+        quantize_model(_Tiny(), "int4", int4_backend="marlin")
+    with pytest.raises(ValueError, match="tinygemm"):  # no CUDA tensors here (or on CPU anywhere): a clear error
+        quantize_model(_Tiny(), "int4", int4_backend="tinygemm")
+
+
+@pytest.mark.skipif(INTERPRET, reason="needs CUDA")
+def test_tinygemm_backend_matches_its_dequantized_weights():
+    from llm_engine.quant import tinygemm
+
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(256, 96, bias=True).to("cuda", torch.bfloat16)
+    lin.weight.data.copy_(torch.randn(96, 256, generator=g) * 0.05)
+    q = Int4Linear.from_linear(lin)
+    codes = I4.unpack_int4(q.qweight, q.group)
+    q.use_tinygemm()
+    x = torch.randn(5, 256, generator=g).to("cuda", torch.bfloat16)
+    ref = x.float() @ tinygemm.dequantize(codes, q.tg_scale_zero, q.group).T + lin.bias.float()
+    assert _rel(q(x).float(), ref) < 1e-2 and q.backend == "tinygemm"
+    assert _rel(q(x).float(), lin(x).float()) < 0.15  # still the layer it quantized

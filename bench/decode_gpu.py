@@ -114,7 +114,8 @@ def _f(v, nd: int = 2) -> str:
 
 def run_requests(engine: LLMEngine, batch: int, prompt_len: int, gen: int, vocab: int) -> dict:
     rng = np.random.default_rng(_req[0])
-    params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
+    # plain decoding: random weights make greedy loops that prompt lookup would draft (bench/spec_gpu.py measures it)
+    params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True, speculate=False)
     times: dict[str, list[float]] = {}
     t0 = time.perf_counter()
     for _ in range(batch):

@@ -52,13 +52,14 @@ def _policies(engine):
 
         def propose(self, seq, limit):
             d = super().propose(seq, limit)
-            if not d and seq.num_completion_tokens > 0:
+            if not d and seq.num_completion_tokens > 0:  # a decode step without drafts
                 self.trace.setdefault(seq.request_id, []).append((0, 0))
             return d
 
         def record(self, seq, num_drafted, num_accepted):
             super().record(seq, num_drafted, num_accepted)
-            self.trace.setdefault(seq.request_id, []).append((num_drafted, num_accepted))
+            if seq.num_completion_tokens > 0:  # called before the step's tokens are appended: a decode step
+                self.trace.setdefault(seq.request_id, []).append((num_drafted, num_accepted))
 
     class Wrong(SpecPolicy):
         """Drafts of random token ids (accepted with probability ~1/vocab); raw: no back-off, always k drafts."""
@@ -136,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conversations", type=int, default=len(QUESTIONS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="directory for spec_decode.json")
+    ap.add_argument("--trace-only", action="store_true",
+                    help="only the greedy spec run of each turn (no timing): writes spec_trace.json, the acceptance "
+                         "pattern bench/spec_gpu.py replays (deterministic, so any machine gives the same)")
     args = ap.parse_args(argv)
 
     import torch
@@ -157,6 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         for ti, q in enumerate(questions):
             history.append({"role": "user", "content": q})
             prompt = tok.apply_chat_template(history, add_generation_prompt=True)
+            if args.trace_only:
+                r = run_turn(engine, pols["spec"], prompt, greedy)
+                rows.append(dict(conversation=ci, turn=ti, prompt_tokens=len(prompt), tokens=len(r["tokens"]),
+                                 drafted=r["drafted"],
+                                 accepted=r["accepted"], trace=pols["spec"].trace.get(r["rid"], [])))
+                history.append({"role": "assistant", "content": tok.decode(r["tokens"])})
+                print(f"conv {ci} turn {ti}: {len(r['tokens'])} tok, accepted {r['accepted']}/{r['drafted']}",
+                      flush=True)
+                continue
             runs: dict[str, list[dict]] = {m: [] for m in (*MODES, "spec-t0.3", "plain-t0.3")}
             for _ in range(args.repeats):  # interleaved: machine noise hits every mode alike
                 runs["plain"].append(run_turn(engine, pols["spec"], prompt, plain_params))
@@ -185,6 +198,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"conv {ci} turn {ti}: {len(plain['tokens'])} tok, plain {row['plain']['decode_tok_s']:.1f} "
                   f"spec {row['spec']['decode_tok_s']:.1f} tok/s, accepted {spec['accepted']}/{spec['drafted']}, "
                   f"equal={row['greedy_equal']}", flush=True)
+
+    if args.trace_only:
+        drafted, accepted = sum(r["drafted"] for r in rows), sum(r["accepted"] for r in rows)
+        steps = sum(len(r["trace"]) for r in rows)
+        report = dict(model=str(engine.config.model_path()), max_tokens=args.max_tokens,
+                      speculative_tokens=engine.config.speculative_tokens, acceptance=accepted / max(1, drafted),
+                      tokens=sum(r["tokens"] for r in rows), decode_steps=steps, rows=rows)
+        print(f"acceptance {accepted}/{drafted} = {report['acceptance']:.2f}; {report['tokens']} tokens in "
+              f"{steps} decode steps + {len(rows)} prefills")
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "spec_trace.json").write_text(json.dumps(report, indent=1))
+        return 0
 
     def agg(mode: str) -> dict:
         toks = sum(r[mode]["decode_tokens"] for r in rows)

@@ -67,7 +67,7 @@ class Scripted(SpecPolicy):
 def run(engine, policy, prompts: dict, max_tokens: dict, speculate: bool) -> tuple[dict, dict]:
     engine.spec = engine.scheduler.spec = policy
     engine.scheduler.spec_max_rows = max(engine.scheduler.spec_max_rows, 1 + K)
-    toks, tok_s, drafted, accepted = {}, [], 0, 0
+    toks, drafted, accepted = {}, 0, 0
     dec_tokens = dec_s = 0.0
     for rid, prompt in prompts.items():
         engine.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens[rid], ignore_eos=True,

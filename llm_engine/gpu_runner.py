@@ -66,6 +66,22 @@ class GpuModelRunner(ModelRunner):
             return super().run(batch)
         return self._run_graph(batch)
 
+    def sample(self, inp, logits: torch.Tensor) -> torch.Tensor:
+        """Eager steps (prefill, mixed, eager mode) sample like the graph does: Gumbel-max keyed by (request seed,
+        position), so a token's noise does not depend on which path computed it (a seeded request gives the
+        same tokens whether its drafts were verified in a graph, in an eager step, or not drafted at all)."""
+        if inp.all_greedy:
+            return logits.argmax(dim=-1)
+        steps = inp.positions.index_select(0, inp.logits_indices)  # [S] position of each sampled row
+        seeds = torch.tensor(inp.seeds, dtype=torch.int64).to(self.device, non_blocking=True)  # [S]
+        return SA.sample(logits, inp.temperature, inp.top_k, inp.top_p, seeds, steps,
+                         inp.any_top_k or inp.any_top_p)
+
+    def prepare_inputs(self, batch: ScheduledBatch):
+        inp = super().prepare_inputs(batch)
+        inp.seeds = [self._seed_of(batch.seqs[r]) for r in inp.sample_rows]
+        return inp
+
     def _seed_of(self, seq) -> int:
         if seq.params.seed is not None:
             return int(seq.params.seed) & _SEED_MASK

@@ -31,6 +31,7 @@ class StepInputs:
     all_greedy: bool
     any_top_k: bool
     any_top_p: bool
+    seeds: list[int] | None = None  # per sampled row (GpuModelRunner: the Philox key of its sampler)
 
 
 class ModelRunner:

@@ -42,7 +42,7 @@ def _policies(engine):
     from llm_engine.spec_decode import SpecPolicy
 
     vocab = engine.model_config.vocab_size
-    k = engine.config.speculative_tokens
+    k = engine.num_speculative_tokens
 
     class Tracing(SpecPolicy):
         """The shipped policy, logging (drafted, accepted) per decode step of each request."""
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--conversations", type=int, default=len(QUESTIONS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--k", type=int, default=None, help="speculative tokens per step (default: the engine's)")
     ap.add_argument("--out", default=None, help="directory for spec_decode.json")
     ap.add_argument("--trace-only", action="store_true",
                     help="only the greedy spec run of each turn (no timing): writes spec_trace.json, the acceptance "
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     engine = LLMEngine(EngineConfig(model=args.model, device="cpu", max_num_seqs=4, cpu_threads=args.threads,
-                                    kv_cache_memory_mib=128))
+                                    kv_cache_memory_mib=128, speculative_tokens=args.k))
     tok = engine.tokenizer
     pols = _policies(engine)
     greedy = SamplingParams(max_tokens=args.max_tokens)
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         drafted, accepted = sum(r["drafted"] for r in rows), sum(r["accepted"] for r in rows)
         steps = sum(len(r["trace"]) for r in rows)
         report = dict(model=str(engine.config.model_path()), max_tokens=args.max_tokens,
-                      speculative_tokens=engine.config.speculative_tokens, acceptance=accepted / max(1, drafted),
+                      speculative_tokens=engine.num_speculative_tokens, acceptance=accepted / max(1, drafted),
                       tokens=sum(r["tokens"] for r in rows), decode_steps=steps, rows=rows)
         print(f"acceptance {accepted}/{drafted} = {report['acceptance']:.2f}; {report['tokens']} tokens in "
               f"{steps} decode steps + {len(rows)} prefills")
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{ttft['ttft_max_ms']:.1f} ms ({ttft['cached_tokens']:.0f} tokens cached, {ttft['turns']} turns)")
     gaps = [r["plain_top2_gap"] for r in rows if not r["greedy_equal"]]
     report = dict(model=str(engine.config.model_path()), threads=args.threads, repeats=args.repeats,
-                  max_tokens=args.max_tokens, speculative_tokens=engine.config.speculative_tokens,
+                  max_tokens=args.max_tokens, speculative_tokens=engine.num_speculative_tokens,
                   greedy_equal_turns=sum(r["greedy_equal"] for r in rows), turns=len(rows),
                   divergences_not_ties=sum(g >= 1e-2 for g in gaps), cached_persona_ttft=ttft, summary=summary,
                   rows=rows)

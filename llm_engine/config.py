@@ -30,7 +30,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of free memory the weights + KV pool may use
     seed: int = 0  # seed for unseeded random sampling
     # Speculative decoding (llm_engine.spec_decode): prompt-lookup drafts verified in one forward pass; exact.
-    speculative_tokens: int = 4  # drafts per decode step at most; 0 = off (SamplingParams.speculate: per request)
+    # drafts per decode step at most; 0 = off (SamplingParams.speculate: per request). None: 4 on CUDA (a verify of
+    # a few rows costs about one decode step there), 1 on CPU (2 rows still take the fp16 GEMV; 3+ rows cost ~2x)
+    speculative_tokens: int | None = None
     speculative_ngram_min: int = 2  # shortest suffix n-gram looked up in the sequence's earlier tokens
     speculative_ngram_max: int = 4  # longest (tried first)
     speculative_max_rows: int = 32  # drafts only while a step's decode rows (1 + drafts per seq) stay <= this
@@ -59,6 +61,8 @@ class EngineConfig:
             raise ValueError("quantize_lm_head=True needs quantize='int8' or 'int4'")
         for name in ("speculative_tokens", "speculative_ngram_min", "speculative_ngram_max", "speculative_max_rows"):
             v = getattr(self, name)
+            if v is None and name == "speculative_tokens":
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "speculative_tokens" else 1):
                 raise ValueError(f"{name} must be a {'non-negative' if name == 'speculative_tokens' else 'positive'}"
                                  f" int, got {v!r}")

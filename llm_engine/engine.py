@@ -83,8 +83,9 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         num_blocks = cfg.num_kv_blocks or self._size_kv_pool()
         self.block_manager = BlockManager(num_blocks, cfg.kv_block_size, cfg.enable_prefix_caching)
-        self.spec = SpecPolicy(cfg.speculative_tokens, cfg.speculative_ngram_min, cfg.speculative_ngram_max) \
-            if cfg.speculative_tokens > 0 else None
+        k = cfg.speculative_tokens if cfg.speculative_tokens is not None else 4 if self.device.type == "cuda" else 1
+        self.num_speculative_tokens = k
+        self.spec = SpecPolicy(k, cfg.speculative_ngram_min, cfg.speculative_ngram_max) if k > 0 else None
         spec_rows = min(cfg.speculative_max_rows, cfg.max_num_batched_tokens) if self.spec else 0
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=cfg.max_num_seqs,
                                    max_num_batched_tokens=cfg.max_num_batched_tokens, max_waiting=cfg.max_waiting,

@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def stages(out: str, commit: str) -> list[tuple[str, list[str], float]]:
     py = sys.executable
     return [
-        ("checks", [py, "bench/gpu_check.py", "--skip-timing", "--skip-graph", "--json", f"{out}/gpu_check.json"], 75),
+        ("checks", [py, "bench/gpu_check.py", "--skip-timing", "--skip-graph", "--json", f"{out}/gpu_check.json"],
+         100),
         ("decode", [py, "bench/decode_gpu.py", "--check", "--ab-gemv", "--models",
                     "glm4-9b:bf16+int4+int8,smollm2-135m:bf16", "--commit", commit, "--out",
                     f"{out}/decode_gpu.json"], 180),

@@ -174,6 +174,7 @@ PLANS = {
     "bf16": dict(prompts=(32, 1024), batches=(8, 32, 64), graph=((1, 32), (1, 1024), (8, 32), (64, 32)), ttft=True),
     "int4": dict(prompts=(32,), batches=(8, 16, 64), graph=((1, 32), (16, 32), (64, 32))),
     "int8": dict(prompts=(32,), batches=(), graph=((1, 32),)),
+    "ab": dict(prompts=(32,), batches=(64,), graph=((1, 32), (64, 32))),  # the --ab-gemv rerun (cuBLAS only)
 }
 
 
@@ -214,7 +215,7 @@ def bench_one(name: str, dtype: str, bw: float, common: dict, quick: bool) -> li
             f"step {_f(r.get('step_ms'), 3)} ms")
 
     gen1 = 64 if quick else 128
-    plan = PLANS.get(dtype, PLANS["bf16"])
+    plan = PLANS["ab"] if IMPL_SUFFIX[0] else PLANS.get(dtype, PLANS["bf16"])
     for p in plan["prompts"]:
         rec("voicefast", 1, p, **run_requests(engine, 1, p, gen1, vocab))
     for b in plan["batches"]:

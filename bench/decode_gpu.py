@@ -45,6 +45,7 @@ SHAPES = {
                          num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, tie_word_embeddings=True),
 }
 MAX_MODEL_LEN = 2048
+IMPL_SUFFIX = [""]  # " (cuBLAS)" while the A/B run with the Triton GEMV switched off
 MAX_SEQS = 64
 dev = torch.device("cuda")
 
@@ -101,7 +102,7 @@ def make_engine(model) -> LLMEngine:
     bs = 16
     cfg = EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=MAX_SEQS, kv_block_size=bs,
                        num_kv_blocks=MAX_SEQS * (MAX_MODEL_LEN // bs) // 4 + 256, max_num_batched_tokens=2048,
-                       max_waiting=1024, max_model_len=MAX_MODEL_LEN, enable_prefix_caching=False)
+                       max_waiting=1024, max_model_len=MAX_MODEL_LEN, enable_prefix_caching=True)
     return LLMEngine(cfg, model=model)
 
 
@@ -114,7 +115,8 @@ def _f(v, nd: int = 2) -> str:
 
 def run_requests(engine: LLMEngine, batch: int, prompt_len: int, gen: int, vocab: int) -> dict:
     rng = np.random.default_rng(_req[0])
-    params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
+    # plain decoding: random weights make greedy loops that prompt lookup would draft (bench/spec_gpu.py measures it)
+    params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True, speculate=False)
     times: dict[str, list[float]] = {}
     t0 = time.perf_counter()
     for _ in range(batch):
@@ -166,6 +168,31 @@ def graph_step_ms(engine: LLMEngine, b: int, ctx: int, n: int = 100) -> float:
     return s.elapsed_time(e) / n
 
 
+# Per dtype: batch-1 prompt lengths, batch sizes through the engine, graph-only (batch, context) points, and
+# whether to measure the time to first token on a cached 300-token persona.
+PLANS = {
+    "bf16": dict(prompts=(32, 1024), batches=(8, 32, 64), graph=((1, 32), (1, 1024), (8, 32), (64, 32)), ttft=True),
+    "int4": dict(prompts=(32,), batches=(8, 16, 64), graph=((1, 32), (16, 32), (64, 32))),
+    "int8": dict(prompts=(32,), batches=(), graph=((1, 32),)),
+    "ab": dict(prompts=(32,), batches=(64,), graph=((1, 32), (64, 32))),  # the --ab-gemv rerun (cuBLAS only)
+}
+
+
+def cached_persona_ttft(engine: LLMEngine, vocab: int, n: int = 12) -> dict:
+    """A 300-token system prompt already in the prefix cache + 20 new tokens: TTFT over n turns (1 token each)."""
+    rng = np.random.default_rng(7)
+    persona = rng.integers(0, vocab, 300).tolist()
+    params = SamplingParams(max_tokens=1, ignore_eos=True, speculate=False)
+    engine.generate([persona + rng.integers(0, vocab, 20).tolist()], params)  # fills the cache
+    ttft, cached = [], []
+    for _ in range(n):
+        [(_, r)] = engine.generate([persona + rng.integers(0, vocab, 20).tolist()], params)
+        ttft.append(r.ttft_s * 1e3)
+        cached.append(r.cached_tokens)
+    return dict(tok_s=None, ttft_p50_ms=float(np.percentile(ttft, 50)), ttft_p99_ms=float(np.percentile(ttft, 99)),
+                cached_tokens=int(np.median(cached)), turns=n)
+
+
 def bench_one(name: str, dtype: str, bw: float, common: dict, quick: bool) -> list[dict]:
     t = time.time()
     model = make_model(name, dtype)
@@ -178,23 +205,26 @@ def bench_one(name: str, dtype: str, bw: float, common: dict, quick: bool) -> li
     recs = []
 
     def rec(impl, batch, prompt_len, **kw):
-        r = dict(model=name, impl=impl, dtype=dtype, batch=batch, prompt_len=prompt_len,
+        r = dict(model=name, impl=impl + IMPL_SUFFIX[0], dtype=dtype, batch=batch, prompt_len=prompt_len,
                  limit_tok_s=batch * bw * 1e9 / nbytes, bytes_per_token=nbytes, copy_bw_gbs=bw, **common, **kw)
-        r["frac_of_limit"] = r["tok_s"] / r["limit_tok_s"]
+        r["frac_of_limit"] = None if r["tok_s"] is None else r["tok_s"] / r["limit_tok_s"]
         recs.append(r)
-        log(f"  {impl:15s} {dtype:5s} B={batch:3d} P={prompt_len:5d} {r['tok_s']:9.1f} tok/s "
-            f"({r['frac_of_limit'] * 100:5.1f}% of {r['limit_tok_s']:8.1f}) itl p50/p99 "
+        log(f"  {r['impl']:15s} {dtype:5s} B={batch:3d} P={prompt_len:5d} {_f(r['tok_s'], 1):>9s} tok/s "
+            f"({_f((r['frac_of_limit'] or 0) * 100, 1):>5s}% of {r['limit_tok_s']:8.1f}) itl p50/p99 "
             f"{_f(r.get('itl_p50_ms'))}/{_f(r.get('itl_p99_ms'))} ms ttft p50 {_f(r.get('ttft_p50_ms'))} ms "
             f"step {_f(r.get('step_ms'), 3)} ms")
 
     gen1 = 64 if quick else 128
-    for p in (32, 1024):
+    plan = PLANS["ab"] if IMPL_SUFFIX[0] else PLANS.get(dtype, PLANS["bf16"])
+    for p in plan["prompts"]:
         rec("voicefast", 1, p, **run_requests(engine, 1, p, gen1, vocab))
-    for b in (8, 32, 64):
+    for b in plan["batches"]:
         rec("voicefast", b, 32, **run_requests(engine, b, 32, 64, vocab))
-    for b, ctx in ((1, 32), (1, 1024), (8, 32), (64, 32)):
+    for b, ctx in plan["graph"]:
         ms = graph_step_ms(engine, b, ctx)
         rec("voicefast-graph", b, ctx, tok_s=b * 1e3 / ms, step_ms=ms, itl_p99_ms=None)
+    if plan.get("ttft"):
+        rec("voicefast-cached-persona", 1, 320, **cached_persona_ttft(engine, vocab))
     del engine, model
     gc.collect()
     torch.cuda.empty_cache()
@@ -219,7 +249,7 @@ def graph_vs_eager_check() -> bool:
                 os.environ["VOICEFAST_ENFORCE_EAGER"] = "1" if eager else "0"
                 model = make_model(name, "bf16", seed=1)
                 eng = make_engine(model)
-                params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+                params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, speculate=False)
                 got: dict[str, list[int]] = {}
                 for i, p in enumerate(prompts):
                     eng.add_request(f"c{i}", p, params)
@@ -244,26 +274,23 @@ def graph_vs_eager_check() -> bool:
 
 
 def fold_peers(path: str, common: dict) -> list[dict]:
-    recs, limits = [], {}
-    names = {"hf_eager": ("hf-eager", "bf16"), "hf_static_compile": ("hf-compile", "bf16"),
-             "hf_static_compile_bf16": ("hf-compile", "bf16"),
-             "hf_static_compile_int4_tinygemm": ("hf-int4-tinygemm", "int4")}
-    int4_limit = None
+    """Records from bench/gpu_peers.py's JSON lines (same call, same card)."""
+    recs = []
     with open(path) as f:
         for line in f:
             try:
                 d = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if d.get("event") == "model":
-                limits[d["kind"]] = d["limit_tok_s"]
-            elif d.get("event") == "quantized":
-                int4_limit = d.get("int4_limit_tok_s")
-            elif d.get("event") == "decode" and d.get("impl") in names:
-                impl, dt = names[d["impl"]]
-                lim = int4_limit if dt == "int4" else limits.get(d["kind"])
-                recs.append(dict(model=d["kind"], impl=impl, dtype=dt, batch=1, prompt_len=32, tok_s=d["tok_s"],
-                                 limit_tok_s=lim, itl_p99_ms=None, **common, source="shared/peers"))
+            if d.get("event") == "decode":
+                recs.append(dict(model=d["model"], impl=d["impl"], dtype=d["dtype"], batch=d["batch"],
+                                 prompt_len=d["prompt_len"], tok_s=d["tok_s"], limit_tok_s=d["limit_tok_s"],
+                                 frac_of_limit=d["frac_of_limit"], itl_p99_ms=None, copy_bw_gbs=d["copy_bw_gbs"],
+                                 **common, source="bench/gpu_peers.py"))
+            elif d.get("event") in ("error", "skipped"):
+                recs.append(dict(model=d.get("model"), impl=d.get("impl"), dtype="-", batch=1, prompt_len=32,
+                                 tok_s=None, limit_tok_s=None, **common, source="bench/gpu_peers.py",
+                                 error=d.get("error") or d.get("reason")))
     return recs
 
 
@@ -279,21 +306,25 @@ def _dump(recs, path):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="smollm2-135m,glm-edge-1.5b,glm4-9b")
+    ap.add_argument("--models", default="smollm2-135m,glm-edge-1.5b,glm4-9b",
+                    help="comma-separated; 'name:bf16+int4' gives a model its own dtypes")
     ap.add_argument("--dtypes", default="bf16,int8,int4")
     ap.add_argument("--out", default="decode_gpu.json")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--peers", default=None, help="fold a peers baseline.jsonl into --out and exit")
     ap.add_argument("--check", action="store_true", help="also run the graph-vs-eager greedy check")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--ab-gemv", action="store_true",
+                    help="also run bf16 with the Triton GEMV switched off (cuBLAS everywhere): before vs after")
     args = ap.parse_args()
     devname = torch.cuda.get_device_name()
     common = dict(device=devname, commit=args.commit)
     if args.peers:
         recs = _load(args.out) if os.path.exists(args.out) else []
-        recs = [r for r in recs if r.get("source") != "shared/peers"] + fold_peers(args.peers, common)
+        recs = [r for r in recs if r.get("source") != "bench/gpu_peers.py"] + fold_peers(args.peers, common)
         _dump(recs, args.out)
         log(f"folded peers into {args.out}: {len(recs)} records")
+        print_table(recs)
         return
     log(f"{devname} torch {torch.__version__}")
     bw = copy_bw_gbs()
@@ -304,25 +335,50 @@ def main():
         ok = graph_vs_eager_check()
         recs.append(dict(model="-", impl="graph-vs-eager-check", dtype="bf16", batch=4, prompt_len=0, tok_s=None,
                          limit_tok_s=None, itl_p99_ms=None, ok=ok, **common))
-    for name in args.models.split(","):
-        for dtype in args.dtypes.split(","):
+    for entry in args.models.split(","):  # "model" (every --dtypes) or "model:dtype+dtype"
+        name, _, own = entry.partition(":")
+        for dtype in (own.split("+") if own else args.dtypes.split(",")):
             try:
                 recs += bench_one(name, dtype, bw, common, args.quick)
+                if args.ab_gemv and dtype == "bf16":
+                    from llm_engine.kernels import set_gemv_enabled
+
+                    set_gemv_enabled(False)
+                    IMPL_SUFFIX[0] = " (cuBLAS)"
+                    try:
+                        recs += bench_one(name, dtype, bw, common, True)
+                    finally:
+                        set_gemv_enabled(True)
+                        IMPL_SUFFIX[0] = ""
             except Exception as e:  # keep going: one failure must not lose the other figures
                 log(f"[{name} {dtype}] FAILED: {e!r}\n{traceback.format_exc()[-2000:]}")
                 recs.append(dict(model=name, impl="voicefast", dtype=dtype, error=repr(e)[:500], **common))
                 gc.collect()
                 torch.cuda.empty_cache()
             _dump(recs, args.out)
+    from llm_engine.kernels.gemv import chosen
     from llm_engine.quant.kernels import chosen_configs
+    from llm_engine.quant.swap import CHOICES
+
+    recs.append(dict(model="-", impl="choices", dtype="-", batch=0, prompt_len=0, tok_s=None, limit_tok_s=None,
+                     gemv=chosen(), quant_tiles=chosen_configs(), int4_backend=CHOICES, **common))
+    _dump(recs, args.out)
+    log(f"gemv choices: {json.dumps(chosen(), default=str)}")
+    log(f"int4 backend per shape: {json.dumps(CHOICES)}")
     log(f"quant tiles chosen: {json.dumps(chosen_configs())}")
-    log("\nmodel          impl             dtype  B     P     tok/s   limit   %lim  itl_p99")
+    print_table(recs)
+
+
+def print_table(recs: list[dict]) -> None:
+    log("\nmodel          impl                       dtype  B     P     tok/s   limit   %lim  itl_p99 ttft_p50")
     for r in recs:
-        if r.get("tok_s") is None:
+        if r.get("tok_s") is None and r.get("ttft_p50_ms") is None:
             continue
         lim = r.get("limit_tok_s") or float("nan")
-        log(f"{r['model']:14s} {r['impl']:16s} {r['dtype']:5s} {r['batch']:3d} {r['prompt_len']:5d} "
-            f"{r['tok_s']:8.1f} {lim:7.1f} {r['tok_s'] / lim * 100:5.1f}% {_f(r.get('itl_p99_ms')):>6s}")
+        tps = r.get("tok_s")
+        log(f"{r['model']:14s} {r['impl']:26s} {r['dtype']:5s} {r['batch']:3d} {r['prompt_len']:5d} "
+            f"{_f(tps, 1):>8s} {lim:7.1f} {_f(None if tps is None else tps / lim * 100, 1):>5s}% "
+            f"{_f(r.get('itl_p99_ms')):>6s} {_f(r.get('ttft_p50_ms')):>6s}")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,14 @@ import triton.testing  # noqa: E402
 
 from bench.decode_gpu import copy_bw_gbs  # noqa: E402  (one copy-bandwidth measurement for both scripts)
 from llm_engine.kernels import decode_attention as DA  # noqa: E402
+from llm_engine.kernels import gemv as GV  # noqa: E402
 from llm_engine.kernels import rms_norm as RN  # noqa: E402
 from llm_engine.kernels import rotary_kv as RK  # noqa: E402
 from llm_engine.kernels import sampling as SA  # noqa: E402
 from llm_engine.kernels import silu_and_mul as SM  # noqa: E402
 from llm_engine.quant import int4 as I4  # noqa: E402
 from llm_engine.quant import int8 as I8  # noqa: E402
+from llm_engine.quant import tinygemm as TG  # noqa: E402
 from llm_engine.quant.kernels import int4_matmul, int8_matmul  # noqa: E402
 
 dev = "cuda"
@@ -72,6 +74,35 @@ def kernel_checks():
         ro, rr = RN.reference_add_rms_norm(x.float(), r.float(), w.float(), 1e-5)
         check(f"add_rms_norm T={T} H={H}", o, ro, 1e-2)
         check(f"add_rms_norm residual T={T} H={H}", nr, rr, 1e-2)
+    # GLM-4 sandwich: norm(x) * w1 + residual, then its norm
+    for T, H in [(1, 4096), (5, 4096), (64, 4096)]:
+        x, r = torch.randn(T, H, device=dev, dtype=bf16), torch.randn(T, H, device=dev, dtype=bf16)
+        w1, w2 = torch.randn(H, device=dev, dtype=bf16), torch.randn(H, device=dev, dtype=bf16)
+        o, nr = RN.norm_add_rms_norm(x, w1, r, w2, 1e-5)
+        ro, rr = RN.reference_norm_add_rms_norm(x.float(), w1.float(), r.float(), w2.float(), 1e-5)
+        check(f"norm_add_rms_norm T={T} H={H}", o, ro, 1e-2)
+        check(f"norm_add_rms_norm residual T={T} H={H}", nr, rr, 1e-2)
+    # small-batch GEMV (every candidate config), SwiGLU gate fused for down_proj
+    for N, K, silu in [(4608, 4096, False), (4096, 4096, False), (27392, 4096, False), (4096, 13696, True),
+                       (1728, 576, False), (576, 1536, True)]:
+        w = torch.randn(N, K, device=dev, dtype=bf16) * 0.02
+        b = torch.randn(N, device=dev, dtype=bf16) if N == 4608 else None
+        for M in (1, 5, 16):
+            x = torch.randn(M, 2 * K if silu else K, device=dev, dtype=bf16)
+            ref = GV.reference_gemv(x.float(), w.float(), None if b is None else b.float(), silu)
+            for cfg in GV.CANDIDATES[GV.m_class(M)]:
+                if cfg != GV.TORCH:
+                    check(f"gemv M={M} N={N} K={K} silu={silu} cfg={cfg}", GV.gemv(x, w, b, silu, cfg), ref, 1e-2)
+    # int4 through torch's tinygemm vs the weights it dequantizes to
+    for N, K in [(4608, 4096), (4096, 13696)]:
+        w = torch.randn(N, K, device=dev, dtype=bf16) * 0.02
+        p, sc, mn, grp = I4.quantize_int4(w)
+        codes = I4.unpack_int4(p, grp)
+        tw, sz = TG.pack(codes, sc, mn)
+        for M in (1, 16):
+            x = torch.randn(M, K, device=dev, dtype=bf16)
+            check(f"int4 tinygemm M={M} N={N} K={K}", TG.matmul(x, tw, sz, grp, N, None),
+                  x.float() @ TG.dequantize(codes, sz, grp).T, 1e-2)
     # SiLU * mul
     for T, inter in [(1, 13696), (64, 13696), (5, 1536)]:
         x = torch.randn(T, 2 * inter, device=dev, dtype=bf16)
@@ -189,25 +220,61 @@ def kernel_timings(bw, quant_only: bool = False):
     sampling_timings(bw, V)
 
 
-def linear_timings(bw, H, I, V):
-    """glm4 linears: bf16 cuBLAS vs int8 vs int4; rotate over copies so weights come from HBM, not L2."""
-    for name, N, K in [("qkv", 4608, H), ("o", H, H), ("gate_up", 2 * I, H), ("down", H, I), ("lm_head", V, H)]:
+def linear_timings(bw, H, I, V, shapes=None):
+    """Linears: bf16 cuBLAS (before) vs the chosen small-batch path (after: cuBLAS or the Triton GEMV, down_proj
+    with the SwiGLU gate fused) vs int8 vs int4 (ours, torch's tinygemm); weights rotated over copies so they
+    come from HBM, not L2."""
+    shapes = shapes or [("qkv", 4608, H), ("o", H, H), ("gate_up", 2 * I, H), ("down", H, I), ("lm_head", V, H),
+                        ("smollm2 qkv", 960, 576), ("smollm2 o", 576, 576), ("smollm2 gate_up", 3072, 576),
+                        ("smollm2 down", 576, 1536)]
+    for name, N, K in shapes:
         copies = max(2, min(8, int(400e6 // (N * K * 2))))
         ws = [torch.randn(N, K, device=dev, dtype=bf16) * 0.02 for _ in range(copies)]
         q8 = [I8.quantize_int8(w) for w in ws]
         q4 = [I4.quantize_int4(w)[:3] for w in ws]
-        for M in (1, 8, 64):
+        tg = [TG.pack(I4.unpack_int4(p, 128 if K % 128 == 0 else 64), s, m) for p, s, m in q4] \
+            if TG.supported(K, 128) else []
+        silu = name.endswith("down")
+        for M in (1, 8, 16, 64):
             x = torch.randn(M, K, device=dev, dtype=bf16)
-            timed(f"linear {name} bf16 M={M} N={N} K={K}",
+            timed(f"linear {name} bf16 cuBLAS M={M} N={N} K={K}",
                   lambda x=x, ws=ws: [torch.nn.functional.linear(x, w) for w in ws], N * K * 2, bw, copies)
+            if M <= GV.MAX_ROWS:
+                xg = torch.randn(M, 2 * K, device=dev, dtype=bf16) if silu else x
+                choice = GV.pick(xg, ws[0], None, silu)
+                RESULTS.append({"kind": "gemv_choice", "name": f"{name} M={M}", "choice": str(choice)})
+                timed(f"linear {name} bf16 chosen={choice}{' +silu' if silu else ''} M={M}",
+                      lambda xg=xg, ws=ws, silu=silu: [GV.linear(xg, w, None, silu) for w in ws], N * K * 2, bw,
+                      copies)
+                if silu:
+                    timed(f"linear {name} bf16 silu kernel + cuBLAS M={M}",
+                          lambda xg=xg, ws=ws: [GV._torch_path(xg, w, None, True) for w in ws], N * K * 2, bw,
+                          copies)
+            if tg and M <= 64:
+                timed(f"linear {name} int4 tinygemm M={M}",
+                      lambda x=x, tg=tg, N=N: [TG.matmul(x, w, sz, 128, N, None) for w, sz in tg],
+                      N * K // 2 + N * K // 128 * 4, bw, copies)
             if M <= 64:
                 timed(f"linear {name} int8 M={M}", lambda x=x, q8=q8: [int8_matmul(x, q, s) for q, s in q8],
                       N * K + N * 4, bw, copies)
                 timed(f"linear {name} int4 M={M}",
-                      lambda x=x, q4=q4: [int4_matmul(x, p, s, m, 128) for p, s, m in q4],
+                      lambda x=x, q4=q4, K=K: [int4_matmul(x, p, s, m, 128 if K % 128 == 0 else 64)
+                                               for p, s, m in q4],
                       N * K // 2 + N * K // 128 * 4, bw, copies)
         del ws, q8, q4
         torch.cuda.empty_cache()
+
+
+def small_kernel_timings(bw, H=4096, I=13696):
+    """The per-layer small kernels of the GLM-4-9B decode step at batch 1 (fused vs unfused norms)."""
+    x, r = torch.randn(1, H, device=dev, dtype=bf16), torch.randn(1, H, device=dev, dtype=bf16)
+    w = torch.randn(H, device=dev, dtype=bf16)
+    timed("add_rms_norm T=1 H=4096", lambda: RN.add_rms_norm(x, r, w, 1e-5), 8 * H, bw)
+    timed("rms_norm + add_rms_norm (GLM-4 sandwich, unfused) T=1",
+          lambda: RN.add_rms_norm(RN.rms_norm(x, w, 1e-5), r, w, 1e-5), 12 * H, bw)
+    timed("norm_add_rms_norm (GLM-4 sandwich, fused) T=1", lambda: RN.norm_add_rms_norm(x, w, r, w, 1e-5), 8 * H, bw)
+    xi = torch.randn(1, 2 * I, device=dev, dtype=bf16)
+    timed(f"silu_and_mul T=1 I={I}", lambda: SM.silu_and_mul(xi), 6 * I, bw)
 
 
 def sampling_timings(bw, V):
@@ -230,6 +297,7 @@ def main():
     ap.add_argument("--skip-graph", action="store_true")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--quant-only", action="store_true", help="time only the linears (bf16 / int8 / int4)")
+    ap.add_argument("--linears-only", action="store_true", help="time the linears and the small kernels only")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     bw = copy_bw_gbs()
@@ -238,7 +306,9 @@ def main():
     if not args.skip_checks:
         kernel_checks()
     if not args.skip_timing:
-        kernel_timings(bw, args.quant_only)
+        kernel_timings(bw, args.quant_only or args.linears_only)
+        if args.linears_only:
+            small_kernel_timings(bw)
     if not args.skip_graph:
         try:
             from bench.decode_gpu import graph_vs_eager_check

@@ -135,18 +135,28 @@ class BlockManager:
             seq.last_block_hash = h
             seq.num_hashed_blocks += 1
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Release the tail blocks not needed for the first num_tokens tokens (slots taken for rejected
+        speculative drafts). Tail blocks are past the computed region, so none carries a hash."""
+        keep = self.blocks_for(num_tokens)
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
+
+    def _release(self, bid: int) -> None:
+        blk = self.blocks[bid]
+        blk.ref_count -= 1
+        if blk.ref_count < 0:
+            raise RuntimeError(f"block {bid} freed twice")
+        if blk.ref_count == 0:
+            if blk.hash is not None:
+                self._free_cached[bid] = None
+            else:
+                self._free_plain.append(bid)
+
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks (tail first, so a prefix outlives its suffix in the LRU)."""
         for bid in reversed(seq.block_table):
-            blk = self.blocks[bid]
-            blk.ref_count -= 1
-            if blk.ref_count < 0:
-                raise RuntimeError(f"block {bid} freed twice")
-            if blk.ref_count == 0:
-                if blk.hash is not None:
-                    self._free_cached[bid] = None
-                else:
-                    self._free_plain.append(bid)
+            self._release(bid)
         seq.block_table = []
         seq.num_hashed_blocks = 0
         seq.last_block_hash = None

@@ -32,6 +32,13 @@ class EngineConfig:
     seed: int = 0  # seed for unseeded random sampling
     tensor_parallel: int = 1  # ranks (GPUs of this host; gloo processes on CPU) the model is split over
     tp_one_shot_max_bytes: int = 512 * 1024  # CUDA TP: all-reduces up to this size take the one-shot kernel; 0 = NCCL
+    # Speculative decoding (llm_engine.spec_decode): prompt-lookup drafts verified in one forward pass; exact.
+    # drafts per decode step at most; 0 = off (SamplingParams.speculate: per request). None: 4 on CUDA (a verify of
+    # a few rows costs about one decode step there), 1 on CPU (2 rows still take the fp16 GEMV; 3+ rows cost ~2x)
+    speculative_tokens: int | None = None
+    speculative_ngram_min: int = 2  # shortest suffix n-gram looked up in the sequence's earlier tokens
+    speculative_ngram_max: int = 4  # longest (tried first)
+    speculative_max_rows: int = 32  # drafts only while a step's decode rows (1 + drafts per seq) stay <= this
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
@@ -62,6 +69,16 @@ class EngineConfig:
                 or self.tp_one_shot_max_bytes % 256:
             raise ValueError(f"tp_one_shot_max_bytes must be a multiple of 256 in [0, 64 MiB], got "
                              f"{self.tp_one_shot_max_bytes!r}")
+        for name in ("speculative_tokens", "speculative_ngram_min", "speculative_ngram_max", "speculative_max_rows"):
+            v = getattr(self, name)
+            if v is None and name == "speculative_tokens":
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "speculative_tokens" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'speculative_tokens' else 'positive'}"
+                                 f" int, got {v!r}")
+        if self.speculative_ngram_min > self.speculative_ngram_max:
+            raise ValueError(f"speculative_ngram_min ({self.speculative_ngram_min}) > speculative_ngram_max "
+                             f"({self.speculative_ngram_max})")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

@@ -22,6 +22,7 @@ from llm_engine.outputs import EngineStats, RequestResult, StreamOutput
 from llm_engine.sampling_params import SamplingParams
 from llm_engine.scheduler import Scheduler
 from llm_engine.sequence import Sequence
+from llm_engine.spec_decode import SpecPolicy
 from llm_engine.stop_strings import StopStringMatcher
 
 log = logging.getLogger("llm_engine")
@@ -89,16 +90,20 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         num_blocks = cfg.num_kv_blocks or self._size_kv_pool()
         self.block_manager = BlockManager(num_blocks, cfg.kv_block_size, cfg.enable_prefix_caching)
+        k = cfg.speculative_tokens if cfg.speculative_tokens is not None else 4 if self.device.type == "cuda" else 1
+        self.num_speculative_tokens = k
+        self.spec = SpecPolicy(k, cfg.speculative_ngram_min, cfg.speculative_ngram_max) if k > 0 else None
+        spec_rows = min(cfg.speculative_max_rows, cfg.max_num_batched_tokens) if self.spec else 0
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=cfg.max_num_seqs,
                                    max_num_batched_tokens=cfg.max_num_batched_tokens, max_waiting=cfg.max_waiting,
-                                   max_model_len=self.max_model_len)
+                                   max_model_len=self.max_model_len, spec=self.spec, spec_max_rows=spec_rows)
         runner_cls = pick_runner_class(self.device)
         if self.tp is not None:
             runner_cls = self.tp.runner_class(runner_cls)  # broadcasts every step to the worker ranks
         self.runner = runner_cls(model, mc, num_kv_blocks=num_blocks, block_size=cfg.kv_block_size,
                                  max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                                  max_model_len=self.max_model_len, device=self.device, dtype=self.dtype,
-                                 seed=cfg.seed, enforce_eager=cfg.enforce_eager)
+                                 seed=cfg.seed, enforce_eager=cfg.enforce_eager, max_decode_rows=spec_rows)
         eos = tokenizer.eos_token_ids if tokenizer is not None else mc.eos_token_ids
         self.eos_token_ids = frozenset(int(t) for t in eos)
         self._seqs: dict[str, Sequence] = {}
@@ -214,23 +219,25 @@ class LLMEngine:
             return outs
         now = time.perf_counter()
         new = self.scheduler.postprocess(batch, sampled)
-        for seq in new:
+        n_tokens = 0
+        for seq, toks in new:
             if seq.first_token_s is None:
                 seq.first_token_s = now
             seq.last_token_s = now
-            outs.append(self._emit(seq))
-        self._recent.append((now, len(new)))
+            outs.append(self._emit(seq, toks))
+            n_tokens += len(toks)
+        self._recent.append((now, n_tokens))
         while self._recent and now - self._recent[0][0] > 5.0:
             self._recent.popleft()
         return outs
 
-    def _emit(self, seq: Sequence) -> StreamOutput:
-        tok = seq.token_ids[-1]
-        out = StreamOutput(seq.request_id, token_ids=[tok])
+    def _emit(self, seq: Sequence, toks: list[int]) -> StreamOutput:
+        """The output for a step's new tokens of seq (several after an accepted speculative draft)."""
+        out = StreamOutput(seq.request_id, token_ids=list(toks))
         req: _Request = seq.user
         if req.detok is not None:
-            hit_stop_id = seq.is_finished and seq.finish_reason == "stop" and tok in seq.stop_token_ids
-            delta = "" if hit_stop_id else req.detok.push(tok)
+            hit_stop_id = seq.is_finished and seq.finish_reason == "stop" and toks[-1] in seq.stop_token_ids
+            delta = "".join(req.detok.push(t) for t in (toks[:-1] if hit_stop_id else toks))
             if seq.is_finished:
                 delta += req.detok.flush()
             if req.stop is not None:
@@ -257,7 +264,9 @@ class LLMEngine:
             request_id=seq.request_id, prompt_tokens=seq.num_prompt_tokens, completion_tokens=n,
             cached_tokens=seq.num_cached_tokens,
             ttft_s=None if seq.first_token_s is None else seq.first_token_s - seq.arrival_s,
-            decode_tok_s=decode, finish_reason=seq.finish_reason or "abort", text=text, error=error)
+            decode_tok_s=decode, finish_reason=seq.finish_reason or "abort", text=text, error=error,
+            draft_tokens=seq.spec.num_drafted if seq.spec else 0,
+            accepted_draft_tokens=seq.spec.num_accepted if seq.spec else 0)
         return out
 
     # ---- introspection -----------------------------------------------------------------------------
@@ -270,7 +279,10 @@ class LLMEngine:
                            free_blocks=self.block_manager.num_free_blocks,
                            total_blocks=self.block_manager.num_blocks,
                            prefix_hit_tokens=self.block_manager.prefix_hit_tokens, decode_tok_s=tok_s,
-                           num_preemptions=self.scheduler.num_preemptions, finished_requests=self.num_finished)
+                           num_preemptions=self.scheduler.num_preemptions, finished_requests=self.num_finished,
+                           spec_draft_tokens=self.spec.num_drafted if self.spec else 0,
+                           spec_accepted_tokens=self.spec.num_accepted if self.spec else 0,
+                           spec_verifies=self.spec.num_verifies if self.spec else 0)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[tuple[list[int], RequestResult]]:

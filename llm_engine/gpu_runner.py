@@ -39,13 +39,15 @@ class GpuModelRunner(ModelRunner):
         self.enforce_eager = enforce_eager or os.environ.get("VOICEFAST_ENFORCE_EAGER", "") == "1"
         self.seed_base = int(kwargs.get("seed", 0))
         self.graphs: DecodeGraphs | None = None
-        B, mb = max(1, kwargs["max_num_seqs"]), self.max_blocks_per_seq
+        B, mb = max(1, self.max_decode_rows), self.max_blocks_per_seq  # rows: sequences + speculative drafts
         # Pinned host staging of the graph inputs (layout: llm_engine.cuda_graphs), numpy views for cheap writes.
         self._h_st = torch.zeros((B, STAGING_COLS + mb), dtype=torch.int64, pin_memory=True)  # [B, 7 + max_blocks]
         self._h_tok = torch.zeros(B, dtype=torch.int64, pin_memory=True)  # [B] sampled tokens back
         self._n_st = self._h_st.numpy()
         self._n_st_f = self._n_st.view(np.float64)
         self._done = torch.cuda.Event()
+        self.num_graph_steps = 0  # decode steps replayed through a graph (a speculative verify included)
+        self.num_graph_verify_steps = 0  # of which carried drafts
         if not self.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, B, mb, self.max_blocks_per_seq * self.block_size,
                                        self.device)
@@ -53,52 +55,88 @@ class GpuModelRunner(ModelRunner):
 
     # ---- decode through the graphs ------------------------------------------------------------------
     def _graph_ok(self, batch: ScheduledBatch) -> bool:
-        if self.graphs is None or len(batch) == 0 or len(batch) > self.graphs.buckets[-1]:
+        """Pure decode steps (a speculative verify included) whose rows fit the largest captured bucket."""
+        if self.graphs is None or len(batch) == 0 or batch.num_decodes != len(batch):
             return False
-        return all(n == 1 for n in batch.num_tokens) and all(batch.samples(i) for i in range(len(batch)))
+        return batch.total_tokens <= self.graphs.buckets[-1]
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[int | None]:
+    def run(self, batch: ScheduledBatch) -> list[list[int]]:
         if not self._graph_ok(batch):
             return super().run(batch)
         return self._run_graph(batch)
+
+    def sample(self, inp, logits: torch.Tensor) -> torch.Tensor:
+        """Eager steps (prefill, mixed, eager mode) sample like the graph does: Gumbel-max keyed by (request seed,
+        position), so a token's noise does not depend on which path computed it (a seeded request gives the
+        same tokens whether its drafts were verified in a graph, in an eager step, or not drafted at all)."""
+        if inp.all_greedy:
+            return logits.argmax(dim=-1)
+        steps = inp.positions.index_select(0, inp.logits_indices)  # [S] position of each sampled row
+        seeds = torch.tensor(inp.seeds, dtype=torch.int64).to(self.device, non_blocking=True)  # [S]
+        return SA.sample(logits, inp.temperature, inp.top_k, inp.top_p, seeds, steps,
+                         inp.any_top_k or inp.any_top_p)
+
+    def prepare_inputs(self, batch: ScheduledBatch):
+        inp = super().prepare_inputs(batch)
+        inp.seeds = [self._seed_of(batch.seqs[r]) for r in inp.sample_rows]
+        return inp
 
     def _seed_of(self, seq) -> int:
         if seq.params.seed is not None:
             return int(seq.params.seed) & _SEED_MASK
         return hash((self.seed_base, seq.request_id)) & _SEED_MASK  # fixed per request within this process
 
-    def _run_graph(self, batch: ScheduledBatch) -> list[int | None]:
+    def _run_graph(self, batch: ScheduledBatch) -> list[list[int]]:
+        """One graph row per token. A speculative verify of seq (last token + k drafts at positions p..p+k) is k+1
+        decode rows sharing the sequence's block table, row j attending to p+j+1 keys: all k+1 KV entries are
+        written before any row attends, so each row sees exactly its causal prefix. Row j samples with the noise
+        plain decoding would use at position p+j (step = position), so a seeded request draws the same tokens
+        with or without speculation (up to the numerics of a wider batch)."""
         g = self.graphs
-        B = len(batch)
-        b = g.bucket_for(B)
+        R = batch.total_tokens
+        b = g.bucket_for(R)
         bs = self.block_size
         st, st_f = self._n_st, self._n_st_f
         needs_filter = False
-        for i, seq in enumerate(batch.seqs):
-            p = len(seq) - 1
-            row = st[i]
-            row[COL_ID] = seq.token_ids[p]
-            row[COL_POS] = p
-            row[COL_SLOT] = seq.block_table[p // bs] * bs + p % bs
-            row[COL_SEED] = self._seed_of(seq)
-            row[COL_STEP] = p  # distinct per token of the sequence: fresh noise every step, reproducible per seed
-            row[COL_SEQ_LEN] = p + 1
+        r = 0
+        for seq, drafts in zip(batch.seqs, batch.drafts, strict=True):
+            p0 = len(seq) - 1
+            table = seq.block_table
+            seed = self._seed_of(seq)
             sp = seq.params
-            st_f[i, COL_TEMP] = sp.temperature
-            row[STAGING_COLS:STAGING_COLS + len(seq.block_table)] = seq.block_table
             needs_filter |= sp.temperature > 0 and (sp.top_k > 0 or sp.top_p < 1.0)
-        if b > B:  # padding rows: attend to nothing, store nothing
-            st[B:b, :STAGING_COLS] = 0
-            st[B:b, COL_SLOT] = -1
+            for j in range(1 + len(drafts)):
+                p = p0 + j
+                row = st[r]
+                row[COL_ID] = seq.token_ids[p0] if j == 0 else drafts[j - 1]
+                row[COL_POS] = p
+                row[COL_SLOT] = table[p // bs] * bs + p % bs
+                row[COL_SEED] = seed
+                row[COL_STEP] = p  # distinct per position: fresh noise every token, reproducible per seed
+                row[COL_SEQ_LEN] = p + 1
+                st_f[r, COL_TEMP] = sp.temperature
+                row[STAGING_COLS:STAGING_COLS + len(table)] = table
+                r += 1
+        if b > R:  # padding rows: attend to nothing, store nothing
+            st[R:b, :STAGING_COLS] = 0
+            st[R:b, COL_SLOT] = -1
         g.staging[:b].copy_(self._h_st[:b], non_blocking=True)  # the step's one host-to-device copy
         g.replay(b)
+        self.num_graph_steps += 1
+        self.num_graph_verify_steps += int(len(batch) < R)  # rows beyond one per sequence: drafts
         if needs_filter:  # top-k / top-p rows: re-sample the graph's logits with the sorting sampler
-            top_k = torch.tensor([s.params.top_k for s in batch.seqs] + [0] * (b - B), device=self.device)
-            top_p = torch.tensor([s.params.top_p for s in batch.seqs] + [1.0] * (b - B), device=self.device)
+            rows = [s for s, d in zip(batch.seqs, batch.drafts, strict=True) for _ in range(1 + len(d))]
+            top_k = torch.tensor([s.params.top_k for s in rows] + [0] * (b - R), device=self.device)
+            top_p = torch.tensor([s.params.top_p for s in rows] + [1.0] * (b - R), device=self.device)
             tok = SA.sample(g.logits[b], g.temperature[:b], top_k, top_p, g.seeds[:b], g.steps[:b], True)
             g.tokens[:b].copy_(tok)
-        self._h_tok[:B].copy_(g.tokens[:B], non_blocking=True)
+        self._h_tok[:R].copy_(g.tokens[:R], non_blocking=True)
         self._done.record()
-        self._done.synchronize()  # the step's only wait: the sampled ids, 8 bytes per sequence
-        return self._h_tok[:B].tolist()
+        self._done.synchronize()  # the step's only wait: the sampled ids, 8 bytes per row
+        flat = self._h_tok[:R].tolist()
+        out, r = [], 0
+        for n in batch.num_tokens:
+            out.append(flat[r:r + n])
+            r += n
+        return out

@@ -23,7 +23,7 @@ class StepInputs:
     positions: torch.Tensor  # [T] int64
     meta: AttnMetadata
     logits_indices: torch.Tensor  # [S] int64: rows of hidden whose next token is sampled
-    sample_rows: list[int]  # batch index of each sampled row
+    sample_rows: list[int]  # batch index of each sampled row (a speculative verify samples 1 + drafts rows)
     temperature: torch.Tensor  # [S] float32
     top_k: torch.Tensor  # [S] int64
     top_p: torch.Tensor  # [S] float32
@@ -31,13 +31,17 @@ class StepInputs:
     all_greedy: bool
     any_top_k: bool
     any_top_p: bool
+    seeds: list[int] | None = None  # per sampled row (GpuModelRunner: the Philox key of its sampler)
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig, *, num_kv_blocks: int, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, device: torch.device,
-                 dtype: torch.dtype, seed: int = 0, enforce_eager: bool = True):
-        self.model = model  # enforce_eager: the eager runner always is; GpuModelRunner captures graphs unless set
+                 dtype: torch.dtype, seed: int = 0, enforce_eager: bool = True, max_decode_rows: int = 0):
+        # enforce_eager: the eager runner always is; GpuModelRunner captures graphs unless set.
+        # max_decode_rows: speculative decode steps may carry up to this many rows (GpuModelRunner captures them)
+        self.model = model
+        self.max_decode_rows = max(max_num_seqs, max_decode_rows)
         self.model_cfg = model_cfg
         self.device = torch.device(device)
         self.dtype = dtype
@@ -54,19 +58,21 @@ class ModelRunner:
         self._qsl = np.zeros(B + 1, np.int32)  # [B+1]
         self._seq_lens = np.zeros(B, np.int32)  # [B]
         self._tables = np.zeros((B, self.max_blocks_per_seq), np.int32)  # [B, max_blocks]
-        self._logit_idx = np.zeros(B, np.int64)  # [B]
-        self._temp = np.zeros(B, np.float32)  # [B]
-        self._top_k = np.zeros(B, np.int64)  # [B]
-        self._top_p = np.ones(B, np.float32)  # [B]
+        # Sampled rows: one per sequence that reaches its end, one more per speculative draft (<= T in all).
+        self._logit_idx = np.zeros(T, np.int64)  # [T]
+        self._temp = np.zeros(T, np.float32)  # [T]
+        self._top_k = np.zeros(T, np.int64)  # [T]
+        self._top_p = np.ones(T, np.float32)  # [T]
 
     # ---- the step ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[int | None]:
-        """Compute the batch's tokens; returns per scheduled seq the sampled token id, or None (mid-prefill)."""
+    def run(self, batch: ScheduledBatch) -> list[list[int]]:
+        """Compute the batch's tokens; returns per scheduled seq its sampled tokens: [] mid-prefill, one token
+        when it reaches its end, 1 + len(drafts) tokens (one per row) for a speculative verify."""
         inp = self.prepare_inputs(batch)
         hidden = self.forward(inp)  # [T, H]
         if not inp.sample_rows:
-            return [None] * len(batch)
+            return [[] for _ in range(len(batch))]
         logits = self.compute_logits(hidden, inp)  # [S, V]
         tokens = self.sample(inp, logits)  # [S]
         return self.to_host(batch, inp, tokens)
@@ -84,7 +90,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         gens: list[torch.Generator | None] = []
         self._qsl[0] = 0
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True)):
+        for i, (seq, n, drafts) in enumerate(zip(batch.seqs, batch.num_tokens, batch.drafts, strict=True)):
             start = seq.num_computed_tokens
             end = start + n
             if n == 1:
@@ -92,7 +98,7 @@ class ModelRunner:
                 pos[t] = start
                 slots[t] = seq.block_table[start // bs] * bs + start % bs
             else:
-                ids[t:t + n] = seq.token_ids[start:end]
+                ids[t:t + n] = batch.tokens_of(i) if drafts else seq.token_ids[start:end]
                 p = np.arange(start, end)
                 pos[t:t + n] = p
                 slots[t:t + n] = np.asarray(seq.block_table, np.int64)[p // bs] * bs + p % bs
@@ -104,17 +110,18 @@ class ModelRunner:
             width = max(width, nb)
             qlens.append(n)
             slens.append(end)
-            if end == len(seq):
-                j = len(sample_rows)
-                self._logit_idx[j] = t - 1
+            if end == len(seq) + len(drafts):  # reaches its end: sample the last row (+ one per draft)
                 sp = seq.params
-                self._temp[j] = sp.temperature
-                self._top_k[j] = sp.top_k
-                self._top_p[j] = sp.top_p
                 if sp.seed is not None and seq.generator is None:
                     seq.generator = torch.Generator(self.device).manual_seed(sp.seed)
-                gens.append(seq.generator)
-                sample_rows.append(i)
+                for r in range(t - 1 - len(drafts), t):
+                    j = len(sample_rows)
+                    self._logit_idx[j] = r
+                    self._temp[j] = sp.temperature
+                    self._top_k[j] = sp.top_k
+                    self._top_p[j] = sp.top_p
+                    gens.append(seq.generator)
+                    sample_rows.append(i)
         for i, seq in enumerate(batch.seqs):  # zero stale entries past each table (padding = block 0)
             tables[i, len(seq.block_table):width] = 0
         S = len(sample_rows)
@@ -146,8 +153,8 @@ class ModelRunner:
         return sample(logits, inp.temperature, inp.top_k, inp.top_p, inp.generators, self.default_generator,
                       all_greedy=inp.all_greedy, any_top_k=inp.any_top_k, any_top_p=inp.any_top_p)  # [S]
 
-    def to_host(self, batch: ScheduledBatch, inp: StepInputs, tokens: torch.Tensor) -> list[int | None]:
-        out: list[int | None] = [None] * len(batch)
+    def to_host(self, batch: ScheduledBatch, inp: StepInputs, tokens: torch.Tensor) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in range(len(batch))]
         for row, tok in zip(inp.sample_rows, tokens.tolist(), strict=True):  # the step's only host sync
-            out[row] = tok
+            out[row].append(tok)
         return out

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from llm_engine.attn_metadata import AttnMetadata
 
-__all__ = ["add_rms_norm", "rms_norm", "rotary_store_kv", "paged_attention", "silu_and_mul",
+__all__ = ["add_rms_norm", "rms_norm", "norm_add_rms_norm", "rotary_store_kv", "paged_attention", "silu_and_mul",
+           "linear", "silu_mul_linear",
            "reference_rms_norm", "reference_rotary", "reference_paged_attention", "gather_kv"]
 
 
@@ -43,6 +44,15 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     if residual is not None:
         x = x + residual
     return F.rms_norm(x, weight.shape, weight, eps), x
+
+
+def norm_add_rms_norm(x: torch.Tensor, pre_weight: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLM-4's sandwich step in one pass: new_residual = rms_norm(x) * pre_weight + residual; returns
+    (rms_norm(new_residual) * weight, new_residual). Same maths as rms_norm then add_rms_norm."""
+    if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and residual.stride(-1) == 1:
+        return _kernels()[0].norm_add_rms_norm(x, pre_weight, residual, weight, eps)
+    return add_rms_norm(rms_norm(x, pre_weight, eps), residual, weight, eps)
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -226,6 +236,35 @@ def reference_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                 out[start + j, h] = torch.softmax(s, 0) @ v[:visible, h // group]
         start += qlen
     return out.to(q.dtype)
+
+
+# ---------------------------------------------------------------- linears (small CUDA inputs: kernels/gemv.py)
+
+def _gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    from llm_engine.kernels import gemv_enabled
+
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] <= 16 and x.dtype == w.dtype
+            and x.dtype in (torch.bfloat16, torch.float16) and x.stride(-1) == 1 and gemv_enabled())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ weight[N, K]^T (+ bias) -> [T, N]. Decode-sized CUDA inputs take the faster of cuBLAS and the
+    Triton GEMV for their shape (timed once); everything else F.linear."""
+    if _gemv_ok(x, weight):
+        from llm_engine.kernels import gemv
+
+        return gemv.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(silu_and_mul(x), weight, bias) for x [T, 2I] = [gate | up]; decode-sized CUDA inputs may run it as
+    one kernel (the gate formed in the GEMV's prologue) when that is the faster candidate."""
+    if _gemv_ok(x, weight):
+        from llm_engine.kernels import gemv
+
+        return gemv.linear(x, weight, bias, silu_mul=True)
+    return F.linear(silu_and_mul(x), weight, bias)
 
 
 # ---------------------------------------------------------------- MLP

@@ -16,6 +16,8 @@ class RequestResult:
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     text: str  # the whole completion text (stop string excluded)
     error: str | None = None  # the message when finish_reason == "error"
+    draft_tokens: int = 0  # speculative drafts verified for this request
+    accepted_draft_tokens: int = 0  # of which the target accepted (each one a token that cost no extra step)
 
 
 @dataclass(slots=True)
@@ -37,3 +39,6 @@ class EngineStats:
     decode_tok_s: float  # generated tokens per second over the last few seconds
     num_preemptions: int
     finished_requests: int = 0
+    spec_draft_tokens: int = 0  # cumulative speculative drafts verified
+    spec_accepted_tokens: int = 0  # cumulative drafts accepted
+    spec_verifies: int = 0  # cumulative decode steps (per sequence) that carried drafts

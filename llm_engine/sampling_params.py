@@ -15,6 +15,8 @@ class SamplingParams:
     stop: tuple[str, ...] | list[str] | str = ()  # stop strings, matched on the detokenized text, not emitted
     seed: int | None = None  # per-request generator: same seed, same tokens
     ignore_eos: bool = False  # do not stop on the tokenizer's eos ids
+    speculate: bool = True  # allow speculative (prompt-lookup) decoding for this request when the engine has it on;
+    # constrained requests (a logits mask) must set False: drafts are verified against the unmasked distribution
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -31,6 +33,8 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty str, got {self.stop!r}")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if not isinstance(self.speculate, bool):
+            raise ValueError(f"speculate must be a bool, got {self.speculate!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
 

@@ -2,7 +2,10 @@
 
 Each step: every running decode first (decode priority), then prefill chunks of running sequences, then new
 admissions, all under a per-step token budget (chunked prefill), so a long prompt never freezes the running
-streams. When KV blocks run out, the newest running sequence is preempted (blocks freed, recomputed later)."""
+streams. When KV blocks run out, the newest running sequence is preempted (blocks freed, recomputed later).
+Last, with a SpecPolicy, decodes get speculative drafts (llm_engine.spec_decode) from what is left of the token
+budget, the row cap and the free blocks only, so speculation never preempts or delays real work; the slots of
+rejected drafts are released in postprocess."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from dataclasses import dataclass, field
 
 from llm_engine.block_manager import BlockManager
 from llm_engine.sequence import Sequence, SequenceStatus
+from llm_engine.spec_decode import SpecPolicy, accept
 
 
 class EngineOverloaded(RuntimeError):
@@ -21,8 +25,9 @@ class EngineOverloaded(RuntimeError):
 @dataclass(slots=True)
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
-    num_tokens: list[int] = field(default_factory=list)  # tokens computed for each seq this step
-    num_decodes: int = 0  # seqs[:num_decodes] are single-token decodes
+    num_tokens: list[int] = field(default_factory=list)  # tokens computed for each seq this step (drafts included)
+    num_decodes: int = 0  # seqs[:num_decodes] are decodes: the last token (plus its drafts when speculating)
+    drafts: list[list[int]] = field(default_factory=list)  # per seq: speculative draft tokens ([] = none)
 
     @property
     def total_tokens(self) -> int:
@@ -31,7 +36,14 @@ class ScheduledBatch:
     def samples(self, i: int) -> bool:
         """Does seq i reach the end of its tokens this step (so a new token is sampled)?"""
         s = self.seqs[i]
-        return s.num_computed_tokens + self.num_tokens[i] == len(s)
+        return s.num_computed_tokens + self.num_tokens[i] == len(s) + len(self.drafts[i])
+
+    def tokens_of(self, i: int) -> list[int]:
+        """The input token ids of seq i this step (its uncomputed tokens, then its drafts)."""
+        s = self.seqs[i]
+        start = s.num_computed_tokens
+        d = self.drafts[i]
+        return s.token_ids[start:start + self.num_tokens[i] - len(d)] + d
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -39,7 +51,7 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_waiting: int, max_model_len: int):
+                 max_waiting: int, max_model_len: int, spec: SpecPolicy | None = None, spec_max_rows: int = 0):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -48,6 +60,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: oldest first, newest preempted first
         self.num_preemptions = 0
+        self.spec = spec  # None: no speculative decoding
+        self.spec_max_rows = spec_max_rows  # drafts only while the decode rows (tokens) of a step stay <= this
 
     # ---- requests --------------------------------------------------------------------------------
     def check_fits(self, seq: Sequence) -> None:
@@ -118,6 +132,7 @@ class Scheduler:
             self.bm.append_slot(seq)
             batch.seqs.append(seq)
             batch.num_tokens.append(1)
+            batch.drafts.append([])
             scheduled.add(id(seq))
             budget -= 1
         batch.num_decodes = len(batch.seqs)
@@ -131,6 +146,7 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
+            batch.drafts.append([])
             scheduled.add(id(seq))
             budget -= n
 
@@ -146,25 +162,70 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
+            batch.drafts.append([])
             scheduled.add(id(seq))
             budget -= n
+
+        # 4. Speculative drafts for the decodes, from leftovers only (budget, row cap, free blocks).
+        if self.spec is not None:
+            self._add_drafts(batch, budget)
         return batch
 
-    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
-        """Advance each scheduled sequence; append sampled tokens; finish on stop ids / length.
-        Returns the sequences that got a new token (finished ones included)."""
-        out: list[Sequence] = []
-        for seq, n, tok in zip(batch.seqs, batch.num_tokens, sampled, strict=True):
+    def _add_drafts(self, batch: ScheduledBatch, budget: int) -> None:
+        """Drafts for every sequence whose step reaches its last token: decodes, and final prefill chunks (a
+        prompt that repeats itself can emit several tokens in its first step). Decode rows are also capped by
+        spec_max_rows (the largest batch the GPU runs through CUDA graphs)."""
+        rows = batch.num_decodes
+        for i, seq in enumerate(batch.seqs):
+            if budget <= 0:
+                return
+            if not batch.samples(i):
+                continue
+            room = min(budget, self.spec_max_rows - rows) if i < batch.num_decodes else budget
+            # positions p+1..p+k must stay < max_model_len; the step emits up to k+1 tokens
+            limit = min(room, self.max_model_len - len(seq), seq.params.max_tokens - seq.num_completion_tokens - 1)
+            d = self.spec.propose(seq, limit)
+            free_slots = (len(seq.block_table) + self.bm.num_free_blocks) * self.bm.block_size - len(seq)
+            d = d[:max(0, free_slots)]
+            if not d:
+                continue
+            self.bm.append_slot(seq, len(seq) + len(d))
+            batch.drafts[i] = d
+            batch.num_tokens[i] += len(d)
+            budget -= len(d)
+            if i < batch.num_decodes:
+                rows += len(d)
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[list[int]]) -> list[tuple[Sequence, list[int]]]:
+        """Advance each scheduled sequence by the tokens it computed; append its sampled tokens (for a drafted
+        decode, the accepted drafts + the target's next token); finish on stop ids / length, mid-list if need be.
+        sampled[i]: seq i's tokens, one per sampled row ([] mid-prefill). Returns (seq, new tokens) per sequence
+        that got any (finished ones included)."""
+        out: list[tuple[Sequence, list[int]]] = []
+        for seq, n, drafts, toks in zip(batch.seqs, batch.num_tokens, batch.drafts, sampled, strict=True):
             if seq.status is not SequenceStatus.RUNNING:  # aborted while the step ran
                 continue
-            seq.num_computed_tokens += n
-            self.bm.commit(seq)
-            if tok is None:
-                continue
-            seq.token_ids.append(tok)
-            out.append(seq)
-            if tok in seq.stop_token_ids:
-                self.finish(seq, "stop")
-            elif seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
-                self.finish(seq, "length")
+            if drafts:
+                toks = accept(drafts, toks)
+                self.spec.record(seq, len(drafts), len(toks) - 1)
+            new: list[int] = []
+            reason = None
+            for tok in toks:
+                seq.token_ids.append(tok)
+                new.append(tok)
+                if tok in seq.stop_token_ids:
+                    reason = "stop"
+                elif seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+                    reason = "length"
+                if reason:
+                    break
+            # KV is valid for the step's tokens, but with drafts only up to the input of the last emitted token
+            seq.num_computed_tokens += n - len(drafts) + len(new) - 1 if drafts else n
+            self.bm.commit(seq)  # after the append: the committed blocks' tokens are all in token_ids
+            if reason:
+                self.finish(seq, reason)
+            elif drafts:
+                self.bm.trim(seq, len(seq))  # release the slots of rejected drafts
+            if new:
+                out.append((seq, new))
         return out

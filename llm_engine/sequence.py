@@ -38,6 +38,7 @@ class Sequence:
         self.last_token_s: float | None = None
         self.num_preemptions = 0
         self.generator: Any = None  # runner-owned per-request sampling state (torch.Generator)
+        self.spec: Any = None  # scheduler-owned drafting state (llm_engine.spec_decode.SpecState), lazily
         self.user: Any = None  # engine-owned per-request state (detokenizer, ...)
 
     def __len__(self) -> int:

@@ -26,7 +26,7 @@ def test_batch_buckets_cover_every_size_without_cliffs():
         assert up <= max(2 * n, n + 8)
 
 
-def _engine(eager: bool, seed: int = 1):
+def _engine(eager: bool, seed: int = 1, dtype=torch.bfloat16, **kw):
     from llm_engine.config import EngineConfig
     from llm_engine.engine import LLMEngine
     from llm_engine.model_config import ModelConfig
@@ -37,11 +37,13 @@ def _engine(eager: bool, seed: int = 1):
     cfg = ModelConfig(family="glm4", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
                       num_heads=8, num_kv_heads=2, head_dim=64, partial_rotary_factor=0.5, rope_interleaved=True,
                       attention_bias=True, post_branch_norms=True, max_position_embeddings=512,
-                      dtype=torch.bfloat16)
-    model = init_random_weights(build_model(cfg, "cpu", torch.float32), seed=seed).to("cuda", torch.bfloat16)
+                      dtype=dtype)
+    model = init_random_weights(build_model(cfg, "cpu", torch.float32), seed=seed, **({"std": kw.pop("std")} if
+                                "std" in kw else {})).to("cuda", dtype)
     model.cos_sin = model.cos_sin.float()
-    eng = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=8, num_kv_blocks=128,
-                                 max_model_len=512, enable_prefix_caching=False), model=model)
+    name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    eng = LLMEngine(EngineConfig(**({"device": "cuda", "dtype": name, "max_num_seqs": 8, "num_kv_blocks": 128,
+                                     "max_model_len": 512, "enable_prefix_caching": False} | kw)), model=model)
     os.environ.pop("VOICEFAST_ENFORCE_EAGER", None)
     return eng
 
@@ -64,7 +66,7 @@ def test_cuda_graph_decode_matches_eager_greedy():
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 20, 45, 9)]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    eager, graph = _engine(True), _engine(False)
+    eager, graph = _engine(True, speculative_tokens=0), _engine(False, speculative_tokens=0)
     assert eager.runner.graphs is None and graph.runner.graphs is not None
     assert _generate(eager, prompts, params) == _generate(graph, prompts, params)
 
@@ -80,3 +82,46 @@ def test_cuda_graph_padded_bucket_and_seeded_sampling():
     b = _generate(eng, prompts, seeded)
     assert list(a.values()) == list(b.values())  # seeded requests reproduce
     assert all(len(v) == 12 and all(0 <= t < 512 for t in v) for v in a.values())
+
+
+def _patterned(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        pat = torch.randint(0, 512, (3 + i % 5,), generator=g).tolist()
+        out.append(torch.randint(0, 512, (i,), generator=g).tolist() + pat * 3)
+    return out
+
+
+@cuda
+def test_speculative_verify_runs_in_the_graph_and_keeps_greedy_and_seeded_tokens():
+    """float32 weights, so the verify rows' wider GEMMs change nothing but rounding: greedy and seeded-sampled
+    speculative decoding give plain decoding's tokens (the graph samples each row with its position's noise);
+    ties (top-2 gap < 1e-2 in plain decoding) excused for greedy."""
+    from test_spec_decode import assert_same_or_tie
+
+    from llm_engine.sampling_params import SamplingParams
+
+    prompts = _patterned(6, 0)
+    plain = _engine(False, dtype=torch.float32, std=0.05, speculative_tokens=0)
+    spec = _engine(False, dtype=torch.float32, std=0.05, speculative_tokens=4)
+    for params in (SamplingParams(max_tokens=24, ignore_eos=True),
+                   SamplingParams(temperature=0.8, max_tokens=24, ignore_eos=True, seed=5)):
+        a, b = _generate(plain, prompts, params), _generate(spec, prompts, params)
+        for i, p in enumerate(prompts):
+            if params.temperature == 0:
+                assert_same_or_tie(_cpu_model(plain), p, a[f"r{i}"], b[f"r{i}"])
+            else:
+                assert a[f"r{i}"] == b[f"r{i}"]
+    st = spec.stats()
+    assert st.spec_accepted_tokens > 0 and spec.runner.num_graph_verify_steps > 0
+    assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
+
+
+def _cpu_model(eng):
+    """A float32 CPU copy of the engine's model (for plain-decoding logits in the tie check)."""
+    import copy
+
+    m = copy.deepcopy(eng.model).to("cpu", torch.float32)
+    m.cos_sin = m.cos_sin.float()
+    return m

@@ -3,16 +3,22 @@ TRITON_INTERPRET=1), and the module swap."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+INTERPRET = not torch.cuda.is_available()
+if INTERPRET:  # a GPU pytest process runs the compiled kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from llm_engine.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantize_model  # noqa: E402
 from llm_engine.quant import int4 as I4  # noqa: E402
 from llm_engine.quant import int8 as I8  # noqa: E402
+
+DEV = "cpu" if INTERPRET else "cuda"
+DOT_TOL = 1e-5 if INTERPRET else 5e-3  # compiled, an fp32 tl.dot runs in tf32
 
 
 def _rel(a, b):
@@ -49,12 +55,15 @@ def test_quant_kernels_match_dequant_reference(M, N, K, bias):
     g = torch.Generator().manual_seed(M * N + K)
     w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
     b = torch.randn(N, generator=g) if bias else None
+    tol = 1e-5 if M == 1 else DOT_TOL  # M = 1 is an FMA loop, more rows a tl.dot
     q, s = quantize_int8(w)
-    y8 = int8_matmul(x, q, s, b, config=(16, 128, 4, 1))
-    assert _rel(y8, I8.reference_int8_linear(x, q, s, b)) < 1e-5
+    d = {"device": DEV}
+    bd = None if b is None else b.to(**d)
+    y8 = int8_matmul(x.to(**d), q.to(**d), s.to(**d), bd, config=(16, 128, 4, 1))
+    assert _rel(y8.cpu(), I8.reference_int8_linear(x, q, s, b)) < tol
     packed, sc, mn, group = quantize_int4(w)
-    y4 = int4_matmul(x, packed, sc, mn, group, b, config=(8, 2, 4, 1))
-    assert _rel(y4, I4.reference_int4_linear(x, packed, sc, mn, group, b)) < 1e-5
+    y4 = int4_matmul(x.to(**d), packed.to(**d), sc.to(**d), mn.to(**d), group, bd, config=(8, 2, 4, 1))
+    assert _rel(y4.cpu(), I4.reference_int4_linear(x, packed, sc, mn, group, b)) < tol
 
 
 class _Tiny(nn.Module):
@@ -89,3 +98,26 @@ def test_bad_mode_is_a_clear_error():
         quantize_model(_Tiny(), "int3")
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize_int4(torch.randn(4, 100))
+
+
+def test_int4_backends_validate():
+    with pytest.raises(ValueError, match="int4_backend"):
+        quantize_model(_Tiny(), "int4", int4_backend="marlin")
+    with pytest.raises(ValueError, match="tinygemm"):  # no CUDA tensors here (or on CPU anywhere): a clear error
+        quantize_model(_Tiny(), "int4", int4_backend="tinygemm")
+
+
+@pytest.mark.skipif(INTERPRET, reason="needs CUDA")
+def test_tinygemm_backend_matches_its_dequantized_weights():
+    from llm_engine.quant import tinygemm
+
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(256, 96, bias=True).to("cuda", torch.bfloat16)
+    lin.weight.data.copy_(torch.randn(96, 256, generator=g) * 0.05)
+    q = Int4Linear.from_linear(lin)
+    codes = I4.unpack_int4(q.qweight, q.group)
+    q.use_tinygemm()
+    x = torch.randn(5, 256, generator=g).to("cuda", torch.bfloat16)
+    ref = x.float() @ tinygemm.dequantize(codes, q.tg_scale_zero, q.group).T + lin.bias.float()
+    assert _rel(q(x).float(), ref) < 1e-2 and q.backend == "tinygemm"
+    assert _rel(q(x).float(), lin(x).float()) < 0.15  # still the layer it quantized

@@ -22,7 +22,7 @@ def seq(rid, n, max_tokens=8, base=0):
 
 def step(sch, token=7):
     batch = sch.schedule()
-    sampled = [token if batch.samples(i) else None for i in range(len(batch))]
+    sampled = [[token] if batch.samples(i) else [] for i in range(len(batch))]
     sch.postprocess(batch, sampled)
     return batch
 
@@ -176,7 +176,7 @@ def test_abort_during_step_is_ignored_by_postprocess():
     sch.add(a)
     batch = sch.schedule()
     sch.finish(a, "abort")
-    sch.postprocess(batch, [7])
+    sch.postprocess(batch, [[7]])
     assert a.completion_token_ids == [] and sch.bm.num_free_blocks == 64
 
 

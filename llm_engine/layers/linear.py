@@ -9,10 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_engine import ops
+
 
 class Linear(nn.Linear):
     def reset_parameters(self) -> None:  # filled by the loader
         pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)  # decode-sized CUDA inputs may take the Triton GEMV
 
 
 class Embedding(nn.Embedding):

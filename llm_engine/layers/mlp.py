@@ -16,4 +16,7 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)  # W [H, I]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, H]
+        gu = self.gate_up_proj(x)  # [T, 2I]
+        if type(self.down_proj) is Linear:  # plain weights: the gate may be fused into down_proj's GEMV
+            return ops.silu_mul_linear(gu, self.down_proj.weight, self.down_proj.bias)  # [T, H]
+        return self.down_proj(ops.silu_and_mul(gu))  # [T, 2I] -> [T, I] -> [T, H]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llm_engine import ops
 from llm_engine.attn_metadata import AttnMetadata
 from llm_engine.layers.attention import Attention
 from llm_engine.layers.linear import Embedding, Linear
@@ -34,19 +35,29 @@ class DecoderLayer(nn.Module):
             self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, kv: KVCache,
-                meta: AttnMetadata, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h: the previous layer's branch output [T, H], not yet added to residual [T, H] (None on layer 0).
-        Returns (this layer's MLP branch output, residual stream before it is added)."""
-        x, residual = self.input_layernorm.add_forward(h, residual)
+                meta: AttnMetadata, cos_sin: torch.Tensor, h_norm: RMSNorm | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, RMSNorm | None]:
+        """h: the previous layer's branch output [T, H], not yet added to residual [T, H] (None on layer 0);
+        h_norm: the previous layer's post-branch norm (GLM-4), not yet applied to h.
+        Returns (this layer's MLP branch output, the residual stream before it is added, the norm still to
+        apply to that output or None): each post-branch norm runs fused with the following add + norm."""
+        x, residual = add_norm(h, h_norm, residual, self.input_layernorm)
         a = self.self_attn(x, positions, kv[0], kv[1], meta, cos_sin)  # [T, H]
-        if self.post_branch_norms:
-            # The norm applies to the branch output BEFORE the residual add.
-            a = self.post_self_attn_layernorm(a)
-        x, residual = self.post_attention_layernorm.add_forward(a, residual)
+        # GLM-4: the post-branch norm applies to the branch output BEFORE the residual add.
+        x, residual = add_norm(a, self.post_self_attn_layernorm if self.post_branch_norms else None, residual,
+                               self.post_attention_layernorm)
         m = self.mlp(x)  # [T, H]
-        if self.post_branch_norms:
-            m = self.post_mlp_layernorm(m)
-        return m, residual
+        return m, residual, self.post_mlp_layernorm if self.post_branch_norms else None
+
+
+def add_norm(h: torch.Tensor, h_norm: RMSNorm | None, residual: torch.Tensor | None,
+             norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(h' + residual), h' + residual) with h' = h_norm(h) when given: one fused op either way."""
+    if h_norm is None or residual is None:
+        if h_norm is not None:
+            h = h_norm(h)
+        return norm.add_forward(h, residual)
+    return ops.norm_add_rms_norm(h, h_norm.weight, residual, norm.weight, norm.eps)
 
 
 class DecoderModel(nn.Module):
@@ -59,10 +70,10 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttnMetadata, cos_sin: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # [T, H]
-        residual = None
+        residual, h_norm = None, None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            h, residual = layer(h, residual, positions, kv, meta, cos_sin)
-        return self.norm.add_forward(h, residual)[0]  # [T, H]
+            h, residual, h_norm = layer(h, residual, positions, kv, meta, cos_sin, h_norm)
+        return add_norm(h, h_norm, residual, self.norm)[0]  # [T, H]
 
 
 class CausalLM(nn.Module):

@@ -75,6 +75,28 @@ class Int4Linear(WeightOnlyLinear):
         m._copy_bias(lin)
         return m
 
+    backend = "triton"  # or "tinygemm" after use_tinygemm(): torch's int4 kernel, for every batch size
+
+    def use_tinygemm(self) -> None:
+        """Repack for torch's tinygemm kernel (llm_engine.quant.tinygemm); drops our packed copy."""
+        from llm_engine.quant import tinygemm
+
+        w, sz = tinygemm.pack(unpack_int4(self.qweight, self.group), self.scale, self.wmin)
+        for name in ("qweight", "scale", "wmin"):
+            delattr(self, name)
+        self.register_buffer("tg_weight", w)
+        self.register_buffer("tg_scale_zero", sz)  # [G, N, 2] bf16
+        self.backend = "tinygemm"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "tinygemm":
+            from llm_engine.quant import tinygemm
+
+            x2 = x.reshape(-1, self.in_features)
+            y = tinygemm.matmul(x2, self.tg_weight, self.tg_scale_zero, self.group, self.out_features, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
     def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
         from llm_engine.quant.kernels import int4_matmul
 
@@ -84,4 +106,4 @@ class Int4Linear(WeightOnlyLinear):
         return reference_int4_linear(x2, self.qweight, self.scale, self.wmin, self.group, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int4 group {self.group}"
+        return f"in={self.in_features}, out={self.out_features}, int4 group {self.group}, {self.backend}"

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,10 +130,12 @@ class FakeASR:
         self.transcripts = list(transcripts)
         self.delay_s = delay_s
         self.calls: list[int] = []  # samples per call
+        self.prompts: list[str | None] = []  # the prompt of each call
         self._n = itertools.count(1)
 
-    async def transcribe_async(self, x16k: np.ndarray) -> str:
+    async def transcribe_async(self, x16k: np.ndarray, *, prompt: str | None = None) -> str:
         self.calls.append(len(x16k))
+        self.prompts.append(prompt)
         await asyncio.sleep(self.delay_s)
         return self.transcripts.pop(0) if self.transcripts else f"turn {next(self._n)}"
 
@@ -150,6 +153,28 @@ class FakeTranscriber:
     async def partial(self) -> str:
         await asyncio.sleep(0)
         return f"w{next(self._n)} "
+
+
+# -- end-of-turn model -----------------------------------------------------------------------------------
+class FakeTurnModel:
+    """End-of-turn probabilities: `p(x16k)` (a number or a function of the audio), returned from a worker thread
+    after `delay_s`. Records the length of every input."""
+
+    def __init__(self, p=0.9, *, delay_s: float = 0.0):
+        self.p, self.delay_s = p, delay_s
+        self.calls: list[int] = []
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fake-turn")
+
+    def submit(self, x16k: np.ndarray):
+        self.calls.append(len(x16k))
+
+        def run():
+            time.sleep(self.delay_s)
+            return float(self.p(x16k) if callable(self.p) else self.p)
+        return self._pool.submit(run)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
 
 
 # -- TTS ----------------------------------------------------------------------------------------------
@@ -238,10 +263,18 @@ class FakeVad:
         return out
 
 
-def make_stack(*, engine=None, asr=None, tts=None, partials: bool = True, **kw) -> Stack:
+def _fake_vad(td) -> FakeVad:
+    """server_vad: early silence at min(200, window/2), as before semantic_vad existed; semantic_vad: at the
+    eagerness' check (rounded up to the fake's 20 ms frames), stop at its maximum silence."""
+    if td.semantic:
+        p = td.policy()
+        return FakeVad(silence_ms=p.end_silence_ms, early_ms=p.check_ms)
+    return FakeVad(silence_ms=td.silence_duration_ms, early_ms=min(200, td.silence_duration_ms // 2))
+
+
+def make_stack(*, engine=None, asr=None, tts=None, partials: bool = True, turn_model=None, **kw) -> Stack:
     return Stack(engine=engine or FakeEngine(), asr=asr or FakeASR(), voices={"fake": tts or FakeTTS()},
-                 vad_factory=lambda td: FakeVad(silence_ms=td.silence_duration_ms,
-                                                early_ms=min(200, td.silence_duration_ms // 2)),
+                 vad_factory=_fake_vad, turn_model=turn_model or FakeTurnModel(),
                  chunker_factory=TextChunker, sampling_params=FakeSamplingParams,
                  transcriber_factory=FakeTranscriber if partials else None, **kw)
 

@@ -21,6 +21,11 @@ _HELP = {
     "asr_model": "ASR: faster-whisper model dir or name (default: embedded tiny.en)",
     "tts_voice": "TTS: Piper .onnx voice (default: embedded voice)",
     "vad_model": "VAD: Silero ONNX file (default: bundled with faster-whisper)",
+    "turn_model": "end-of-turn model for semantic_vad: Smart Turn v3 .onnx (default: embedded Smart Turn v3.2)",
+    "turn_witness": "semantic_vad ends a turn when 'both' the end-of-turn model and the transcript say so, or "
+                    "'audio' / 'text' alone (for measuring)",
+    "backchannel_max_ms": "speech during a reply longer than this interrupts it even if it is a backchannel",
+    "asr_context_prompt": "give Whisper the conversation (names in the instructions, the last reply) as its prompt",
 }
 
 

@@ -134,6 +134,7 @@ class EndTurn:
     reason: str
     silence_ms: int
     create_response: bool
+    checks: int = 0  # end-of-turn checks this turn had (semantic_vad: one per pause)
     verdict: Verdict | None = None
 
 
@@ -194,6 +195,12 @@ class TurnTaker:
     @property
     def in_turn(self) -> bool:
         return self.utt is not None
+
+    @property
+    def speaking(self) -> bool:
+        """The user is speaking in an announced turn (not paused): when streaming partials are worth making."""
+        u = self.utt
+        return u is not None and u.announced and u.silence_start is None
 
     def _ms(self, samples: int) -> int:
         return samples * 1000 // RATE_HZ
@@ -348,7 +355,7 @@ class TurnTaker:
         self.utt = None
         end = max(u.start_sample, end_sample)
         return [EndTurn(u.item_id, u.start_sample, end, u.check_id, reason, silence_ms, self.policy.create_response,
-                        u.check)]
+                        u.checks if self.policy.semantic else 0, u.check)]
 
     def _drop(self, u: _Utterance, reason: str) -> list[Action]:
         self.utt = None

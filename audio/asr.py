@@ -26,6 +26,17 @@ FULL_WINDOW_FRAMES = 3000  # 30 s of 10 ms mel frames
 MAX_PROMPT_TOKENS = 223  # Whisper's previous-text budget: half its 448-token context, less <|startofprev|>
 
 
+class Transcript(str):
+    """A decoded text (it is the str) that also tells how sure the decoder was of its last word (None: unknown)."""
+
+    last_word_probability: float | None
+
+    def __new__(cls, text: str, last_word_probability: float | None = None) -> Transcript:
+        self = super().__new__(cls, text)
+        self.last_word_probability = last_word_probability
+        return self
+
+
 @dataclass(frozen=True, slots=True)
 class _Job:
     audio: np.ndarray  # [n] float32 16 kHz
@@ -167,7 +178,8 @@ class WhisperASR:
         tokens = [list(self._prompt_tokens(p)) for p in prompts]
         results = self.model.model.generate(
             enc, tokens, beam_size=o.beam_size, max_length=max(len(t) for t in tokens) + budget,
-            suppress_blank=True, suppress_tokens=self._suppress, return_scores=True, return_no_speech_prob=True)
+            suppress_blank=True, suppress_tokens=self._suppress, return_scores=True, return_no_speech_prob=True,
+            return_logits_vocab=True)
         texts, suspect = [], []
         for a, r in zip(audios, results, strict=True):
             seq = r.sequences_ids[0]
@@ -175,11 +187,31 @@ class WhisperASR:
             avg_logprob = r.scores[0] * len(seq) / (len(seq) + 1)
             silent = r.no_speech_prob > o.no_speech_threshold and avg_logprob < o.logprob_threshold
             text = "" if silent or len(a) == 0 else self._tokenizer.decode(ids).strip()
-            texts.append(text)
+            texts.append(Transcript(text, self._last_word_probability(seq, r.logits[0]) if text else None))
             words = text.split()
             runaway = len(words) > o.max_words_per_s * max(len(a) / SAMPLE_RATE_HZ, 1.0)
             suspect.append(window_frames < FULL_WINDOW_FRAMES and (runaway or has_repetition(words)))
         return texts, suspect
+
+    def _last_word_probability(self, seq: list[int], logits) -> float | None:
+        """How sure the decoder was of the transcript's last word (its tokens' joint probability; punctuation after
+        it skipped). Whisper completes a cut-off phrase with a word nobody said ("a table for it"), and says so
+        with a low probability; voicefast.turn_text weighs it."""
+        tok = self._tokenizer
+        probs: list[float] = []
+        for i in range(len(seq) - 1, -1, -1):
+            t = seq[i]
+            if t >= tok.eot or i >= len(logits):
+                continue
+            piece = tok.decode([t])
+            if not probs and not piece.strip(" .,!?;:\"'-\u2026"):
+                continue  # trailing punctuation
+            lv = np.asarray(logits[i], dtype=np.float64)  # [vocab] this step's logits
+            m = lv.max()
+            probs.append(float(np.exp(lv[t] - m - np.log(np.exp(lv - m).sum()))))
+            if piece.startswith(" "):
+                break
+        return float(np.prod(probs)) if probs else None
 
     def _transcribe_long(self, x: np.ndarray, prompt: str | None = None) -> str:
         segments, _ = self.model.transcribe(
@@ -226,4 +258,5 @@ def _check_audio(x: np.ndarray) -> np.ndarray:
 
 from audio.transcriber import StreamingTranscriber, stable_prefix_len  # noqa: E402  (re-export)
 
-__all__ = ["AsrOptions", "StreamingTranscriber", "WhisperASR", "has_repetition", "pick_device", "stable_prefix_len"]
+__all__ = ["AsrOptions", "StreamingTranscriber", "Transcript", "WhisperASR", "has_repetition", "pick_device",
+           "stable_prefix_len"]

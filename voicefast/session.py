@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from audio.asr import Transcript
 from voicefast.config import ServerConfig
 from voicefast.conversation import Conversation, Item, new_id
 from voicefast.errors import ProtocolError
@@ -264,10 +265,12 @@ class Session(SessionTurns):
     async def _transcribe(self, x16: np.ndarray, t: TurnTimings | None, *, prompt: str | None = None) -> str:
         if t is not None:
             t.asr_start_s = time.monotonic()
-        text = (await self.stack.asr.transcribe_async(x16, prompt=prompt)).strip()
+        raw = await self.stack.asr.transcribe_async(x16, prompt=prompt)
+        text = raw.strip()
         if t is not None:
             t.asr_end_s = time.monotonic()
-        return text
+        p = getattr(raw, "last_word_probability", None)  # audio.asr.Transcript: kept for the turn's text witness
+        return Transcript(text, p) if p is not None else text
 
     async def _finish_user_item(self, item: Item, asr: asyncio.Task, *, added: bool) -> None:
         try:

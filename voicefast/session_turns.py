@@ -122,8 +122,11 @@ class SessionTurns:
     def _check_transcribed(self, check_id: int, task: asyncio.Task) -> None:
         if task.cancelled() or self.closed or self.work.checks.get(check_id) is None:
             return
-        failed = task.exception() is not None
-        self._apply(self.turns.on_transcript(check_id, None if failed else task.result()))
+        if task.exception() is not None:
+            self._apply(self.turns.on_transcript(check_id, None))
+            return
+        text = task.result()
+        self._apply(self.turns.on_transcript(check_id, text, getattr(text, "last_word_probability", None)))
 
     def _check_judged(self, check_id: int, fut: asyncio.Future) -> None:
         c = self.work.checks.get(check_id)

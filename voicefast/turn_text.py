@@ -35,6 +35,10 @@ POSSESSIVES = frozenset({"my", "your", "our", "their", "its", "whose"})
 HESITATIONS = frozenset({"um", "umm", "uh", "uhh", "er", "erm", "ah"})
 DIGITS = frozenset({"zero", "oh", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"})
 
+# Below this the ASR's last word may be its own completion of a cut-off phrase (Whisper tiny.en on Piper phrases
+# cut at a function word: 0.29-0.62 for the invented word; complete sentences' last words 0.51-0.98, so a doubtful
+# word after a function word waits, a doubtful word after a content word does not: bench/turns.py measures it).
+DOUBTFUL_LAST_WORD_P = 0.75
 _WORD = re.compile(r"[a-z0-9']+")
 _TRAILING_OFF = ("...", "\u2026", "-", "\u2013", "\u2014")
 
@@ -47,14 +51,28 @@ def _is_digit_token(w: str) -> bool:
     return w in DIGITS or (len(w) == 1 and w.isdigit())
 
 
-def unfinished(text: str) -> str | None:
-    """Why `text` (a transcript up to a pause) cannot be a finished turn, or None if nothing says so."""
+def unfinished(text: str, last_word_probability: float | None = None) -> str | None:
+    """Why `text` (a transcript up to a pause) cannot be a finished turn, or None if nothing says so.
+
+    `last_word_probability`: how sure the ASR was of the last word. Whisper completes a phrase cut off at a
+    function word with a word nobody said ("a table for" -> "a table for it.", "calling about my" -> "calling
+    about mine."), with a low probability; below DOUBTFUL_LAST_WORD_P the rules also judge the text without it."""
     stripped = text.strip()
     words = _words(stripped)
     if not words:
         return None  # nothing was said: the words cannot testify
     if stripped.endswith(_TRAILING_OFF):
         return "trails off"
+    why = _why(words)
+    if why is None and last_word_probability is not None and last_word_probability < DOUBTFUL_LAST_WORD_P \
+            and len(words) > 1:
+        before = _why(words[:-1])
+        if before is not None and not before.startswith("a number"):
+            return f"{before}, then a doubtful {words[-1]!r} (p={last_word_probability:.2f})"
+    return why
+
+
+def _why(words: list[str]) -> str | None:
     last = words[-1]
     prev = words[-2] if len(words) > 1 else ""
     if last in HESITATIONS:

@@ -163,6 +163,7 @@ class Verdict:
     probability: float | None = None  # end-of-turn model, None until it answered (or not asked)
     text: str | None = None  # transcript, None until it arrived
     text_failed: bool = False
+    last_word_probability: float | None = None
     complete: bool | None = None  # the combined decision, once made
     why: str = ""  # why not complete: "audio 0.31 < 0.5", "trailing preposition 'for'"
 
@@ -249,8 +250,10 @@ class TurnTaker:
             out.append(IdleTimeout(self._new_id(), start, self.now))
         return out
 
-    def on_transcript(self, check_id: int, text: str | None) -> list[Action]:
-        """The check's transcript (None: the ASR failed; the audio witness then decides alone)."""
+    def on_transcript(self, check_id: int, text: str | None, last_word_probability: float | None = None
+                      ) -> list[Action]:
+        """The check's transcript (None: the ASR failed; the audio witness then decides alone), and how sure the
+        ASR was of its last word (voicefast.turn_text.unfinished)."""
         u = self.utt
         if u is None:
             return []
@@ -262,6 +265,7 @@ class TurnTaker:
         if check_id != u.check_id or u.check is None:
             return []
         u.check.text, u.check.text_failed = (text or ""), text is None
+        u.check.last_word_probability = last_word_probability
         return self._decide(u)
 
     def on_verdict(self, check_id: int, probability: float | None) -> list[Action]:
@@ -339,7 +343,7 @@ class TurnTaker:
         if need_audio and not v.probability >= p.threshold:  # NaN (model failed) never says complete
             why.append(f"audio {v.probability:.2f} < {p.threshold}")
         if need_text:
-            text_why = unfinished(v.text)
+            text_why = unfinished(v.text, v.last_word_probability)
             if text_why:
                 why.append(text_why)
             elif p.witness == "text" and (v.text_failed or not v.text.strip()):

@@ -8,6 +8,8 @@ import sys
 BENCHES: dict[str, tuple[str, str]] = {
     "voice": ("bench.voice:main", "voice-to-voice latency of a Realtime server with simulated callers"),
     "engine": ("bench.engine:main", "LLM decode engine throughput and latency"),
+    "turns": ("bench.turns:main", "end-of-turn decisions offline: cut rate vs wait per eagerness and witness"),
+    "wer": ("bench.asr_wer:main", "ASR word error rate per voice, rate and phone band, with/without context prompt"),
     "asr": ("bench.audio:asr_main", "streaming ASR latency and WER"),
     "tts": ("bench.audio:tts_main", "TTS time to first audio and real-time factor"),
 }

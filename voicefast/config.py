@@ -41,7 +41,10 @@ class ServerConfig:
     speculative_start: bool = True  # start ASR final + LLM at the VAD's early silence, hold output
     output_frame_ms: int = 100  # audio per response.output_audio.delta
     output_lead_ms: int = 300  # how far ahead of real-time playout audio may be sent
-    tts_first_phrase_words: int = 4  # the first phrase goes to TTS after at most this many words (speech starts early)
+    # The first phrase goes to TTS after at most this many words (speech starts early; a dangling "the"/"to" waits
+    # for the next word). 2, not 4: once the end-of-turn check answers within ~150 ms of silence, the LLM tokens
+    # and Piper time of two more words are most of what is left of the chain (docs/benchmarks.md).
+    tts_first_phrase_words: int = 2
     asr_partial_interval_ms: int = 800  # streaming partials at most this often per speaking session (0: off)
     max_output_tokens: int = 96  # default per response
     temperature: float = 0.3  # the small default model wanders at higher temperatures

@@ -252,12 +252,12 @@ async def test_a_thinking_pause_mid_sentence_is_one_turn(real):
 async def test_backchannel_does_not_cancel_the_reply(real):
     server, stack = real
     async with client_for(server).realtime.connect(model="voicefast") as conn:
-        await conn.session.update(session={"type": "realtime", "max_output_tokens": 100})
+        await conn.session.update(session={"type": "realtime", "max_output_tokens": 60})
         await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
             {"type": "input_text", "text": "Please explain your return policy and your shipping policy in detail."}]})
         await conn.response.create()
         sender, types = None, []
-        async with asyncio.timeout(90):
+        async with asyncio.timeout(180):
             async for ev in conn:
                 types.append(ev.type)
                 if ev.type == "response.output_audio.delta" and sender is None:

@@ -70,12 +70,16 @@ async def test_unfinished_words_outvote_the_audio_model_and_the_pause_is_bridged
 
 
 async def test_low_probability_ends_at_the_eagerness_maximum_silence():
-    h = Harness(turn_model=FakeTurnModel(0.1), td=TurnDetection(type="semantic_vad", eagerness="high"))
-    h.audio(np.concatenate([speech_like(600), silence(700)]))
+    h = Harness(turn_model=FakeTurnModel(0.05), td=TurnDetection(type="semantic_vad", eagerness="high"))
+    h.audio(np.concatenate([speech_like(600), silence(200)]))  # the check (at 96 ms of silence) is answered ...
+    await until(lambda: h.session.turns.utt is not None and h.session.turns.utt.check is not None
+                and h.session.turns.utt.check.complete is False)
+    assert "input_audio_buffer.speech_stopped" not in h.types()
+    h.audio(silence(500))  # ... "not done", so the turn ends at high's maximum silence
     done = await h.wait_for("response.done")
     t = timings(done)
     assert t["end_of_turn_reason"] == "max_silence" and t["end_of_turn_silence_ms"] == 500
-    assert t["turn_not_done_because"] is None or "audio 0.10" in t["turn_not_done_because"]
+    assert t["turn_not_done_because"] == "audio 0.05 < 0.1"
     await h.session.close()
 
 

@@ -9,12 +9,19 @@ turn yet, or returns None:
   trailing article       "... I would like to order a", "... change the"
   trailing conjunction   "... Saturday and", "... but", "... because"
   trailing possessive    "... my", "... your", "... our"
-  digits one by one      "... four five", "... 4 5" (a number being read out; the next group usually follows)
+  digits one by one      "... four five", "... 4 5" (a number being read out; the next group usually follows), or
+                         an identifier cut short: "phone number is 555", "my zip code is 12" (< 5 digits)
+  a copula left open     "my name is", "boots that are" (not after a pronoun: "yes it is", "here you are")
   trailing hesitation    "... um", "... uh", or the transcript trails off ("...", a dash)
 
 Deliberately left out, because a whole turn often ends with them: "so", "that", "though", "her", "like", a number
 said as one quantity ("a table for four"), and a question mark does not overrule the rules ("Can I get a table
-for?" is still unfinished)."""
+for?" is still unfinished).
+
+Whisper's own completions: given a phrase cut off at a function word, Whisper tiny.en often writes a word nobody
+said — a filler ("a table for" -> "a table for it.") or a homophone ("calling about my" -> "about mine.", "take
+to" -> "take two") — with a low probability. When the ASR says it was unsure of the last word, a filler is
+dropped and a homophone read as its function-word twin before the rules judge the text."""
 
 from __future__ import annotations
 
@@ -33,6 +40,14 @@ CONJUNCTIONS = frozenset({"and", "or", "but", "nor", "because", "cause", "if", "
                           "whether", "while", "plus"})
 POSSESSIVES = frozenset({"my", "your", "our", "their", "its", "whose"})
 HESITATIONS = frozenset({"um", "umm", "uh", "uhh", "er", "erm", "ah"})
+COPULAS = frozenset({"is", "are", "was", "were", "be", "been"})
+COPULA_SUBJECT_PRONOUNS = frozenset({"i", "you", "he", "she", "it", "we", "they", "there", "here", "one"})
+IDENTIFIERS = frozenset({"number", "code", "zip", "postcode", "phone", "pin", "account", "order", "card", "reference",
+                         "confirmation", "id", "extension"})
+# Whisper's completions of a cut-off phrase, when it was unsure of them: fillers it adds, homophones it picks.
+FILLERS = frozenset({"it", "that", "this", "them", "one", "there", "those", "these", "him", "me", "you", "us"})
+HOMOPHONES = {"two": "to", "too": "to", "four": "for", "mine": "my", "yours": "your", "ours": "our",
+              "theirs": "their", "an": "and"}
 DIGITS = frozenset({"zero", "oh", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"})
 
 # Below this the ASR's last word may be its own completion of a cut-off phrase (Whisper tiny.en on Piper phrases
@@ -64,11 +79,13 @@ def unfinished(text: str, last_word_probability: float | None = None) -> str | N
     if stripped.endswith(_TRAILING_OFF):
         return "trails off"
     why = _why(words)
+    last = words[-1]
     if why is None and last_word_probability is not None and last_word_probability < DOUBTFUL_LAST_WORD_P \
-            and len(words) > 1:
-        before = _why(words[:-1])
+            and len(words) > 1 and (last in FILLERS or last in HOMOPHONES):
+        guess = words[:-1] + ([HOMOPHONES[last]] if last in HOMOPHONES else [])
+        before = _why(guess)
         if before is not None and not before.startswith("a number"):
-            return f"{before}, then a doubtful {words[-1]!r} (p={last_word_probability:.2f})"
+            return f"{before} (Whisper's doubtful {last!r}, p={last_word_probability:.2f})"
     return why
 
 
@@ -87,6 +104,10 @@ def _why(words: list[str]) -> str | None:
         return f"trailing preposition {last!r}"
     if _is_digit_token(last) and _is_digit_token(prev):
         return "a number read digit by digit"
+    if last.isdigit() and len(last) < 5 and any(w in IDENTIFIERS for w in words[-4:-1]):
+        return f"an identifier cut short ({len(last)} digits)"
+    if last in COPULAS and prev not in COPULA_SUBJECT_PRONOUNS and len(words) > 1:
+        return f"a copula left open {last!r}"
     return None
 
 

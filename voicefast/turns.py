@@ -40,11 +40,13 @@ class Eagerness:
 
 
 # OpenAI documents only the maximum waits (low 8 s, medium 4 s, high 2 s); these are ours, measured with
-# `voicefast bench turns` (docs/benchmarks.md): auto = medium.
+# `voicefast bench turns` (docs/benchmarks.md): auto = medium. The transcript vetoes unfinished phrases; the
+# audio model holds a turn only when it is fairly sure it is unfinished (below `threshold`): on TTS speech it
+# scores many complete questions 0.15-0.45 at ~130 ms of silence, and cut-off phrases it catches score < 0.1.
 EAGERNESS = {
-    "high": Eagerness(check_ms=96, max_silence_ms=500, threshold=0.5),
-    "medium": Eagerness(check_ms=128, max_silence_ms=1200, threshold=0.5),
-    "low": Eagerness(check_ms=192, max_silence_ms=2500, threshold=0.7),
+    "high": Eagerness(check_ms=96, max_silence_ms=500, threshold=0.1),
+    "medium": Eagerness(check_ms=128, max_silence_ms=1200, threshold=0.2),
+    "low": Eagerness(check_ms=192, max_silence_ms=2500, threshold=0.5),
 }
 EAGERNESS["auto"] = EAGERNESS["medium"]
 WITNESSES = ("both", "audio", "text")

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from bench.voice.utterances import FRAME_MS, FRAME_SAMPLES, RATE_HZ, Utterance
 
 STAGES = ("end_of_turn_delay_ms", "asr_final_ms", "llm_ttft_ms", "tts_first_audio_ms")
+# The server's turn-taking and reply-chain figures (voicefast_timings), passed through when reported.
+TURN_FIELDS = ("end_of_turn_silence_ms", "turn_model_ms", "chain_asr_ms", "chain_first_phrase_ms", "chain_ms")
 SILENCE_FRAME = bytes(FRAME_SAMPLES * 2)
 AUDIO_DELTA = ("response.output_audio.delta", "response.audio.delta")
 TEXT_DELTA = ("response.output_audio_transcript.delta", "response.audio_transcript.delta",
@@ -72,6 +74,11 @@ class TurnRecord:
     pause_ms: int = 0
     cut: bool = False  # response.created before the true end of speech: the server cut the caller off
     end_of_turn_reason: str | None = None  # the server's: complete | max_silence | silence
+    end_of_turn_silence_ms: float | None = None  # silence heard after the end of speech when the turn was decided
+    turn_model_ms: float | None = None  # the end-of-turn model's time for the deciding check
+    chain_asr_ms: float | None = None  # check -> transcript
+    chain_first_phrase_ms: float | None = None  # first LLM token -> first phrase handed to TTS
+    chain_ms: float | None = None  # check -> first TTS audio
     status: str = "ok"  # ok | timeout | error: ... | response cancelled/failed
     wall_time: float = field(default_factory=time.time)
 
@@ -236,6 +243,8 @@ class Caller:
                 rec.llm_tokens = timings.get("llm_tokens")
                 rec.speculative = timings.get("speculative")
                 rec.end_of_turn_reason = timings.get("end_of_turn_reason")
+                for k in TURN_FIELDS:
+                    rec.__dict__[k] = _num(timings.get(k))
                 rec.response_done_ms = round(turn.rel_ms(now), 2)
                 stages = [rec.__dict__[k] for k in STAGES]
                 if rec.e2e_server_ms is not None:

@@ -7,7 +7,8 @@ from collections import defaultdict
 
 METRICS = ("e2e_ms", "end_of_turn_delay_ms", "asr_final_ms", "llm_ttft_ms", "tts_first_audio_ms",
            "server_other_ms", "e2e_server_ms", "network_client_ms",
-           "speech_stopped_ms", "transcript_ms", "first_text_ms", "tokens_per_s", "wer")
+           "speech_stopped_ms", "transcript_ms", "first_text_ms", "tokens_per_s", "wer",
+           "end_of_turn_silence_ms", "turn_model_ms", "chain_asr_ms", "chain_first_phrase_ms", "chain_ms")
 QUANTILES = (50, 90, 99)
 
 
@@ -44,6 +45,10 @@ def summarize(turns: list[dict]) -> dict[str, dict[str, dict[str, float | None]]
     return out
 
 
+CHAIN = ("end_of_turn_silence_ms", "turn_model_ms", "chain_asr_ms", "llm_ttft_ms", "chain_first_phrase_ms",
+         "tts_first_audio_ms", "chain_ms")
+
+
 def mode_summary(turns: list[dict]) -> list[dict]:
     """Per turn-detection mode: complete questions' voice-to-voice latency per concurrency and the paused set's
     premature-cut rate (a reply created before the caller's true end of speech)."""
@@ -59,7 +64,9 @@ def mode_summary(turns: list[dict]) -> list[dict]:
             eot = [t["end_of_turn_delay_ms"] for t in ok if t.get("end_of_turn_delay_ms") is not None]
             row["levels"][c] = {"n": len(ok), "e2e_p50": percentile(e2e, 50), "e2e_p90": percentile(e2e, 90),
                                 "e2e_p95": percentile(e2e, 95), "eot_p50": percentile(eot, 50),
-                                "cut": sum(bool(t.get("cut")) for t in complete if t["concurrency"] == c)}
+                                "cut": sum(bool(t.get("cut")) for t in complete if t["concurrency"] == c),
+                                "chain": {m: percentile([t[m] for t in ok if t.get(m) is not None], 50)
+                                          for m in CHAIN}}
         paused = [t for t in ts if t.get("kind") == "paused"]
         if paused:
             row["paused_n"] = len(paused)
@@ -88,6 +95,14 @@ def mode_markdown(turns: list[dict]) -> list[str]:
                          f"{_fmt(lv['eot_p50'], 'e2e_ms')} | {cuts if i == 0 else ''} |")
         if not r["levels"]:
             lines.append(f"| {r['mode']} | – | 0 | – | – | – | {cuts} |")
+    lines += ["", "The reply chain (server-reported, p50 ms, complete questions): silence heard when the turn was",
+              "decided, the end-of-turn model, check -> transcript, LLM first token, first token -> first phrase to",
+              "TTS, TTS first audio, check -> first TTS audio (server_vad: the chain starts at 160 ms of silence).", "",
+              "| mode | c | " + " | ".join(m.removesuffix("_ms") for m in CHAIN) + " |",
+              "|---|---|" + "---|" * len(CHAIN)]
+    for r in rows:
+        for c, lv in r["levels"].items():
+            lines.append(f"| {r['mode']} | {c} | " + " | ".join(_fmt(lv["chain"][m], "e2e_ms") for m in CHAIN) + " |")
     lines.append("")
     for r in rows:
         if r.get("cut_texts"):

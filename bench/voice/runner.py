@@ -242,7 +242,12 @@ def _machine() -> str:
 def load_utterances(args: argparse.Namespace) -> list[Utterance]:
     if args.wav_dir:
         return load_wav_dir(args.wav_dir)
-    return [u for r in (float(x) for x in args.rates.split(",")) for u in synthesize(PROMPTS, speaking_rate=r)]
+    rates = [float(x) for x in args.rates.split(",")]
+    by_rate = [synthesize(PROMPTS, speaking_rate=r) for r in rates]
+    # Turn i speaks prompt i (mod n) at rate i + i // n (mod rates): any n consecutive turns hear every prompt,
+    # the rates take turns, and len(rates) * n turns hear every prompt at every rate.
+    n = len(PROMPTS)
+    return [by_rate[(i + i // n) % len(rates)][i % n] for i in range(n * len(rates))]
 
 
 def load_paused() -> list[Utterance]:

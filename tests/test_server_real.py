@@ -118,13 +118,17 @@ async def test_two_spoken_turns_with_context(real):
         print("turn 2 timings:", json.dumps(t2["done"].metadata["voicefast_timings"]))
 
 
+async def ask_for_a_long_reply(conn, max_output_tokens: int) -> None:
+    await conn.session.update(session={"type": "realtime", "max_output_tokens": max_output_tokens})
+    await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": "Please explain your return policy and your shipping policy in detail."}]})
+    await conn.response.create()
+
+
 async def test_barge_in_cancels_frees_blocks_and_truncates(real):
     server, stack = real
     async with client_for(server).realtime.connect(model="voicefast") as conn:
-        await conn.session.update(session={"type": "realtime", "max_output_tokens": 120})
-        await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
-            {"type": "input_text", "text": "Please explain your return policy and your shipping policy in detail."}]})
-        await conn.response.create()
+        await ask_for_a_long_reply(conn, 120)
         said, item_id, sender, types = "", None, None, []
         async with asyncio.timeout(90):
             async for ev in conn:
@@ -252,10 +256,7 @@ async def test_a_thinking_pause_mid_sentence_is_one_turn(real):
 async def test_backchannel_does_not_cancel_the_reply(real):
     server, stack = real
     async with client_for(server).realtime.connect(model="voicefast") as conn:
-        await conn.session.update(session={"type": "realtime", "max_output_tokens": 60})
-        await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
-            {"type": "input_text", "text": "Please explain your return policy and your shipping policy in detail."}]})
-        await conn.response.create()
+        await ask_for_a_long_reply(conn, 60)
         sender, types = None, []
         async with asyncio.timeout(180):
             async for ev in conn:

@@ -146,13 +146,19 @@ def replay(policy, events, x16: np.ndarray, true_end: int, judge: Judge | None, 
     return out
 
 
-def policies(witnesses: list[str], eagerness: list[str]):
+def policies(witnesses: list[str], eagerness: list[str], custom: list[str] = ()):
+    """server_vad 500, each eagerness x witness, and custom "check_ms:max_silence_ms:threshold[:witness]" ones."""
     from voicefast.turns import TurnPolicy
 
-    rows = [("server_vad 500", TurnPolicy.for_mode("server_vad", silence_duration_ms=500))]
+    rows = [("server_vad 500", TurnPolicy.for_mode("server_vad", silence_duration_ms=500))] if eagerness else []
     for e in eagerness:
         for w in witnesses:
             rows.append((f"semantic {e} / {w}", TurnPolicy.for_mode("semantic_vad", eagerness=e, witness=w)))
+    for spec in custom:
+        check, max_silence, threshold, *rest = spec.split(":")
+        rows.append((f"semantic {spec}", TurnPolicy(semantic=True, check_ms=int(check),
+                                                    end_silence_ms=int(max_silence), threshold=float(threshold),
+                                                    witness=rest[0] if rest else "both")))
     return rows
 
 
@@ -160,13 +166,14 @@ def _pct(xs: list[float], q: float) -> float | None:
     return float(np.percentile(xs, q)) if xs else None
 
 
-def run(rates: tuple[float, ...], witnesses: list[str], eagerness: list[str], log=print) -> dict:
+def run(rates: tuple[float, ...], witnesses: list[str], eagerness: list[str], log=print,
+        custom: list[str] = ()) -> dict:
     paused_set, complete = load_utterances(rates)
     judge = Judge()
     rows = []
     try:
         audio = [to16k(u) for u in paused_set + complete]
-        for name, policy in policies(witnesses, eagerness):
+        for name, policy in policies(witnesses, eagerness, custom):
             events = {}
             res: dict[str, list[Outcome]] = {"paused": [], "complete": []}
             for k, (u, (x16, end)) in enumerate(zip(paused_set + complete, audio, strict=True)):
@@ -210,13 +217,15 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default=",".join(f"{r:g}" for r in SPEAKING_RATES), help="Piper speaking rates")
     ap.add_argument("--witnesses", default="both,audio,text")
-    ap.add_argument("--eagerness", default="high,auto,low")
+    ap.add_argument("--eagerness", default="high,auto,low", help="'' for none")
+    ap.add_argument("--policy", action="append", default=[], metavar="CHECK_MS:MAX_SILENCE_MS:THRESHOLD[:WITNESS]",
+                    help="also a custom semantic policy (repeatable), for tuning the eagerness table")
     ap.add_argument("--out", default="bench/out/turns")
     a = ap.parse_args(argv)
     rates = tuple(float(r) for r in a.rates.split(","))
     print("| policy | cuts (paused set) | complete: ended at 1st check | decided after (ms, p50 / p90) "
           "| checks per turn |\n|---|---|---|---|---|")
-    res = run(rates, a.witnesses.split(","), a.eagerness.split(","))
+    res = run(rates, a.witnesses.split(","), [e for e in a.eagerness.split(",") if e], custom=a.policy)
     print(f"\nend-of-turn model per check: p50 {_fmt(res['model_ms_p50'], '.1f')} ms, "
           f"p90 {_fmt(res['model_ms_p90'], '.1f')} ms over {res['checks']} checks; ASR at a check p50 "
           f"{_fmt(res['asr_ms_p50'], '.0f')} ms")

@@ -101,8 +101,11 @@ class _Turn:
 class Caller:
     """`await Caller(cfg, session_id).run(utterances, turns, concurrency_fn, on_turn, wer_fn)`."""
 
-    def __init__(self, cfg: CallerConfig, session_id: int):
+    def __init__(self, cfg: CallerConfig, session_id: int, first_utterance: int | None = None):
         self.cfg, self.session_id = cfg, session_id
+        # Which utterance its first turn speaks (then the next ones): callers of different turn modes in one run
+        # speak the same utterances.
+        self.first_utterance = session_id if first_utterance is None else first_utterance
         self._mic: asyncio.Queue[bytes] = asyncio.Queue()  # utterances queued for the mic
         self._mic_turn: _Turn | None = None
         self._turn: _Turn | None = None
@@ -129,7 +132,7 @@ class Caller:
             listener = asyncio.create_task(self._listen(ws))
             try:
                 for k in range(turns):
-                    utt = utterances[(self.session_id + k) % len(utterances)]
+                    utt = utterances[(self.first_utterance + k) % len(utterances)]
                     rec = TurnRecord(self.session_id, k, concurrency_fn(), utt.text, utterance_ms=utt.duration_ms,
                                      mode=self.cfg.mode, kind="paused" if utt.pause_ms else "complete",
                                      voice=utt.source, pause_ms=utt.pause_ms)

@@ -116,7 +116,7 @@ async def run_closed(cfg: CallerConfig, utts: list[Utterance], levels: list[int]
     next_id = first_id
     for c in levels:
         n = max(1, -(-turns_per_level // c)) if turns_per_level else turns
-        callers = [Caller(cfg, next_id + i) for i in range(c)]
+        callers = [Caller(cfg, next_id + i, next_id - first_id + i) for i in range(c)]
         next_id += c
         results = await asyncio.gather(*(cl.run(utts, n, lambda c=c: c, progress.update, wer) for cl in callers),
                                        return_exceptions=True)

@@ -58,8 +58,9 @@ def voices(rates: tuple[float, ...], with_espeak: bool) -> dict[str, callable]:
     return out
 
 
-def run(rates: tuple[float, ...], with_espeak: bool = True, log=print) -> dict:
-    from audio.asr import WhisperASR
+def run(rates: tuple[float, ...], with_espeak: bool = True, log=print, window: tuple[float, float] | None = None,
+        prompts_wanted: tuple[str, ...] = ("none", "context")) -> dict:
+    from audio.asr import AsrOptions, WhisperASR
     from audio.resample import resample
     from audio.wer import word_error_rate
     from voicefast.asr_context import asr_prompt
@@ -67,7 +68,9 @@ def run(rates: tuple[float, ...], with_espeak: bool = True, log=print) -> dict:
 
     texts = PROMPTS + NAMED
     prompts = {"none": None, "context": asr_prompt(instructions=DEFAULT_INSTRUCTIONS, last_assistant=GREETING)}
-    asr = WhisperASR(cpu_threads=1)
+    prompts = {k: v for k, v in prompts.items() if k in prompts_wanted}
+    opts = AsrOptions() if window is None else AsrOptions(min_window_s=window[0], window_pad_s=window[1])
+    asr = WhisperASR(cpu_threads=1, options=opts)
     rows = []
     try:
         asr.transcribe(np.zeros(8000, np.float32))  # warm-up
@@ -98,7 +101,8 @@ def run(rates: tuple[float, ...], with_espeak: bool = True, log=print) -> dict:
         summary[pname] = {"wer_mean": float(np.mean([r["wer"] for r in sel])),
                           "wer_max": float(np.max([r["wer"] for r in sel])),
                           "final_cpu_ms_p50": float(np.median([r["final_cpu_ms_p50"] for r in sel]))}
-    return {"rows": rows, "summary": summary, "prompt_context": prompts["context"], "texts": texts}
+    return {"rows": rows, "summary": summary, "prompt_context": prompts.get("context"), "texts": texts,
+            "window_s": [opts.min_window_s, opts.window_pad_s]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,10 +110,15 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default=",".join(f"{r:g}" for r in SPEAKING_RATES))
     ap.add_argument("--no-espeak", action="store_true", help="leave espeak-ng out even if installed")
+    ap.add_argument("--window", metavar="MIN_S:PAD_S", help="the ASR's encoder window (AsrOptions.min_window_s, "
+                    "window_pad_s) instead of the defaults")
+    ap.add_argument("--prompts", default="none,context", help="which prompts to compare")
     ap.add_argument("--out", default="bench/out/wer")
     a = ap.parse_args(argv)
     print("| voice | band | prompt | WER | final decode CPU ms p50 |\n|---|---|---|---|---|")
-    res = run(tuple(float(r) for r in a.rates.split(",")), not a.no_espeak)
+    window = tuple(float(v) for v in a.window.split(":")) if a.window else None
+    res = run(tuple(float(r) for r in a.rates.split(",")), not a.no_espeak, window=window,
+              prompts_wanted=tuple(a.prompts.split(",")))
     for pname, s in res["summary"].items():
         print(f"prompt {pname}: mean WER {s['wer_mean']:.3f}, worst {s['wer_max']:.3f}, "
               f"final CPU p50 {s['final_cpu_ms_p50']:.0f} ms")

@@ -48,10 +48,10 @@ def test_complete_verdict_ends_the_turn_at_the_check():
     t = taker()
     c = speak_and_pause(t, 200, 1800)
     assert c.purpose == "end_of_turn" and c.use_model and c.speculate
-    assert (c.start_sample, c.speech_end_sample, c.end_sample) == (ms(200), ms(1800), ms(1800 + 128))
+    assert (c.start_sample, c.speech_end_sample, c.end_sample) == (ms(200), ms(1800), ms(1800 + 160))
     assert t.on_verdict(c.check_id, 0.93) == []  # the words have not testified yet
     end = only(t.on_transcript(c.check_id, "What time do you open on Saturday?"), EndTurn)
-    assert (end.reason, end.end_sample, end.check_id, end.silence_ms) == ("complete", ms(1800), c.check_id, 128)
+    assert (end.reason, end.end_sample, end.check_id, end.silence_ms) == ("complete", ms(1800), c.check_id, 160)
     assert end.verdict.complete and end.verdict.probability == 0.93
     assert not t.in_turn
     # The VAD still thinks the silence goes on: its later stop belongs to a finished turn.

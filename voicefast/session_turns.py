@@ -58,9 +58,10 @@ class SessionTurns:
             self.inbuf.trim(self.in_samples - cap)
         if self.work.utt is not None:
             self.work.feed_partials(x16, speaking=self.turns.speaking)
-        self.turns.responding = self._responding()
         for ev in self._vad.process(x16):
+            self.turns.responding = self._responding()  # an event may have just started or ended a reply
             self._apply(self.turns.on_vad(ev.kind, self._vad_base + ev.sample, self.in_samples))
+        self.turns.responding = self._responding()
         self._apply(self.turns.on_audio(self.in_samples))
 
     def _pad_samples(self) -> int:

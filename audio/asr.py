@@ -119,7 +119,7 @@ class WhisperASR:
         `prompt`: text that came before (Whisper's previous-text prompt): names and words to expect."""
         return self.decode_batch([x16k], [prompt])[0]
 
-    def decode_batch(self, audios: list[np.ndarray], prompts: list[str | None] | None = None) -> list[str]:
+    def decode_batch(self, audios: list[np.ndarray], prompts: list[str | None] | None = None) -> list[Transcript]:
         """Decode several utterances in one encoder/decoder batch (each padded to Whisper's 30 s window), each
         with its own previous-text prompt (None: none)."""
         audios = [_check_audio(a) for a in audios]
@@ -142,7 +142,7 @@ class WhisperASR:
                     texts[k] = text
             for i, text in zip(short, texts, strict=True):
                 out[i] = text
-        return [t or "" for t in out]
+        return [t if isinstance(t, Transcript) else Transcript(t or "") for t in out]
 
     def _window_frames(self, audios: list[np.ndarray]) -> int:
         """Encoder window (mel frames, 100 per second) for a batch: one size fits the longest utterance."""

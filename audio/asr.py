@@ -114,7 +114,7 @@ class WhisperASR:
         self._closed = threading.Event()
 
     # ---- blocking API ----
-    def transcribe(self, x16k: np.ndarray, *, prompt: str | None = None) -> str:
+    def transcribe(self, x16k: np.ndarray, *, prompt: str | None = None) -> Transcript:
         """Text of one utterance (16 kHz float32 mono). Blocking; safe to call from several threads.
         `prompt`: text that came before (Whisper's previous-text prompt): names and words to expect."""
         return self.decode_batch([x16k], [prompt])[0]
@@ -224,7 +224,7 @@ class WhisperASR:
         """Queue a decode; returns a concurrent Future[str] (cancel() drops it if it has not started)."""
         return self._pool.submit(_Job(_check_audio(x16k), prompt), PRIORITY_FINAL if final else PRIORITY_PARTIAL)
 
-    async def transcribe_async(self, x16k: np.ndarray, *, final: bool = True, prompt: str | None = None) -> str:
+    async def transcribe_async(self, x16k: np.ndarray, *, final: bool = True, prompt: str | None = None) -> Transcript:
         return await asyncio.wrap_future(self.submit(x16k, final=final, prompt=prompt))
 
     def _decode_jobs(self, jobs: list[_Job]) -> list[str]:

@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -157,24 +157,22 @@ class FakeTranscriber:
 
 # -- end-of-turn model -----------------------------------------------------------------------------------
 class FakeTurnModel:
-    """End-of-turn probabilities: `p(x16k)` (a number or a function of the audio), returned from a worker thread
-    after `delay_s`. Records the length of every input."""
+    """End-of-turn probabilities: `p(x16k)` (a number or a function of the audio), answered at once (a completed
+    Future, so the session hears it on a later loop iteration, as from the real model's thread; no thread of its
+    own, so a test's stacks leave none behind). Records the length of every input."""
 
-    def __init__(self, p=0.9, *, delay_s: float = 0.0):
-        self.p, self.delay_s = p, delay_s
+    def __init__(self, p=0.9):
+        self.p = p
         self.calls: list[int] = []
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fake-turn")
 
-    def submit(self, x16k: np.ndarray):
+    def submit(self, x16k: np.ndarray) -> Future:
         self.calls.append(len(x16k))
-
-        def run():
-            time.sleep(self.delay_s)
-            return float(self.p(x16k) if callable(self.p) else self.p)
-        return self._pool.submit(run)
+        fut: Future = Future()
+        fut.set_result(float(self.p(x16k) if callable(self.p) else self.p))
+        return fut
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        pass
 
 
 # -- TTS ----------------------------------------------------------------------------------------------

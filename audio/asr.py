@@ -23,6 +23,24 @@ log = logging.getLogger("voicefast.audio")
 SAMPLE_RATE_HZ = 16_000
 MAX_WINDOW_SAMPLES = 30 * SAMPLE_RATE_HZ  # Whisper's context; longer audio goes through faster-whisper's loop
 FULL_WINDOW_FRAMES = 3000  # 30 s of 10 ms mel frames
+MAX_PROMPT_TOKENS = 223  # Whisper's previous-text budget: half its 448-token context, less <|startofprev|>
+
+
+class Transcript(str):
+    """A decoded text (it is the str) that also tells how sure the decoder was of its last word (None: unknown)."""
+
+    last_word_probability: float | None
+
+    def __new__(cls, text: str, last_word_probability: float | None = None) -> Transcript:
+        self = super().__new__(cls, text)
+        self.last_word_probability = last_word_probability
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    audio: np.ndarray  # [n] float32 16 kHz
+    prompt: str | None  # previous-text prompt
 
 
 @dataclass(slots=True)
@@ -91,33 +109,40 @@ class WhisperASR:
         # 0.70-1.22 s across runs) but every caller waits for the whole batch, so the median is worse.
         if max_batch is None:
             max_batch = 8 if self.device == "cuda" else 1
-        self._pool = DecodePool(self.decode_batch, workers=workers, max_batch=max_batch)
+        self._prompt_cache: dict[str, list[int]] = {}
+        self._pool = DecodePool(self._decode_jobs, workers=workers, max_batch=max_batch)
         self._closed = threading.Event()
 
     # ---- blocking API ----
-    def transcribe(self, x16k: np.ndarray) -> str:
-        """Text of one utterance (16 kHz float32 mono). Blocking; safe to call from several threads."""
-        return self.decode_batch([x16k])[0]
+    def transcribe(self, x16k: np.ndarray, *, prompt: str | None = None) -> Transcript:
+        """Text of one utterance (16 kHz float32 mono). Blocking; safe to call from several threads.
+        `prompt`: text that came before (Whisper's previous-text prompt): names and words to expect."""
+        return self.decode_batch([x16k], [prompt])[0]
 
-    def decode_batch(self, audios: list[np.ndarray]) -> list[str]:
-        """Decode several utterances in one encoder/decoder batch (each padded to Whisper's 30 s window)."""
+    def decode_batch(self, audios: list[np.ndarray], prompts: list[str | None] | None = None) -> list[Transcript]:
+        """Decode several utterances in one encoder/decoder batch (each padded to Whisper's 30 s window), each
+        with its own previous-text prompt (None: none)."""
         audios = [_check_audio(a) for a in audios]
+        prompts = list(prompts) if prompts is not None else [None] * len(audios)
+        if len(prompts) != len(audios):
+            raise ValueError(f"{len(audios)} audios but {len(prompts)} prompts")
         out: list[str | None] = [None] * len(audios)
         short = [i for i, a in enumerate(audios) if len(a) <= MAX_WINDOW_SAMPLES and not self._multilingual_auto]
         for i in set(range(len(audios))) - set(short):
-            out[i] = self._transcribe_long(audios[i])
+            out[i] = self._transcribe_long(audios[i], prompts[i])
         if short:
-            audios_short = [audios[i] for i in short]
-            texts, suspect = self._decode_short(audios_short, self._window_frames(audios_short))
+            audios_short, prompts_short = [audios[i] for i in short], [prompts[i] for i in short]
+            texts, suspect = self._decode_short(audios_short, self._window_frames(audios_short), prompts_short)
             redo = [k for k, bad in enumerate(suspect) if bad]
             if redo:  # a loop or runaway on the short window: decode those again on the full 30 s window
                 log.debug("ASR: %d of %d decodes redone on the full window", len(redo), len(short))
-                again, _ = self._decode_short([audios_short[k] for k in redo], FULL_WINDOW_FRAMES)
+                again, _ = self._decode_short([audios_short[k] for k in redo], FULL_WINDOW_FRAMES,
+                                              [prompts_short[k] for k in redo])
                 for k, text in zip(redo, again, strict=True):
                     texts[k] = text
             for i, text in zip(short, texts, strict=True):
                 out[i] = text
-        return [t or "" for t in out]
+        return [t if isinstance(t, Transcript) else Transcript(t or "") for t in out]
 
     def _window_frames(self, audios: list[np.ndarray]) -> int:
         """Encoder window (mel frames, 100 per second) for a batch: one size fits the longest utterance."""
@@ -126,7 +151,19 @@ class WhisperASR:
         window_s = max(o.min_window_s, longest_s + o.window_pad_s)
         return min(FULL_WINDOW_FRAMES, int(np.ceil(window_s * 100)))
 
-    def _decode_short(self, audios: list[np.ndarray], window_frames: int) -> tuple[list[str], list[bool]]:
+    def _prompt_tokens(self, prompt: str | None) -> list[int]:
+        """Decoder prompt: [<|startofprev|> previous text]? <|startoftranscript|> ... <|notimestamps|>."""
+        if not prompt or not prompt.strip():
+            return self._prompt
+        if prompt not in self._prompt_cache:
+            if len(self._prompt_cache) >= 64:
+                self._prompt_cache.pop(next(iter(self._prompt_cache)))
+            prev = self._tokenizer.encode(" " + prompt.strip())[-MAX_PROMPT_TOKENS:]  # Whisper keeps the end
+            self._prompt_cache[prompt] = self.model.get_prompt(self._tokenizer, prev, without_timestamps=True)
+        return self._prompt_cache[prompt]
+
+    def _decode_short(self, audios: list[np.ndarray], window_frames: int,
+                      prompts: list[str | None]) -> tuple[list[str], list[bool]]:
         """(texts, suspect) for utterances of at most 30 s, encoded as one batch on a window_frames window."""
         from faster_whisper.audio import pad_or_trim
 
@@ -138,10 +175,11 @@ class WhisperASR:
         budget = o.max_new_tokens
         if window_frames < FULL_WINDOW_FRAMES:
             budget = min(budget, int(longest_s * o.max_tokens_per_s) + 16)
+        tokens = [list(self._prompt_tokens(p)) for p in prompts]
         results = self.model.model.generate(
-            enc, [list(self._prompt) for _ in audios], beam_size=o.beam_size,
-            max_length=len(self._prompt) + budget, suppress_blank=True, suppress_tokens=self._suppress,
-            return_scores=True, return_no_speech_prob=True)
+            enc, tokens, beam_size=o.beam_size, max_length=max(len(t) for t in tokens) + budget,
+            suppress_blank=True, suppress_tokens=self._suppress, return_scores=True, return_no_speech_prob=True,
+            return_logits_vocab=True)
         texts, suspect = [], []
         for a, r in zip(audios, results, strict=True):
             seq = r.sequences_ids[0]
@@ -149,25 +187,48 @@ class WhisperASR:
             avg_logprob = r.scores[0] * len(seq) / (len(seq) + 1)
             silent = r.no_speech_prob > o.no_speech_threshold and avg_logprob < o.logprob_threshold
             text = "" if silent or len(a) == 0 else self._tokenizer.decode(ids).strip()
-            texts.append(text)
+            texts.append(Transcript(text, self._last_word_probability(seq, r.logits[0]) if text else None))
             words = text.split()
             runaway = len(words) > o.max_words_per_s * max(len(a) / SAMPLE_RATE_HZ, 1.0)
             suspect.append(window_frames < FULL_WINDOW_FRAMES and (runaway or has_repetition(words)))
         return texts, suspect
 
-    def _transcribe_long(self, x: np.ndarray) -> str:
+    def _last_word_probability(self, seq: list[int], logits) -> float | None:
+        """How sure the decoder was of the transcript's last word (its tokens' joint probability; punctuation after
+        it skipped). Whisper completes a cut-off phrase with a word nobody said ("a table for it"), and says so
+        with a low probability; voicefast.turn_text weighs it."""
+        tok = self._tokenizer
+        probs: list[float] = []
+        for i in range(len(seq) - 1, -1, -1):
+            t = seq[i]
+            if t >= tok.eot or i >= len(logits):
+                continue
+            piece = tok.decode([t])
+            if not probs and not piece.strip(" .,!?;:\"'-\u2026"):
+                continue  # trailing punctuation
+            lv = np.asarray(logits[i], dtype=np.float64)  # [vocab] this step's logits
+            m = lv.max()
+            probs.append(float(np.exp(lv[t] - m - np.log(np.exp(lv - m).sum()))))
+            if piece.startswith(" "):
+                break
+        return float(np.prod(probs)) if probs else None
+
+    def _transcribe_long(self, x: np.ndarray, prompt: str | None = None) -> str:
         segments, _ = self.model.transcribe(
             x, beam_size=self.options.beam_size, language=self.language, without_timestamps=True,
-            condition_on_previous_text=False, vad_filter=False)
+            condition_on_previous_text=False, vad_filter=False, initial_prompt=prompt or None)
         return " ".join(s.text.strip() for s in segments).strip()
 
     # ---- pooled async API ----
-    def submit(self, x16k: np.ndarray, *, final: bool = True) -> Future:
+    def submit(self, x16k: np.ndarray, *, final: bool = True, prompt: str | None = None) -> Future:
         """Queue a decode; returns a concurrent Future[str] (cancel() drops it if it has not started)."""
-        return self._pool.submit(_check_audio(x16k), PRIORITY_FINAL if final else PRIORITY_PARTIAL)
+        return self._pool.submit(_Job(_check_audio(x16k), prompt), PRIORITY_FINAL if final else PRIORITY_PARTIAL)
 
-    async def transcribe_async(self, x16k: np.ndarray, *, final: bool = True) -> str:
-        return await asyncio.wrap_future(self.submit(x16k, final=final))
+    async def transcribe_async(self, x16k: np.ndarray, *, final: bool = True, prompt: str | None = None) -> Transcript:
+        return await asyncio.wrap_future(self.submit(x16k, final=final, prompt=prompt))
+
+    def _decode_jobs(self, jobs: list[_Job]) -> list[str]:
+        return self.decode_batch([j.audio for j in jobs], [j.prompt for j in jobs])
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -197,4 +258,5 @@ def _check_audio(x: np.ndarray) -> np.ndarray:
 
 from audio.transcriber import StreamingTranscriber, stable_prefix_len  # noqa: E402  (re-export)
 
-__all__ = ["AsrOptions", "StreamingTranscriber", "WhisperASR", "has_repetition", "pick_device", "stable_prefix_len"]
+__all__ = ["AsrOptions", "StreamingTranscriber", "Transcript", "WhisperASR", "has_repetition", "pick_device",
+           "stable_prefix_len"]

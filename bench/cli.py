@@ -9,6 +9,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "voice": ("bench.voice:main", "voice-to-voice latency of a Realtime server with simulated callers"),
     "engine": ("bench.engine:main", "LLM decode engine throughput and latency"),
     "spec": ("bench.spec_decode:main", "speculative decoding on customer-service conversations (CPU)"),
+    "turns": ("bench.turns:main", "end-of-turn decisions offline: cut rate vs wait per eagerness and witness"),
+    "wer": ("bench.asr_wer:main", "ASR word error rate per voice, rate and phone band, with/without context prompt"),
     "asr": ("bench.audio:asr_main", "streaming ASR latency and WER"),
     "tts": ("bench.audio:tts_main", "TTS time to first audio and real-time factor"),
     "rolling": ("bench.rolling:main", "failed calls across a rolling restart of replicas behind HAProxy"),

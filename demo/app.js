@@ -19,7 +19,7 @@ const vf = {
     truncatesSent: 0, turns: 0 },
   playback: null, // the playback worklet's own counters: chunksReceived, samplesPlayed, queued, playing, ...
   lastLatencyMs: null,
-  lastLatencyAnchor: null, // "mic" (local level drop) | "server-vad" (speech_stopped minus the silence window)
+  lastLatencyAnchor: null, // "mic" (local level drop) | "server-vad" (speech_stopped's audio_end_ms, as sent)
   latencies: [],
   tokS: null,
   timings: null,
@@ -90,6 +90,7 @@ function settings() {
   return {
     instructions: instructionsEdited ? $("instructions").value.trim() : "",
     voice: $("voice").value,
+    turn: $("turn").value, // "semantic_vad:<eagerness>" (the server's default) | "server_vad"
     silenceMs: Math.max(100, Math.min(3000, parseInt($("silence").value, 10) || 500)),
     apiKey: $("apikey").value.trim(),
     server: $("server").value.trim(),
@@ -104,14 +105,41 @@ function sessionUpdate() {
     type: "realtime",
     output_modalities: ["audio"],
     audio: {
-      input: { format: { type: "audio/pcm", rate: RATE },
-        turn_detection: { type: "server_vad", silence_duration_ms: s.silenceMs, interrupt_response: true,
-          create_response: true } },
+      input: { format: { type: "audio/pcm", rate: RATE }, turn_detection: turnDetection(s) },
       output,
     },
   };
   if (s.instructions) session.instructions = s.instructions;
   return { type: "session.update", session };
+}
+
+function turnDetection(s) {
+  // semantic_vad: the server's end-of-turn model and the transcript decide when you are done (eagerness sets how
+  // long it waits at a pause); server_vad: a fixed silence window.
+  if (s.turn === "server_vad") {
+    return { type: "server_vad", silence_duration_ms: s.silenceMs, interrupt_response: true, create_response: true };
+  }
+  const eagerness = s.turn.split(":")[1] || "auto";
+  return { type: "semantic_vad", eagerness, interrupt_response: true, create_response: true };
+}
+
+// When each 20 ms of input audio was captured, by its end in the session's input clock (ms since the session's
+// first appended sample): maps a server audio_end_ms back to local time.
+let sentMs = 0;
+let sentLog = []; // [endMs, capturedAt]
+const SENT_LOG_MAX = 3000; // 60 s
+
+function sendFrame(ev, capturedAt) {
+  if (!conn.send(ev)) return;
+  vf.counters.framesSent++;
+  sentMs += 20;
+  sentLog.push([sentMs, capturedAt]);
+  if (sentLog.length > SENT_LOG_MAX) sentLog.shift();
+}
+
+function capturedAtAudioMs(ms) {
+  const hit = sentLog.find(([endMs]) => endMs >= ms);
+  return hit ? hit[1] - (hit[0] - ms) : null;
 }
 
 // ---- microphone ----
@@ -127,17 +155,16 @@ function onMicFrame(pcm, rms) {
   $("level").style.width = `${Math.min(100, Math.sqrt(rms) * 250)}%`;
   const ev = { type: "input_audio_buffer.append", audio: base64FromInt16(pcm) };
   if (conn && conn.isOpen && sessionSent) {
-    conn.send(ev);
-    vf.counters.framesSent++;
+    sendFrame(ev, now);
   } else {
     // keep the last second said while (re)connecting, so the first words aren't lost
-    preOpen.push(ev);
+    preOpen.push([ev, now]);
     if (preOpen.length > PRE_OPEN_FRAMES) preOpen.shift();
   }
 }
 
 function flushPreOpen() {
-  for (const ev of preOpen.splice(0)) if (conn.send(ev)) vf.counters.framesSent++;
+  for (const [ev, t] of preOpen.splice(0)) sendFrame(ev, t);
 }
 
 // ---- playback ----
@@ -166,7 +193,7 @@ function recordLatency(item) {
   $("latency").textContent = String(ms);
   $("latency-anchor").textContent = t.anchor === "mic"
     ? "your mic went quiet → first reply audio played"
-    : "server end of speech (speech_stopped − silence window) → first reply audio played";
+    : "server end of speech (speech_stopped's audio_end_ms) → first reply audio played";
   drawLatencyChart($("chart"), vf.latencies);
 }
 
@@ -214,12 +241,15 @@ function onEvent(ev) {
     userSpeaking = false;
     vf.counters.turns++;
     const now = performance.now();
-    const silence = settings().silenceMs;
-    // Prefer the client-side anchor: when the local mic level last dropped, if it falls in this utterance.
+    const s = settings();
+    const wait = s.turn === "server_vad" ? s.silenceMs : 2500; // the longest the server may wait after speech
+    // Prefer the client-side anchor: when the local mic level last dropped, if it falls in this utterance; else
+    // the server's end of speech (audio_end_ms), mapped to when that audio was captured here.
     const micEnd = level.lastVoicedAt;
-    const plausible = micEnd > 0 && now - micEnd < silence + 1500 && now - micEnd >= 0;
+    const plausible = micEnd > 0 && now - micEnd < wait + 1500 && now - micEnd >= 0;
+    const serverEnd = capturedAtAudioMs(ev.audio_end_ms);
     pendingTurn = plausible ? { anchorMs: micEnd, anchor: "mic", done: false }
-      : { anchorMs: now - silence, anchor: "server-vad", done: false };
+      : { anchorMs: serverEnd !== null ? serverEnd : now - wait, anchor: "server-vad", done: false };
     setState("thinking", "");
   } else if (t === "conversation.item.input_audio_transcription.delta") {
     const el = bubble(ev.item_id, "user");
@@ -301,6 +331,8 @@ async function start() {
       showError("");
       conn.send(sessionUpdate());
       sessionSent = true;
+      sentMs = 0; // a new session: its input-audio clock starts again
+      sentLog = [];
       flushPreOpen();
       setState("listening", "");
     },

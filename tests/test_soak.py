@@ -1,5 +1,6 @@
 """Soak: one long-lived real server (127.0.0.1:0, fake models) serves many sequential sessions -- spoken turns by
-server VAD and by manual commit, discarded speculations, barge-ins, clients vanishing mid-response -- and afterwards
+semantic VAD (the default: end-of-turn checks) and by manual commit, discarded speculations, barge-ins, clients
+vanishing mid-response -- and afterwards
 holds nothing more than it did after warm-up: tasks, sessions, engine requests and blocks, fds, threads, live
 Session/Response objects; RSS growth stays bounded. The real engine gets the same treatment for generate/abort cycles.
 (Leaks in long-lived voice workers: /work/shared/reference/voice-agents.md section 6.)"""
@@ -15,7 +16,7 @@ import threading
 
 import numpy as np
 import pytest
-from fakes import FakeEngine, FakeTTS, make_stack, silence, speech_like
+from fakes import FakeEngine, FakeTTS, FakeTurnModel, make_stack, silence, speech_like
 from websockets.asyncio.client import connect
 
 from voicefast.config import ServerConfig
@@ -63,8 +64,9 @@ def chunks(x: np.ndarray) -> list[str]:
 
 
 TURN = chunks(np.concatenate([silence(100), speech_like(500), silence(700)]))
-# A pause past the VAD's early silence (200 ms) but short of the turn end (500 ms): a speculative response starts
-# and is discarded when speech resumes, then the real turn follows.
+# A pause past the first end-of-turn check but short of the maximum silence: the check says "not done" (the fake
+# model below calls a turn complete only once it has heard 650 ms), its speculative response is discarded when
+# speech resumes, and the next check ends the turn.
 SPEC_HEAD = chunks(np.concatenate([silence(100), speech_like(300), silence(300)]))
 SPEC_TAIL = chunks(np.concatenate([speech_like(300), silence(700)]))
 BARGE = chunks(np.concatenate([speech_like(600), silence(700)]))  # > barge_in_min_ms of speech, then a turn end
@@ -158,7 +160,8 @@ async def test_sequential_sessions_leave_nothing_behind():
     # A reply long enough (~0.5 s of audio) that a vanishing client always leaves mid-response.
     engine = FakeEngine(reply=lambda m: "Sure, we are open from nine to six, Monday to Saturday, and on "
                                         "Sunday from ten to four. Anything else today?", token_s=0.005)
-    stack = make_stack(engine=engine, tts=FakeTTS(word_s=0.02))
+    turn_model = FakeTurnModel(lambda x16: 0.9 if len(x16) >= 16 * 650 else 0.05)
+    stack = make_stack(engine=engine, tts=FakeTTS(word_s=0.02), turn_model=turn_model)
     server = RealtimeServer(stack, ServerConfig(host="127.0.0.1", port=0, output_lead_ms=100),
                             defaults=SessionConfig(instructions="Soak persona.", voice="fake"))
     await server.start()

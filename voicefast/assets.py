@@ -8,7 +8,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("vad", "asr", "llm", "tts")
+STAGES = ("vad", "turn", "asr", "llm", "tts")
 
 
 class MissingAssetError(RuntimeError):
@@ -124,7 +124,34 @@ def resolve_llm(spec: str | None = None) -> Asset:
                  "SmolLM2-135M-Instruct Q4_1 (Llama architecture)")
 
 
-RESOLVERS = {"vad": resolve_vad, "asr": resolve_asr, "llm": resolve_llm, "tts": resolve_tts}
+TURN_DIST = "pipecat-ai"
+TURN_DIST_VERSION = "1.14.0"  # the version setup installs; any version that ships TURN_FILE works
+TURN_FILE = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
+
+
+def resolve_turn(spec: str | None = None) -> Asset:
+    """Smart Turn v3.2 (end-of-turn classifier, ONNX) from the pipecat-ai wheel, located through the wheel's file
+    list (importlib.metadata): pipecat itself is never imported (its dependencies are not installed)."""
+    if spec:
+        p = _user_path("turn", spec, "Smart Turn ONNX file")
+        if p.suffix != ".onnx":
+            raise MissingAssetError(f"turn: {p} is not an .onnx file")
+        return Asset("turn", p, "user", "?", "end-of-turn model (ONNX)")
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    what = "The embedded end-of-turn model (Smart Turn v3.2)"
+    try:
+        dist = distribution(TURN_DIST)
+    except PackageNotFoundError:
+        raise _missing(what, f"{TURN_DIST}=={TURN_DIST_VERSION}") from None
+    onnx = next((Path(f.locate()) for f in dist.files or () if str(f).replace("\\", "/") == TURN_FILE), None)
+    if onnx is None or not onnx.exists():
+        raise _missing(f"{what} ({TURN_FILE} in {TURN_DIST} {dist.version})", f"{TURN_DIST}=={TURN_DIST_VERSION}")
+    return Asset("turn", onnx.resolve(), f"package {TURN_DIST} {dist.version}", "BSD-2-Clause",
+                 "Smart Turn v3.2 end-of-turn classifier (ONNX, 8 s of 16 kHz audio)")
+
+
+RESOLVERS = {"vad": resolve_vad, "turn": resolve_turn, "asr": resolve_asr, "llm": resolve_llm, "tts": resolve_tts}
 
 
 def describe_models(specs: dict[str, str | None] | None = None) -> list[tuple[str, Asset | MissingAssetError]]:

@@ -19,10 +19,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def models_main(argv: list[str]) -> int:
     import argparse
 
-    from voicefast.assets import Asset, describe_models
+    from voicefast.assets import STAGES, Asset, describe_models
 
     ap = argparse.ArgumentParser(prog="voicefast models", description=models_main.__doc__)
-    for stage in ("vad", "asr", "llm", "tts"):
+    for stage in STAGES:
         ap.add_argument(f"--{stage}", metavar="PATH", help=f"user-supplied {stage} model to check instead")
     args = ap.parse_args(argv)
     failed = False
@@ -36,7 +36,8 @@ def models_main(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-models_main.__doc__ = "For each stage (VAD, ASR, LLM, TTS): the model it will use and where it comes from."
+models_main.__doc__ = ("For each stage (VAD, end-of-turn, ASR, LLM, TTS): the model it will use and where it comes "
+                       "from.")
 
 
 def _usage() -> str:

@@ -20,6 +20,7 @@ class ServerConfig:
     asr_model: str | None = None
     tts_voice: str | None = None
     vad_model: str | None = None
+    turn_model: str | None = None  # end-of-turn model (.onnx) for semantic_vad; None -> embedded Smart Turn v3.2
     device: str = "auto"
     # Engine limits
     max_num_seqs: int = 16
@@ -38,10 +39,16 @@ class ServerConfig:
     ready_max_waiting: int = 8  # /readyz fails while more LLM requests than this wait for a batch slot
     # Turn-taking and output
     barge_in_min_ms: int = 300  # user speech during a response must last this long to interrupt it
+    backchannel_max_ms: int = 900  # ... and interrupts whatever it says once it lasts this long ("mm-hm" does not)
+    turn_witness: str = "both"  # semantic_vad: "both" (model and transcript agree), "audio" or "text" alone
+    asr_context_prompt: bool = True  # the conversation (names, last reply) as Whisper's prompt
     speculative_start: bool = True  # start ASR final + LLM at the VAD's early silence, hold output
     output_frame_ms: int = 100  # audio per response.output_audio.delta
     output_lead_ms: int = 300  # how far ahead of real-time playout audio may be sent
-    tts_first_phrase_words: int = 4  # the first phrase goes to TTS after at most this many words (speech starts early)
+    # The first phrase goes to TTS after at most this many words (speech starts early; a dangling "the"/"to" waits
+    # for the next word). 2, not 4: once the end-of-turn check answers within ~150 ms of silence, the LLM tokens
+    # and Piper time of two more words are most of what is left of the chain (docs/benchmarks.md).
+    tts_first_phrase_words: int = 2
     asr_partial_interval_ms: int = 800  # streaming partials at most this often per speaking session (0: off)
     max_output_tokens: int = 96  # default per response
     temperature: float = 0.3  # the small default model wanders at higher temperatures
@@ -73,6 +80,11 @@ class ServerConfig:
             raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.barge_in_min_ms < 0:
             raise ValueError(f"barge_in_min_ms must be >= 0, got {self.barge_in_min_ms}")
+        if self.backchannel_max_ms < self.barge_in_min_ms:
+            raise ValueError(f"backchannel_max_ms ({self.backchannel_max_ms}) must be >= barge_in_min_ms "
+                             f"({self.barge_in_min_ms})")
+        if self.turn_witness not in ("both", "audio", "text"):
+            raise ValueError(f"turn_witness must be 'both', 'audio' or 'text', got {self.turn_witness!r}")
         self.api_keys = tuple(k for k in self.api_keys if k)
         self.allowed_origins = tuple(o.rstrip("/") for o in self.allowed_origins if o)
 

@@ -3,6 +3,7 @@ each with an explicit CPU thread budget so the stages do not fight over a small 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -33,30 +34,35 @@ def engine_config(opts: ServerConfig):
 
 def load_stack(opts: ServerConfig) -> Stack:
     """Load every model (raises voicefast.assets.MissingAssetError naming the install command)."""
-    from voicefast.assets import resolve_asr, resolve_llm, resolve_tts, resolve_vad
+    from voicefast.assets import resolve_asr, resolve_llm, resolve_tts, resolve_turn, resolve_vad
 
     # Fail fast, before seconds of model loading, when any asset is missing.
-    for resolve, spec in ((resolve_vad, opts.vad_model), (resolve_asr, opts.asr_model), (resolve_llm, opts.llm_model),
-                          (resolve_tts, opts.tts_voice)):
+    for resolve, spec in ((resolve_vad, opts.vad_model), (resolve_turn, opts.turn_model), (resolve_asr, opts.asr_model),
+                          (resolve_llm, opts.llm_model), (resolve_tts, opts.tts_voice)):
         resolve(spec)
     budget_threads(opts)
     from audio.asr import WhisperASR
     from audio.text_chunker import TextChunker
     from audio.transcriber import StreamingTranscriber
     from audio.tts import PiperTTS
+    from audio.turn_model import SmartTurnModel
     from audio.vad import SileroVadModel, VadParams, VadStream
     from llm_engine import AsyncLLMEngine, SamplingParams
 
     vad_model = SileroVadModel(opts.vad_model)
+    turn_model = SmartTurnModel(resolve_turn(opts.turn_model).path, threads=1)
     asr = WhisperASR(opts.asr_model, device=opts.device, cpu_threads=opts.asr_cpu_threads, workers=1)
     tts = PiperTTS(opts.tts_voice, threads=opts.tts_threads)
     engine = AsyncLLMEngine(engine_config(opts))
 
     def vad_factory(td) -> VadStream:
-        silence_ms = td.silence_duration_ms
+        # server_vad: silence_duration_ms ends the turn, early silence starts the speculative reply; semantic_vad:
+        # early silence is the end-of-turn check, the stop is the eagerness' maximum silence (voicefast.turns).
+        policy = td.policy()
         return VadStream(vad_model, VadParams(threshold=min(max(td.threshold, 0.01), 0.99),
-                                              prefix_padding_ms=td.prefix_padding_ms, silence_duration_ms=silence_ms,
-                                              early_silence_ms=min(160, silence_ms)))
+                                              prefix_padding_ms=td.prefix_padding_ms,
+                                              silence_duration_ms=policy.end_silence_ms,
+                                              early_silence_ms=policy.check_ms))
 
     def transcriber_factory() -> StreamingTranscriber:
         return StreamingTranscriber(asr, partial_interval_ms=max(1, opts.asr_partial_interval_ms))
@@ -65,7 +71,8 @@ def load_stack(opts: ServerConfig) -> Stack:
         return SamplingParams(temperature=temperature, top_p=0.9 if temperature > 0 else 1.0, max_tokens=max_tokens)
 
     inner = engine.engine
-    desc = {"vad": f"Silero VAD ({vad_model.path})", "asr": f"{asr.name} ({asr.device}, {asr.compute_type})",
+    desc = {"vad": f"Silero VAD ({vad_model.path})", "turn": f"Smart Turn ({turn_model.path})",
+            "asr": f"{asr.name} ({asr.device}, {asr.compute_type})",
             "llm": f"{getattr(inner, 'model_name', None) or opts.llm_model or 'embedded SmolLM2'} "
                    f"({getattr(inner, 'device', opts.device)}, max_model_len {inner.max_model_len})",
             "tts": f"Piper {tts.name} ({tts.sample_rate_hz} Hz)"}
@@ -73,6 +80,7 @@ def load_stack(opts: ServerConfig) -> Stack:
                  chunker_factory=functools.partial(TextChunker, first_max_words=opts.tts_first_phrase_words),
                  sampling_params=sampling,
                  transcriber_factory=transcriber_factory if opts.asr_partial_interval_ms > 0 else None,
+                 turn_model=turn_model,
                  max_model_len=inner.max_model_len, tts_workers=1, description=desc)
 
 
@@ -86,6 +94,8 @@ async def warm_up(stack: Stack, instructions: str) -> None:
                                                        {"role": "user", "content": "Hello"}]):
         pass
     await stack.asr.transcribe_async(np.zeros(8000, np.float32))
+    if stack.turn_model is not None:
+        await asyncio.wrap_future(stack.turn_model.submit(np.zeros(8000, np.float32)))
     for voice in stack.voice_names:  # the response path: chunker -> Piper on the TTS pool -> resampler -> frames
         speech = stack.speech_output(voice, 24_000, 100)
         speech.say("Hello.")

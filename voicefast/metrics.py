@@ -31,6 +31,14 @@ class TurnTimings:
     llm_tokens: int = 0
     llm_tok_s: float | None = None
     speculative: bool = False
+    check_s: float | None = None  # the (speculative) work for this turn started: check / early silence
+    turn_model_s: float | None = None  # the end-of-turn model's inference (submitted -> answered)
+    turn_model_end_s: float | None = None
+    turn_reason: str | None = None  # complete | max_silence | silence | commit | idle_timeout
+    turn_silence_ms: int | None = None  # silence (input audio) after the end of speech when the turn was decided
+    turn_checks: int = 0  # end-of-turn checks in this turn (one per pause)
+    turn_probability: float | None = None  # the deciding check's end-of-turn probability
+    turn_why: str | None = None  # why the last check did not end the turn (when it did not)
 
     def to_dict(self) -> dict:
         return {
@@ -43,6 +51,16 @@ class TurnTimings:
             "llm_tokens": self.llm_tokens,
             "llm_tok_s": None if self.llm_tok_s is None else round(self.llm_tok_s, 1),
             "speculative": self.speculative,
+            "end_of_turn_reason": self.turn_reason,
+            "end_of_turn_silence_ms": self.turn_silence_ms,
+            "end_of_turn_checks": self.turn_checks,
+            "turn_model_ms": _ms(self.turn_model_s, self.turn_model_end_s),
+            "turn_probability": None if self.turn_probability is None else round(self.turn_probability, 3),
+            "turn_not_done_because": self.turn_why,
+            # the reply chain after the check: check -> transcript -> first token -> first phrase -> first audio
+            "chain_asr_ms": _ms(self.check_s, self.asr_end_s),
+            "chain_first_phrase_ms": _ms(self.llm_first_token_s, self.tts_request_s),
+            "chain_ms": _ms(self.check_s, self.tts_first_audio_s),
         }
 
 

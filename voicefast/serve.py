@@ -25,6 +25,11 @@ _HELP = {
                        "response in progress is finished (docs/deploy.md)",
     "ready_max_waiting": "/readyz fails while more LLM requests than this wait for a batch slot",
     "tensor_parallel": "split the LLM over this many GPUs of this host (tensor parallelism, NCCL; docs/gpu.md)",
+    "turn_model": "end-of-turn model for semantic_vad: Smart Turn v3 .onnx (default: embedded Smart Turn v3.2)",
+    "turn_witness": "semantic_vad ends a turn when 'both' the end-of-turn model and the transcript say so, or "
+                    "'audio' / 'text' alone (for measuring)",
+    "backchannel_max_ms": "speech during a reply longer than this interrupts it even if it is a backchannel",
+    "asr_context_prompt": "give Whisper the conversation (names in the instructions, the last reply) as its prompt",
 }
 
 

@@ -1,6 +1,7 @@
 """One realtime session: client events in -> server events out (through `emit`), driving the shared models.
-Input audio -> 16 kHz -> VAD -> (partials) -> endpoint -> ASR final -> Response (LLM -> TTS -> paced audio).
-Speculative start at the VAD's early silence; barge-in cancels the response after a minimum speech guard."""
+Input audio -> 16 kHz -> VAD -> voicefast.turns (when a turn ends; checks, speculation, barge-in, idle timeout)
+-> ASR final -> Response (LLM -> TTS -> paced audio). This file wires the turn module's decisions to the models;
+voicefast.session_turns carries out the turn decisions and voicefast.turn_work keeps their work in flight."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
+from audio.asr import Transcript
 from voicefast.config import ServerConfig
 from voicefast.conversation import Conversation, Item, new_id
 from voicefast.errors import ProtocolError
@@ -21,23 +22,14 @@ from voicefast.metrics import TurnTimings
 from voicefast.protocol import ClientEvent
 from voicefast.response import Response, ResponseParams
 from voicefast.session_config import SessionConfig
+from voicefast.session_turns import SessionTurns
+from voicefast.turn_work import TurnWork
 
 log = logging.getLogger("voicefast.session")
 RATE_HZ = 16_000  # internal rate of VAD and ASR
 
 
-@dataclass(slots=True)
-class Utterance:
-    item_id: str
-    start_sample: int  # absolute 16 kHz sample where speech started
-    announced: bool  # speech_started sent (False while it is only a barge-in candidate)
-    in_silence: bool = False  # the VAD reported early silence and no resumption yet
-    transcriber: object | None = None
-    partial_task: asyncio.Task | None = None
-    last_partial_sample: int = 0
-
-
-class Session:
+class Session(SessionTurns):
     def __init__(self, stack, opts: ServerConfig, *, emit: Callable[[dict], None], beta: bool = False,
                  defaults: SessionConfig | None = None, metrics=None):
         from audio.resample import StreamResampler
@@ -49,17 +41,17 @@ class Session:
         self.conv = Conversation()
         self.inbuf = InputBuffer()  # 16 kHz input; its sample offsets are the session's input-audio clock
         self._resampler = StreamResampler(self.cfg.input_format.rate_hz, RATE_HZ)
-        self._vad = None
-        self._vad_base = 0
-        self._new_vad()
-        self.utt: Utterance | None = None
         self.active: Response | None = None  # the response on the wire (or about to be)
-        self.spec: Response | None = None  # a held speculative response
-        self._spec_asr: asyncio.Task | None = None
         self._past: OrderedDict[str, Response] = OrderedDict()  # item id -> response, for truncate
         self._tasks: set[asyncio.Task] = set()
         self._pending_user: set[asyncio.Task] = set()  # user-item transcriptions not finished yet
         self.closed = False
+        self.work = TurnWork(transcriber_factory=stack.transcriber_factory,
+                             partial_interval_ms=opts.asr_partial_interval_ms, spawn=self._spawn,
+                             on_partial=self._partial_transcript)
+        self._vad = self.turns = None
+        self._vad_base = 0
+        self._new_turn_detection()
 
     # -- plumbing --------------------------------------------------------------------------------------
     def emit(self, event: dict) -> None:
@@ -77,11 +69,6 @@ class Session:
         if not t.cancelled() and t.exception() is not None:
             log.error("session task %s failed", t.get_name(), exc_info=t.exception())
 
-    def _new_vad(self) -> None:
-        td = self.cfg.turn_detection
-        self._vad = self.stack.vad_factory(td) if td is not None else None
-        self._vad_base = self.in_samples
-
     @property
     def in_samples(self) -> int:
         return self.inbuf.end
@@ -96,19 +83,19 @@ class Session:
     async def close(self) -> None:
         """Free everything: engine requests aborted, tasks finished, buffers dropped."""
         self.closed = True
-        for r in (self.active, self.spec):
-            if r is not None:
-                r.cancel("client_cancelled") if not r.held else r.discard()
-        if self.utt is not None and self.utt.partial_task is not None:
-            self.utt.partial_task.cancel()
-        tasks = [t for t in self._tasks] + [r.task for r in (self.active, self.spec) if r is not None]
+        specs = [c.spec for c in self.work.checks.values() if c.spec is not None]
+        work = self.work.tasks()
+        self.work.drop_utterance(None)  # discards the held replies
+        if self.active is not None:
+            self.active.cancel("client_cancelled") if not self.active.held else self.active.discard()
+        tasks = [t for t in self._tasks] + work + [r.task for r in [self.active, *specs] if r is not None]
         for t in tasks:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self.inbuf.clear()
         self._past.clear()
-        self.utt = self.active = self.spec = None
+        self.active = None
 
     # -- client events ---------------------------------------------------------------------------------
     def handle(self, ev: ClientEvent) -> None:
@@ -127,7 +114,12 @@ class Session:
             self._resampler = self._Resampler(new.input_format.rate_hz, RATE_HZ)
         if new.turn_detection != old.turn_detection:
             self._drop_utterance()
-            self._new_vad()
+            try:
+                self._new_turn_detection()
+            except ProtocolError:
+                self.cfg = old
+                self._new_turn_detection()
+                raise
         self.emit({"type": "session.updated", "session": new.to_dict(beta=self.beta)})
 
     def _on_input_audio_buffer_append(self, d: dict) -> None:
@@ -135,17 +127,19 @@ class Session:
         self.feed_audio(x)
 
     def _on_input_audio_buffer_commit(self, d: dict) -> None:
-        start = self.utt.start_sample if self.utt else self.inbuf.start
+        u = self.turns.utt if self.turns is not None else None
+        start = u.start_sample - self._pad_samples() if u else self.inbuf.start
         audio = self.inbuf.slice(start)
         if len(audio) < RATE_HZ // 10:
             raise ProtocolError(f"buffer too small: expected at least 100ms of audio, have "
                                 f"{self.ms(len(audio))}ms", code="input_audio_buffer_commit_empty")
-        item_id = self.utt.item_id if self.utt else new_id("item")
+        item_id = u.item_id if u else new_id("item")
         self._drop_utterance()
         end = self.in_samples
         t = TurnTimings(speech_end_s=self.inbuf.arrival_time(end), speech_end_audio_ms=self.ms(end),
-                        endpoint_s=time.monotonic())
-        self._commit(item_id, audio, t, self._spawn(self._transcribe(audio, t), "asr-final"))
+                        endpoint_s=time.monotonic(), turn_reason="commit")
+        self._commit(item_id, audio, t, self._spawn(self._transcribe(audio, t, prompt=self._asr_prompt()),
+                                                    "asr-final"))
         self.inbuf.trim(self.in_samples)
 
     def _on_input_audio_buffer_clear(self, d: dict) -> None:
@@ -251,154 +245,6 @@ class Session:
             self.active.cancel("client_cancelled")
         self.emit({"type": "output_audio_buffer.cleared", "response_id": self.active.id if self.active else None})
 
-    # -- audio in, turn detection ----------------------------------------------------------------------
-    def feed_audio(self, x: np.ndarray) -> None:
-        """float32 samples at the input format's rate."""
-        x16 = self._resampler.process(x)
-        if not len(x16):
-            return
-        cap = int(self.opts.max_input_buffer_s * RATE_HZ)
-        self.inbuf.append(x16, time.monotonic())
-        td = self.cfg.turn_detection
-        if td is None:
-            if self.in_samples - self.inbuf.start > cap:  # manual mode: keep the newest audio, say so
-                self.inbuf.trim(self.in_samples - cap)
-                self.emit(ProtocolError("input audio buffer is full; the oldest audio was dropped",
-                                        code="input_audio_buffer_full").to_event())
-        elif self.utt is None:
-            self.inbuf.trim(self.in_samples - int(td.prefix_padding_ms * RATE_HZ / 1000) - RATE_HZ // 2)
-        elif self.in_samples - self.inbuf.start > cap:
-            self.inbuf.trim(self.in_samples - cap)
-        if self.utt is not None:
-            self._feed_partials(x16)
-        if self._vad is not None:
-            for ev in self._vad.process(x16):
-                self._on_vad(ev.kind, self._vad_base + ev.sample)
-        u = self.utt
-        if u is not None and not u.announced and not u.in_silence and self.in_samples - u.start_sample >= \
-                self.opts.barge_in_min_ms * RATE_HZ // 1000:
-            self._barge_in()
-
-    def _on_vad(self, kind: str, sample: int) -> None:
-        td = self.cfg.turn_detection
-        if kind == "speech_started":
-            if self.utt is not None:
-                return
-            busy = self.active is not None and self.active.status == "in_progress"
-            self._begin_utterance(sample, announce=not (busy and td.interrupt_response))
-        elif kind == "early_silence":
-            if self.utt is not None:
-                self.utt.in_silence = True
-            if self.utt and self.utt.announced and td.create_response and self.opts.speculative_start \
-                    and self.spec is None:
-                self._speculate()
-        elif kind == "speech_resumed":
-            if self.utt is not None:
-                self.utt.in_silence = False
-            self._drop_spec()
-        elif kind == "speech_stopped":
-            u = self.utt
-            if u is None:
-                return
-            if not u.announced:  # too short to be a barge-in: noise or echo, not a turn
-                self._drop_utterance()
-                return
-            self._end_utterance(sample)
-
-    def _begin_utterance(self, sample: int, *, announce: bool) -> None:
-        self.utt = u = Utterance(new_id("item"), sample, announce)
-        if self.stack.transcriber_factory is not None and self.opts.asr_partial_interval_ms > 0:
-            u.transcriber = self.stack.transcriber_factory()
-            pad = int(self.cfg.turn_detection.prefix_padding_ms * RATE_HZ / 1000)
-            u.transcriber.feed(self.inbuf.slice(sample - pad))
-            u.last_partial_sample = self.in_samples
-        if announce:
-            self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": self.ms(sample),
-                       "item_id": u.item_id})
-
-    def _barge_in(self) -> None:
-        u = self.utt
-        u.announced = True
-        r = self.active
-        self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": self.ms(u.start_sample),
-                   "item_id": u.item_id})
-        if r is not None and r.status == "in_progress":
-            log.info("barge-in: cancelling %s after %d ms of speech", r.id, self.ms(self.in_samples - u.start_sample))
-            r.cancel("turn_detected")
-
-    def _feed_partials(self, x16: np.ndarray) -> None:
-        u = self.utt
-        if u.transcriber is None:
-            return
-        u.transcriber.feed(x16)
-        due = self.in_samples - u.last_partial_sample >= self.opts.asr_partial_interval_ms * RATE_HZ // 1000
-        # No partials once silence began: the ASR worker is then needed for the final (the critical path).
-        if due and u.announced and not u.in_silence and (u.partial_task is None or u.partial_task.done()):
-            u.last_partial_sample = self.in_samples
-            u.partial_task = self._spawn(self._partial(u), "asr-partial")
-
-    async def _partial(self, u: Utterance) -> None:
-        delta = await u.transcriber.partial()
-        if delta and self.utt is u:
-            self.emit({"type": "conversation.item.input_audio_transcription.delta", "item_id": u.item_id,
-                       "content_index": 0, "delta": delta})
-
-    def _drop_utterance(self) -> None:
-        self._drop_spec()
-        if self.utt is not None and self.utt.partial_task is not None:
-            self.utt.partial_task.cancel()
-        self.utt = None
-
-    def _utterance_audio(self, u: Utterance) -> np.ndarray:
-        pad = int(self.cfg.turn_detection.prefix_padding_ms * RATE_HZ / 1000) if self.cfg.turn_detection else 0
-        return self.inbuf.slice(u.start_sample - pad)
-
-    def _speculate(self) -> None:
-        """Early silence: run the ASR final and the LLM now, hold the output until the endpoint is confirmed."""
-        t = TurnTimings(speculative=True)
-        asr = self._spawn(self._transcribe(self._utterance_audio(self.utt), t), "asr-spec")
-        self._spec_asr = asr
-        self.spec = self._start_response({}, t, asr, held=True)
-
-    def _drop_spec(self) -> None:
-        if self.spec is not None:
-            log.debug("speculation dropped (speech resumed)")
-            self.spec.discard()
-            self.spec = None
-        if self._spec_asr is not None:
-            self._spec_asr.cancel()
-            self._spec_asr = None
-
-    def _end_utterance(self, sample: int) -> None:
-        u = self.utt
-        if u.partial_task is not None:
-            u.partial_task.cancel()
-        self.utt = None
-        td = self.cfg.turn_detection
-        end = max(u.start_sample, sample)  # VadEvent.sample of speech_stopped = where the silence began
-        spec, asr = self.spec, self._spec_asr
-        self.spec, self._spec_asr = None, None
-        t = spec.t if spec is not None else TurnTimings()
-        t.speech_end_s = self.inbuf.arrival_time(end)
-        t.speech_end_audio_ms = self.ms(end)
-        t.endpoint_s = time.monotonic()
-        self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": self.ms(end), "item_id": u.item_id})
-        audio = self._utterance_audio(u)
-        if asr is None:
-            asr = self._spawn(self._transcribe(audio, t), "asr-final")
-        pending = self._commit(u.item_id, audio, t, asr)
-        self.inbuf.trim(self.in_samples)
-        if td.create_response:
-            if spec is not None:
-                self.active = spec
-                # The user transcript goes out before the response that answers it.
-                if pending is None:
-                    spec.release()
-                else:
-                    pending.add_done_callback(lambda _: spec.release())
-            else:
-                self._start_response({}, t, None, held=False)
-
     def _commit(self, item_id: str, audio: np.ndarray, t: TurnTimings, asr: asyncio.Task) -> asyncio.Task | None:
         prev = self.conv.previous_id()
         item = Item(item_id, "user", kind="audio", status="completed")
@@ -416,13 +262,15 @@ class Session:
         self._pending_user.add(task)
         task.add_done_callback(self._pending_user.discard)
 
-    async def _transcribe(self, x16: np.ndarray, t: TurnTimings | None) -> str:
+    async def _transcribe(self, x16: np.ndarray, t: TurnTimings | None, *, prompt: str | None = None) -> str:
         if t is not None:
             t.asr_start_s = time.monotonic()
-        text = (await self.stack.asr.transcribe_async(x16)).strip()
+        raw = await self.stack.asr.transcribe_async(x16, prompt=prompt)
+        text = raw.strip()
         if t is not None:
             t.asr_end_s = time.monotonic()
-        return text
+        p = getattr(raw, "last_word_probability", None)  # audio.asr.Transcript: kept for the turn's text witness
+        return Transcript(text, p) if p is not None else text
 
     async def _finish_user_item(self, item: Item, asr: asyncio.Task, *, added: bool) -> None:
         try:
@@ -446,7 +294,8 @@ class Session:
                        "item": item.to_dict()})
 
     # -- responses -------------------------------------------------------------------------------------
-    def _start_response(self, over: dict, t: TurnTimings, asr: asyncio.Task | None, *, held: bool) -> Response:
+    def _start_response(self, over: dict, t: TurnTimings, asr: asyncio.Task | None, *, held: bool,
+                        answer_silence: bool = False, user_item_id: str | None = None) -> Response:
         p, instructions = ResponseParams.from_request(over, self.cfg, self.opts, self.stack.voices)
         max_tok = p.max_output_tokens
         isolated = over.get("conversation") == "none"
@@ -456,16 +305,21 @@ class Session:
             if previous is not None and not previous.done.is_set() and previous is not r:
                 await previous.done.wait()
             extra: list[Item] = []
-            if asr is not None and held:  # speculative: the user item does not exist yet
+            if asr is not None and held:  # speculative: the user item may not exist yet
                 text = await asr
                 if not text:
                     return None
-                extra = [Item("pending", "user", text)]
+                user = self.conv.find(user_item_id) if user_item_id else None
+                if user is None:
+                    extra = [Item("pending", "user", text)]
+                elif not user.text:  # committed while this waited; its transcript is this one
+                    user.text = text
             else:
                 if self._pending_user:
                     await asyncio.gather(*list(self._pending_user), return_exceptions=True)
                 last_user = next((it for it in reversed(self.conv.items) if it.role == "user"), None)
-                if over == {} and last_user is not None and last_user.kind == "audio" and not last_user.text:
+                if over == {} and last_user is not None and last_user.kind == "audio" and not last_user.text \
+                        and not answer_silence:
                     return None  # the turn transcribed to nothing (noise): no response
             budget = self.stack.max_model_len - (256 if max_tok == "inf" else int(max_tok))
             conv = self.conv if not isolated else type(self.conv)()
@@ -487,8 +341,9 @@ class Session:
     def _response_ended(self, r: Response) -> None:
         if self.active is r:
             self.active = None
-        if self.spec is r:
-            self.spec = None
+        if r.started and self.turns is not None:  # the idle timeout counts from the end of its playback
+            left_ms = max(0.0, r.clock.sent_ms - r.played_ms())
+            self.turns.response_audio_ends(self.in_samples + int(left_ms * RATE_HZ / 1000))
         if r.started:
             self._past[r.item.id] = r
             while len(self._past) > 8:

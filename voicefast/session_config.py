@@ -8,22 +8,46 @@ from dataclasses import dataclass, field
 
 from voicefast.errors import ProtocolError
 from voicefast.formats import AudioFormat
+from voicefast.turns import TurnPolicy
+
+EAGERNESS_VALUES = ("low", "medium", "high", "auto")
 
 
 @dataclass(slots=True)
 class TurnDetection:
-    type: str = "server_vad"
+    """`turn_detection` as the client sees it. server_vad ends a turn after silence_duration_ms of silence;
+    semantic_vad asks the end-of-turn model and the transcript at each pause (eagerness sets when and how long it
+    waits, voicefast.turns.EAGERNESS): silence_duration_ms is not part of it. threshold and prefix_padding_ms keep
+    their VAD meaning in both modes; idle_timeout_ms works in both (OpenAI documents it for server_vad)."""
+
+    type: str = "semantic_vad"
     threshold: float = 0.5
     prefix_padding_ms: int = 300
-    silence_duration_ms: int = 500
+    silence_duration_ms: int = 500  # server_vad only (kept across a switch to semantic_vad and back)
     create_response: bool = True
     interrupt_response: bool = True
     idle_timeout_ms: int | None = None
+    eagerness: str = "auto"  # semantic_vad only
+
+    @property
+    def semantic(self) -> bool:
+        return self.type == "semantic_vad"
+
+    def policy(self, **kw) -> TurnPolicy:
+        """The turn-taking policy (voicefast.turns) this setting means; kw: the server's own turn settings."""
+        return TurnPolicy.for_mode(self.type, eagerness=self.eagerness, silence_duration_ms=self.silence_duration_ms,
+                                   create_response=self.create_response, interrupt_response=self.interrupt_response,
+                                   idle_timeout_ms=self.idle_timeout_ms, **kw)
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
-                "silence_duration_ms": self.silence_duration_ms, "create_response": self.create_response,
-                "interrupt_response": self.interrupt_response, "idle_timeout_ms": self.idle_timeout_ms}
+        d = {"type": self.type}
+        if self.semantic:
+            d["eagerness"] = self.eagerness
+        d |= {"threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms}
+        if not self.semantic:
+            d["silence_duration_ms"] = self.silence_duration_ms
+        return d | {"create_response": self.create_response, "interrupt_response": self.interrupt_response,
+                    "idle_timeout_ms": self.idle_timeout_ms}
 
     @staticmethod
     def parse(value: object, base: TurnDetection | None, param: str) -> TurnDetection | None:
@@ -33,12 +57,22 @@ class TurnDetection:
             raise ProtocolError("turn_detection must be an object or null", param=param)
         t = value.get("type", "server_vad")
         if t not in ("server_vad", "semantic_vad"):
-            raise ProtocolError(f"unsupported turn_detection.type {t!r}", param=f"{param}.type")
+            raise ProtocolError(f"unsupported turn_detection.type {t!r} (use 'server_vad' or 'semantic_vad')",
+                                param=f"{param}.type")
         td = copy.copy(base) if base is not None else TurnDetection()
         td.type = t
-        if t == "semantic_vad":  # mapped onto server_vad with a silence window from the eagerness
-            eager = value.get("eagerness", "auto")
-            td.silence_duration_ms = {"low": 1000, "medium": 600, "auto": 600, "high": 350}.get(eager, 600)
+        if t == "semantic_vad" and "silence_duration_ms" in value:
+            raise ProtocolError("turn_detection.silence_duration_ms is not part of semantic_vad (its eagerness sets "
+                                "how long it waits); use eagerness, or type server_vad for a fixed silence window",
+                                param=f"{param}.silence_duration_ms")
+        if "eagerness" in value:
+            if t != "semantic_vad":
+                raise ProtocolError("turn_detection.eagerness is only part of semantic_vad",
+                                    param=f"{param}.eagerness")
+            if value["eagerness"] not in EAGERNESS_VALUES:
+                raise ProtocolError(f"turn_detection.eagerness must be one of {', '.join(EAGERNESS_VALUES)}, got "
+                                    f"{value['eagerness']!r}", param=f"{param}.eagerness")
+            td.eagerness = value["eagerness"]
         for name, kind, lo, hi in (("threshold", float, 0.0, 1.0), ("prefix_padding_ms", int, 0, 5000),
                                    ("silence_duration_ms", int, 50, 10_000), ("idle_timeout_ms", int, 1000, 3_600_000)):
             if name in value:
@@ -71,6 +105,12 @@ def _max_tokens(v: object, param: str) -> int | str:
     raise ProtocolError(f"{param} must be an integer in [1, 4096] or 'inf', got {v!r}", param=param)
 
 
+def _prompt(d: dict, old: str, param: str) -> str:
+    if "prompt" not in d or d["prompt"] is None:
+        return old if "prompt" not in d else ""
+    return _string(d["prompt"], param, 2000)
+
+
 def _string(v: object, param: str, max_len: int = 100_000) -> str:
     if not isinstance(v, str) or len(v) > max_len:
         raise ProtocolError(f"{param} must be a string of at most {max_len} characters", param=param)
@@ -91,6 +131,7 @@ class SessionConfig:
     temperature: float = 0.7
     max_output_tokens: int | str = 128
     transcription_language: str | None = "en"
+    transcription_prompt: str = ""  # the client's own ASR prompt, added to the conversation's (voicefast.asr_context)
 
     def copy(self) -> SessionConfig:
         return copy.deepcopy(self)
@@ -134,6 +175,8 @@ class SessionConfig:
             c.turn_detection = TurnDetection.parse(s["turn_detection"], c.turn_detection, "session.turn_detection")
         if "input_audio_transcription" in s and isinstance(s["input_audio_transcription"], dict):
             c.transcription_language = s["input_audio_transcription"].get("language", c.transcription_language)
+            c.transcription_prompt = _prompt(s["input_audio_transcription"], c.transcription_prompt,
+                                             "session.input_audio_transcription.prompt")
         # GA nested audio config
         audio = s.get("audio")
         if audio is not None:
@@ -149,6 +192,8 @@ class SessionConfig:
                                                        "session.audio.input.turn_detection")
             if isinstance(inp.get("transcription"), dict):
                 c.transcription_language = inp["transcription"].get("language", c.transcription_language)
+                c.transcription_prompt = _prompt(inp["transcription"], c.transcription_prompt,
+                                                 "session.audio.input.transcription.prompt")
             if "format" in out:
                 c.output_format = AudioFormat.parse(out["format"], "session.audio.output.format")
             if "voice" in out:
@@ -180,14 +225,16 @@ class SessionConfig:
                     "instructions": self.instructions, "voice": self.voice,
                     "input_audio_format": self.input_format.to_beta(),
                     "output_audio_format": self.output_format.to_beta(),
-                    "input_audio_transcription": {"model": "whisper", "language": self.transcription_language},
+                    "input_audio_transcription": {"model": "whisper", "language": self.transcription_language,
+                                                  "prompt": self.transcription_prompt},
                     "turn_detection": td, "temperature": self.temperature,
                     "max_response_output_tokens": self.max_output_tokens, "speed": self.speed,
                     "tools": [], "tool_choice": "auto"}
         return {"type": "realtime", "object": "realtime.session", "id": self.id, "model": self.model,
                 "output_modalities": list(self.output_modalities), "instructions": self.instructions,
                 "audio": {"input": {"format": self.input_format.to_ga(), "turn_detection": td,
-                                    "transcription": {"model": "whisper", "language": self.transcription_language},
+                                    "transcription": {"model": "whisper", "language": self.transcription_language,
+                                                      "prompt": self.transcription_prompt},
                                     "noise_reduction": None},
                           "output": {"format": self.output_format.to_ga(), "voice": self.voice,
                                      "speed": self.speed}},

@@ -14,12 +14,13 @@ from audio.speech_out import SpeechOutput
 @dataclass
 class Stack:
     engine: object  # AsyncLLMEngine: generate(params, messages=, request_id=), abort(id), stats(), tokenizer
-    asr: object  # transcribe_async(x16k: float32) -> str
+    asr: object  # transcribe_async(x16k: float32, prompt=None) -> str
     voices: dict[str, object]  # name -> TTS: .sample_rate_hz, .synthesize(text, speaking_rate=None) -> Iterator[f32]
     vad_factory: Callable[[object], object]  # TurnDetection -> stream with .process(x16k) -> list[VadEvent]
     chunker_factory: Callable[[], object]  # -> TextChunker (its first phrase is short: speech starts early)
     sampling_params: Callable[..., object]  # SamplingParams(temperature=, max_tokens=, ...)
     transcriber_factory: Callable[[], object] | None = None  # streaming partials: feed(x16k); async partial()
+    turn_model: object | None = None  # end-of-turn model (semantic_vad): submit(x16k) -> Future[float probability]
     max_model_len: int = 2048
     tts_workers: int = 1
     description: dict[str, str] = field(default_factory=dict)  # stage -> what is loaded (for logs/healthz)
@@ -54,6 +55,9 @@ class Stack:
     def shutdown(self) -> None:
         if self._tts_pool is not None:
             self._tts_pool.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.turn_model, "close", None)
+        if close is not None:
+            close()
         sd = getattr(self.engine, "shutdown", None)
         if sd is not None:
             sd()

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from bench.voice.utterances import FRAME_MS, FRAME_SAMPLES, RATE_HZ, Utterance
 
 STAGES = ("end_of_turn_delay_ms", "asr_final_ms", "llm_ttft_ms", "tts_first_audio_ms")
+# The server's turn-taking and reply-chain figures (voicefast_timings), passed through when reported.
+TURN_FIELDS = ("end_of_turn_silence_ms", "turn_model_ms", "chain_asr_ms", "chain_first_phrase_ms", "chain_ms")
 SILENCE_FRAME = bytes(FRAME_SAMPLES * 2)
 AUDIO_DELTA = ("response.output_audio.delta", "response.audio.delta")
 TEXT_DELTA = ("response.output_audio_transcript.delta", "response.audio_transcript.delta",
@@ -31,6 +33,8 @@ class CallerConfig:
     turn_timeout_s: float = 60.0
     think_ms: int = 300  # pause after the reply has finished playing, before the caller speaks again
     open_timeout_s: float = 30.0
+    turn_detection: dict | None = None  # sent in session.update (None: the server's default)
+    mode: str = "default"  # label of turn_detection in the records
 
 
 @dataclass
@@ -64,6 +68,17 @@ class TurnRecord:
     anchor_lag_ms: float | None = None  # how late the speech-end frame actually went out vs its 20 ms slot
     early_audio: bool = False  # reply audio arrived before the caller finished speaking (premature endpoint)
     response_status: str | None = None  # response.done status: completed | incomplete (max tokens) | ...
+    mode: str = "default"  # the session's turn detection ("server_vad 500", "semantic_vad auto", ...)
+    kind: str = "complete"  # "complete" question or "paused" utterance (a thinking pause inside it)
+    voice: str = "piper"
+    pause_ms: int = 0
+    cut: bool = False  # response.created before the true end of speech: the server cut the caller off
+    end_of_turn_reason: str | None = None  # the server's: complete | max_silence | silence
+    end_of_turn_silence_ms: float | None = None  # silence heard after the end of speech when the turn was decided
+    turn_model_ms: float | None = None  # the end-of-turn model's time for the deciding check
+    chain_asr_ms: float | None = None  # check -> transcript
+    chain_first_phrase_ms: float | None = None  # first LLM token -> first phrase handed to TTS
+    chain_ms: float | None = None  # check -> first TTS audio
     status: str = "ok"  # ok | timeout | error: ... | response cancelled/failed
     wall_time: float = field(default_factory=time.time)
 
@@ -86,8 +101,11 @@ class _Turn:
 class Caller:
     """`await Caller(cfg, session_id).run(utterances, turns, concurrency_fn, on_turn, wer_fn)`."""
 
-    def __init__(self, cfg: CallerConfig, session_id: int):
+    def __init__(self, cfg: CallerConfig, session_id: int, first_utterance: int | None = None):
         self.cfg, self.session_id = cfg, session_id
+        # Which utterance its first turn speaks (then the next ones): callers of different turn modes in one run
+        # speak the same utterances.
+        self.first_utterance = session_id if first_utterance is None else first_utterance
         self._mic: asyncio.Queue[bytes] = asyncio.Queue()  # utterances queued for the mic
         self._mic_turn: _Turn | None = None
         self._turn: _Turn | None = None
@@ -104,16 +122,20 @@ class Caller:
         ws = await self._connect()
         records: list[TurnRecord] = []
         try:
+            audio_in: dict = {"format": {"type": "audio/pcm", "rate": RATE_HZ}}
+            if self.cfg.turn_detection is not None:
+                audio_in["turn_detection"] = self.cfg.turn_detection
             await ws.send(json.dumps({"type": "session.update", "session": {
                 "type": "realtime", "output_modalities": ["audio"],
-                "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE_HZ}},
-                          "output": {"format": {"type": "audio/pcm", "rate": RATE_HZ}}}}}))
+                "audio": {"input": audio_in, "output": {"format": {"type": "audio/pcm", "rate": RATE_HZ}}}}}))
             mic = asyncio.create_task(self._mic_loop(ws))
             listener = asyncio.create_task(self._listen(ws))
             try:
                 for k in range(turns):
-                    utt = utterances[(self.session_id + k) % len(utterances)]
-                    rec = TurnRecord(self.session_id, k, concurrency_fn(), utt.text, utterance_ms=utt.duration_ms)
+                    utt = utterances[(self.first_utterance + k) % len(utterances)]
+                    rec = TurnRecord(self.session_id, k, concurrency_fn(), utt.text, utterance_ms=utt.duration_ms,
+                                     mode=self.cfg.mode, kind="paused" if utt.pause_ms else "complete",
+                                     voice=utt.source, pause_ms=utt.pause_ms)
                     await self._one_turn(utt, rec, listener)
                     if rec.transcript is not None:
                         rec.wer = round(float(wer_fn(utt.text, rec.transcript)), 4)
@@ -205,6 +227,8 @@ class Caller:
                 if rec.first_text_ms is None:
                     rec.first_text_ms = round(turn.rel_ms(now), 2)
                 rec.reply_text += ev.get("delta", "")
+            elif t == "response.created" and turn.t_anchor is None:
+                rec.cut = True  # the reply started before the caller had finished speaking
             elif t == "input_audio_buffer.speech_stopped" and turn.t_anchor is not None:
                 rec.speech_stopped_ms = round(turn.rel_ms(now), 2)
             elif t == "conversation.item.input_audio_transcription.completed":
@@ -221,6 +245,9 @@ class Caller:
                 rec.tokens_per_s = _num(timings.get("llm_tok_s"))
                 rec.llm_tokens = timings.get("llm_tokens")
                 rec.speculative = timings.get("speculative")
+                rec.end_of_turn_reason = timings.get("end_of_turn_reason")
+                for k in TURN_FIELDS:
+                    rec.__dict__[k] = _num(timings.get(k))
                 rec.response_done_ms = round(turn.rel_ms(now), 2)
                 stages = [rec.__dict__[k] for k in STAGES]
                 if rec.e2e_server_ms is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.voice.caller import STAGES
-from bench.voice.stats import _level_key, group_by_level, percentile
+from bench.voice.stats import _level_key, group_by_level, mode_summary, percentile
 
 CLIENT_MARKS = ("speech_stopped_ms", "transcript_ms", "first_text_ms", "e2e_ms")
 
@@ -40,7 +40,31 @@ def write_plots(turns: list[dict], out_dir: Path) -> list[Path]:
     paths.append(_save(fig, out_dir / "latency_vs_concurrency.png"))
 
     paths.append(_save(_stage_figure(plt, ok, groups, levels), out_dir / "stage_breakdown.png"))
+    modes = [r for r in mode_summary(turns) if "paused_n" in r and 1 in r["levels"]]
+    if modes:
+        paths.append(_save(_latency_vs_cuts(plt, modes), out_dir / "latency_vs_cut_rate.png"))
     return paths
+
+
+def _latency_vs_cuts(plt, modes: list[dict]):
+    """One point per turn-detection mode: paused-set cut rate (x) against complete questions' p50 latency, with a
+    bar up to p90 (one session)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in modes:
+        lv = r["levels"][1]
+        x = 100.0 * r["paused_cuts"] / r["paused_n"]
+        if lv["e2e_p50"] is None:
+            continue
+        ax.errorbar([x], [lv["e2e_p50"]], yerr=[[0], [(lv["e2e_p90"] or lv["e2e_p50"]) - lv["e2e_p50"]]], fmt="o",
+                    capsize=4, label=r["mode"])
+        ax.annotate(r["mode"], (x, lv["e2e_p50"]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set(xlabel="premature cuts on the paused set (%)",
+           ylabel="voice-to-voice ms, complete questions (p50, bar to p90)",
+           title="latency vs premature cuts per turn detection mode (1 session)")
+    ax.set_xlim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
 
 
 def _median(ts: list[dict], name: str) -> float | None:

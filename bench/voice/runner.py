@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.voice.caller import Caller, CallerConfig, TurnRecord
-from bench.voice.prompts import PROMPTS
-from bench.voice.utterances import Utterance, load_wav_dir, synthesize
+from bench.voice.prompts import PAUSED, PROMPTS, SPEAKING_RATES, pause_ms
+from bench.voice.utterances import Utterance, load_wav_dir, paused, synthesize
 from bench.voice.wer import wer_fn
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,9 +42,37 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--think-ms", type=int, default=300, help="caller's pause after the reply finished playing")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--serve-args", default="", help="extra arguments for the `voicefast serve` it starts")
+    ap.add_argument("--turn-modes", help="comma-separated turn detections to compare, each run separately: "
+                    "server_vad:<silence_ms> or semantic_vad:<eagerness>, e.g. "
+                    "server_vad:500,semantic_vad:auto,semantic_vad:high,semantic_vad:low (default: the server's own)")
+    ap.add_argument("--paused", action="store_true", help="also run the paused set (a thinking pause inside an "
+                    "unfinished phrase; one caller per mode) and report the premature-cut rate")
+    ap.add_argument("--rates", default="1", help="Piper speaking rates of the complete questions, e.g. 1,0.8,1.2")
+    ap.add_argument("--turns-per-level", type=int, help="turns per concurrency level, split over its callers "
+                    "(overrides --turns; at least 1 per caller)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
+
+
+def parse_modes(spec: str | None) -> list[tuple[str, dict | None]]:
+    """"server_vad:500,semantic_vad:auto" -> [(label, turn_detection), ...]; None -> the server's default."""
+    if not spec:
+        return [("default", None)]
+    out = []
+    for item in spec.split(","):
+        kind, _, arg = item.strip().partition(":")
+        if kind == "server_vad":
+            ms = int(arg or 500)
+            out.append((f"server_vad {ms}", {"type": "server_vad", "silence_duration_ms": ms}))
+        elif kind == "semantic_vad":
+            e = arg or "auto"
+            if e not in ("low", "medium", "high", "auto"):
+                raise ValueError(f"--turn-modes: unknown eagerness {e!r}")
+            out.append((f"semantic_vad {e}", {"type": "semantic_vad", "eagerness": e}))
+        else:
+            raise ValueError(f"--turn-modes: {item!r} is not server_vad:<ms> or semantic_vad:<eagerness>")
+    return out
 
 
 def sweep_levels(n: int) -> list[int]:
@@ -83,16 +111,17 @@ class _Progress:
 
 
 async def run_closed(cfg: CallerConfig, utts: list[Utterance], levels: list[int], turns: int, progress,
-                     wer) -> list[dict]:
+                     wer, *, label: str = "", turns_per_level: int | None = None, first_id: int = 0) -> list[dict]:
     out: list[dict] = []
-    next_id = 0
+    next_id = first_id
     for c in levels:
-        callers = [Caller(cfg, next_id + i) for i in range(c)]
+        n = max(1, -(-turns_per_level // c)) if turns_per_level else turns
+        callers = [Caller(cfg, next_id + i, next_id - first_id + i) for i in range(c)]
         next_id += c
-        results = await asyncio.gather(*(cl.run(utts, turns, lambda c=c: c, progress.update, wer) for cl in callers),
+        results = await asyncio.gather(*(cl.run(utts, n, lambda c=c: c, progress.update, wer) for cl in callers),
                                        return_exceptions=True)
         for cl, r in zip(callers, results, strict=True):
-            out += _records(cl, r, turns, c, str(c), utts)
+            out += _records(cl, r, n, c, f"{label}{c}", utts)
     return out
 
 
@@ -211,7 +240,20 @@ def _machine() -> str:
 
 
 def load_utterances(args: argparse.Namespace) -> list[Utterance]:
-    return load_wav_dir(args.wav_dir) if args.wav_dir else synthesize(PROMPTS)
+    if args.wav_dir:
+        return load_wav_dir(args.wav_dir)
+    rates = [float(x) for x in args.rates.split(",")]
+    by_rate = [synthesize(PROMPTS, speaking_rate=r) for r in rates]
+    # Turn i speaks prompt i (mod n) at rate i + i // n (mod rates): any n consecutive turns hear every prompt,
+    # the rates take turns, and len(rates) * n turns hear every prompt at every rate.
+    n = len(PROMPTS)
+    return [by_rate[(i + i // n) % len(rates)][i % n] for i in range(n * len(rates))]
+
+
+def load_paused() -> list[Utterance]:
+    """The paused set (bench/voice/prompts.py), cycling through the speaking rates."""
+    return [paused(a, b, pause_ms(i), speaking_rate=SPEAKING_RATES[i % len(SPEAKING_RATES)])
+            for i, (a, b) in enumerate(PAUSED)]
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -220,21 +262,41 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     utts = load_utterances(args)
+    modes = parse_modes(args.turn_modes)
+    paused_utts = load_paused() if args.paused else []
     levels = [int(x) for x in args.levels.split(",")] if args.levels else sweep_levels(args.sessions)
-    total = sum(levels) * args.turns if args.mode == "closed" else args.sessions * args.turns
+    per_level = [max(1, -(-args.turns_per_level // c)) * c if args.turns_per_level else c * args.turns
+                 for c in levels]
+    total = (sum(per_level) if args.mode == "closed" else args.sessions * args.turns) * len(modes) \
+        + len(paused_utts) * len(modes)
     meta = {"command": shlex.join(["voicefast", "bench", "voice", *argv]), "url": args.url,
             "commit": _git_commit(), "machine": _machine(), "started": datetime.now(UTC).isoformat(timespec="seconds"),
             "mode": args.mode, "levels": levels if args.mode == "closed" else None,
             "rate_per_s": args.rate if args.mode == "open" else None, "turns_per_session": args.turns,
-            "utterances": "wav-dir " + args.wav_dir if args.wav_dir else "piper prompts (bench/voice/prompts.py)"}
+            "utterances": "wav-dir " + args.wav_dir if args.wav_dir else
+            f"piper prompts (bench/voice/prompts.py) at speaking rates {args.rates}",
+            "turn_modes": [m for m, _ in modes], "paused": len(paused_utts),
+            "turns_per_level": args.turns_per_level}
 
     def go(url: str) -> list[dict]:
-        cfg = CallerConfig(url=url, api_key=args.api_key, turn_timeout_s=args.turn_timeout_s, think_ms=args.think_ms)
         progress = _Progress(total, args.quiet)
+        out: list[dict] = []
         try:
-            if args.mode == "closed":
-                return asyncio.run(run_closed(cfg, utts, levels, args.turns, progress, wer_fn()))
-            return asyncio.run(run_open(cfg, utts, args.sessions, args.rate, args.turns, progress, wer_fn(), args.seed))
+            for k, (label, td) in enumerate(modes):
+                cfg = CallerConfig(url=url, api_key=args.api_key, turn_timeout_s=args.turn_timeout_s,
+                                   think_ms=args.think_ms, turn_detection=td, mode=label)
+                prefix = "" if label == "default" else f"{label}, c="
+                first = 1000 * k
+                if args.mode == "closed":
+                    out += asyncio.run(run_closed(cfg, utts, levels, args.turns, progress, wer_fn(), label=prefix,
+                                                  turns_per_level=args.turns_per_level, first_id=first))
+                else:
+                    out += asyncio.run(run_open(cfg, utts, args.sessions, args.rate, args.turns, progress, wer_fn(),
+                                                args.seed))
+                if paused_utts:
+                    out += asyncio.run(run_closed(cfg, paused_utts, [1], len(paused_utts), progress, wer_fn(),
+                                                  label=f"{label}, paused ", first_id=first + 999))
+            return out
         finally:
             progress.close()
 

@@ -7,7 +7,8 @@ from collections import defaultdict
 
 METRICS = ("e2e_ms", "end_of_turn_delay_ms", "asr_final_ms", "llm_ttft_ms", "tts_first_audio_ms",
            "server_other_ms", "e2e_server_ms", "network_client_ms",
-           "speech_stopped_ms", "transcript_ms", "first_text_ms", "tokens_per_s", "wer")
+           "speech_stopped_ms", "transcript_ms", "first_text_ms", "tokens_per_s", "wer",
+           "end_of_turn_silence_ms", "turn_model_ms", "chain_asr_ms", "chain_first_phrase_ms", "chain_ms")
 QUANTILES = (50, 90, 99)
 
 
@@ -44,6 +45,71 @@ def summarize(turns: list[dict]) -> dict[str, dict[str, dict[str, float | None]]
     return out
 
 
+CHAIN = ("end_of_turn_silence_ms", "turn_model_ms", "chain_asr_ms", "llm_ttft_ms", "chain_first_phrase_ms",
+         "tts_first_audio_ms", "chain_ms")
+
+
+def mode_summary(turns: list[dict]) -> list[dict]:
+    """Per turn-detection mode: complete questions' voice-to-voice latency per concurrency and the paused set's
+    premature-cut rate (a reply created before the caller's true end of speech)."""
+    out = []
+    for mode in dict.fromkeys(t.get("mode", "default") for t in turns):
+        ts = [t for t in turns if t.get("mode", "default") == mode]
+        complete = [t for t in ts if t.get("kind", "complete") == "complete"]
+        row: dict = {"mode": mode, "levels": {}}
+        for c in sorted({t["concurrency"] for t in complete if t.get("concurrency") is not None}):
+            ok = [t for t in complete if t["concurrency"] == c and t.get("status") == "ok"
+                  and t.get("e2e_ms") is not None]
+            e2e = [t["e2e_ms"] for t in ok]
+            eot = [t["end_of_turn_delay_ms"] for t in ok if t.get("end_of_turn_delay_ms") is not None]
+            row["levels"][c] = {"n": len(ok), "e2e_p50": percentile(e2e, 50), "e2e_p90": percentile(e2e, 90),
+                                "e2e_p95": percentile(e2e, 95), "eot_p50": percentile(eot, 50),
+                                "cut": sum(bool(t.get("cut")) for t in complete if t["concurrency"] == c),
+                                "chain": {m: percentile([t[m] for t in ok if t.get(m) is not None], 50)
+                                          for m in CHAIN}}
+        paused = [t for t in ts if t.get("kind") == "paused"]
+        if paused:
+            row["paused_n"] = len(paused)
+            row["paused_cuts"] = sum(bool(t.get("cut")) for t in paused)
+            row["cut_texts"] = [t["text"] for t in paused if t.get("cut")]
+        out.append(row)
+    return out
+
+
+def mode_markdown(turns: list[dict]) -> list[str]:
+    rows = mode_summary(turns)
+    if len(rows) == 1 and rows[0]["mode"] == "default" and "paused_n" not in rows[0]:
+        return []
+    lines = ["## turn detection modes", "",
+             "Complete questions: voice-to-voice ms from the true end of speech (p50 / p90; p95 at c > 1) and the",
+             "server's end_of_turn_delay p50. Paused set: utterances with a 600-900 ms thinking pause inside an",
+             "unfinished phrase; a cut = `response.created` before the caller's true end of speech.", "",
+             "| mode | concurrency | turns | e2e p50 / p90 | e2e p95 | end_of_turn p50 | paused-set cuts |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cuts = f"{r['paused_cuts']}/{r['paused_n']} ({r['paused_cuts'] / r['paused_n']:.0%})" if "paused_n" in r \
+            else "–"
+        for i, (c, lv) in enumerate(r["levels"].items()):
+            lines.append(f"| {r['mode']} | {c} | {lv['n']} | {_fmt(lv['e2e_p50'], 'e2e_ms')} / "
+                         f"{_fmt(lv['e2e_p90'], 'e2e_ms')} | {_fmt(lv['e2e_p95'], 'e2e_ms') if c > 1 else '–'} | "
+                         f"{_fmt(lv['eot_p50'], 'e2e_ms')} | {cuts if i == 0 else ''} |")
+        if not r["levels"]:
+            lines.append(f"| {r['mode']} | – | 0 | – | – | – | {cuts} |")
+    lines += ["", "The reply chain (server-reported, p50 ms, complete questions): silence heard when the turn was",
+              "decided, the end-of-turn model, check -> transcript, LLM first token, first token -> first phrase to",
+              "TTS, TTS first audio, check -> first TTS audio (server_vad: the chain starts at 160 ms of silence).", "",
+              "| mode | c | " + " | ".join(m.removesuffix("_ms") for m in CHAIN) + " |",
+              "|---|---|" + "---|" * len(CHAIN)]
+    for r in rows:
+        for c, lv in r["levels"].items():
+            lines.append(f"| {r['mode']} | {c} | " + " | ".join(_fmt(lv["chain"][m], "e2e_ms") for m in CHAIN) + " |")
+    lines.append("")
+    for r in rows:
+        if r.get("cut_texts"):
+            lines.append(f"- {r['mode']} cut: " + "; ".join(f"\"{t}\"" for t in r["cut_texts"]))
+    return lines + [""]
+
+
 def _fmt(v: float | None, metric: str) -> str:
     if v is None:
         return "–"
@@ -60,6 +126,7 @@ def summary_markdown(meta: dict, turns: list[dict]) -> str:
              "of the 20 ms frame holding its last voiced sample), not from the server's speech_stopped.",
              "e2e = first reply audio byte received. Stage columns are the server's own `voicefast_timings`",
              "(– when the server does not report them); server_other = e2e_server_ms minus those stages.", ""]
+    lines += mode_markdown(turns)
     lines += ["## overview (ms; p50 / p90)", "",
               "| concurrency | turns ok | e2e | end_of_turn | asr_final | llm_ttft | tts_first_audio | server_other "
               "| tok/s p50 | mean WER |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,0 +1,283 @@
+"""voicefast.turns and voicefast.turn_text: synthetic VAD event sequences and stub verdicts in, actions out
+(no audio, no models, no sockets, no clocks)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from voicefast.turn_text import is_backchannel, unfinished
+from voicefast.turns import (
+    EAGERNESS,
+    Announce,
+    Begin,
+    CancelCheck,
+    DropUtterance,
+    EndTurn,
+    IdleTimeout,
+    StartCheck,
+    TurnPolicy,
+    TurnTaker,
+)
+
+
+def ms(x: int) -> int:
+    return x * 16  # 16 kHz samples
+
+
+def taker(mode: str = "semantic_vad", **kw) -> TurnTaker:
+    ids = itertools.count(1)
+    return TurnTaker(TurnPolicy.for_mode(mode, **kw), new_id=lambda: f"item{next(ids)}")
+
+
+def only(actions, kind):
+    got = [a for a in actions if isinstance(a, kind)]
+    assert len(got) == 1, actions
+    return got[0]
+
+
+def speak_and_pause(t: TurnTaker, start_ms: int, end_ms: int) -> StartCheck:
+    """speech_started at start_ms; early_silence at end_ms (seen check_ms later): returns the check."""
+    assert isinstance(only(t.on_vad("speech_started", ms(start_ms), ms(start_ms + 96)), Begin), Begin)
+    t.on_audio(ms(end_ms))
+    return only(t.on_vad("early_silence", ms(end_ms), ms(end_ms + t.policy.check_ms)), StartCheck)
+
+
+def test_complete_verdict_ends_the_turn_at_the_check():
+    t = taker()
+    c = speak_and_pause(t, 200, 1800)
+    assert c.purpose == "end_of_turn" and c.use_model and c.speculate
+    assert (c.start_sample, c.speech_end_sample, c.end_sample) == (ms(200), ms(1800), ms(1800 + 160))
+    assert t.on_verdict(c.check_id, 0.93) == []  # the words have not testified yet
+    end = only(t.on_transcript(c.check_id, "What time do you open on Saturday?"), EndTurn)
+    assert (end.reason, end.end_sample, end.check_id, end.silence_ms) == ("complete", ms(1800), c.check_id, 160)
+    assert end.verdict.complete and end.verdict.probability == 0.93
+    assert not t.in_turn
+    # The VAD still thinks the silence goes on: its later stop belongs to a finished turn.
+    assert t.on_vad("speech_stopped", ms(1800), ms(1800 + 1200)) == []
+
+
+@pytest.mark.parametrize("p, text, why", [
+    (0.97, "I'd like to book a table for", "trailing preposition 'for'"),  # the audio model is fooled, words are not
+    (0.05, "What time do you open on Saturday?", "audio 0.05 < 0.2"),
+    (0.90, "My order number is four five", "a number read digit by digit"),
+])
+def test_unfinished_waits_for_max_silence(p, text, why):
+    t = taker()
+    c = speak_and_pause(t, 0, 1500)
+    assert t.on_transcript(c.check_id, text) == [] and t.on_verdict(c.check_id, p) == []
+    assert t.in_turn and t.utt.check.complete is False and t.utt.check.why == why
+    end = only(t.on_vad("speech_stopped", ms(1500), ms(1500 + 1200)), EndTurn)
+    assert (end.reason, end.check_id, end.silence_ms) == ("max_silence", c.check_id, 1200)
+
+
+def test_speech_resuming_drops_the_check_and_a_late_verdict_is_ignored():
+    t = taker()
+    c1 = speak_and_pause(t, 0, 1000)
+    assert t.on_transcript(c1.check_id, "I would like to order a") == []
+    assert only(t.on_vad("speech_resumed", ms(1700), ms(1732)), CancelCheck).check_id == c1.check_id
+    assert t.on_verdict(c1.check_id, 0.99) == []  # stale
+    c2 = only(t.on_vad("early_silence", ms(2600), ms(2728)), StartCheck)
+    assert c2.check_id != c1.check_id and c2.start_sample == 0  # the same utterance, judged whole
+    t.on_verdict(c2.check_id, 0.8)
+    end = only(t.on_transcript(c2.check_id, "I would like to order a pizza."), EndTurn)
+    assert end.check_id == c2.check_id and end.end_sample == ms(2600) and end.item_id == c1.item_id
+
+
+@pytest.mark.parametrize("witness, p, text, complete", [
+    ("audio", 0.9, "I'd like to book a table for", True),  # audio alone is fooled
+    ("audio", 0.1, "Thanks.", False),
+    ("text", 0.1, "Thanks.", True),  # the model is not even asked
+    ("text", None, "I need to change the", False),
+    ("both", None, "Thanks.", True),  # the model failed: the words decide
+])
+def test_each_witness_alone(witness, p, text, complete):
+    t = taker(witness=witness)
+    c = speak_and_pause(t, 0, 900)
+    assert c.use_model == (witness != "text")
+    out = t.on_transcript(c.check_id, text)
+    if c.use_model:
+        out += t.on_verdict(c.check_id, p)
+    assert bool([a for a in out if isinstance(a, EndTurn)]) == complete
+
+
+def test_asr_failure_leaves_the_audio_witness():
+    t = taker()
+    c = speak_and_pause(t, 0, 900)
+    t.on_verdict(c.check_id, 0.95)
+    assert only(t.on_transcript(c.check_id, None), EndTurn).reason == "complete"
+
+
+def test_eagerness_sets_check_and_max_silence():
+    for name in ("low", "medium", "high", "auto"):
+        t = taker(eagerness=name)
+        e = EAGERNESS[name]
+        assert (t.policy.check_ms, t.policy.end_silence_ms, t.policy.threshold) == (e.check_ms, e.max_silence_ms,
+                                                                                     e.threshold)
+    assert EAGERNESS["high"].max_silence_ms < EAGERNESS["auto"].max_silence_ms < EAGERNESS["low"].max_silence_ms
+    assert EAGERNESS["auto"] == EAGERNESS["medium"]
+
+
+def test_server_vad_speculates_and_ends_at_the_silence_window():
+    t = taker("server_vad", silence_duration_ms=500)
+    t.on_vad("speech_started", 0, ms(96))
+    c = only(t.on_vad("early_silence", ms(800), ms(960)), StartCheck)
+    assert (c.purpose, c.use_model, c.speculate) == ("speculate", False, True)
+    assert t.on_transcript(c.check_id, "I'd like to book a table for") == []  # no witnesses in server_vad
+    end = only(t.on_vad("speech_stopped", ms(800), ms(1300)), EndTurn)
+    assert (end.reason, end.check_id, end.silence_ms) == ("silence", c.check_id, 500)
+
+
+def test_no_speculation_without_create_response():
+    t = taker("server_vad", create_response=False)
+    t.on_vad("speech_started", 0, ms(96))
+    assert t.on_vad("early_silence", ms(800), ms(960)) == []
+    assert only(t.on_vad("speech_stopped", ms(800), ms(1300)), EndTurn).create_response is False
+    s = taker(create_response=False)  # semantic still needs its check, but holds no reply
+    c = speak_and_pause(s, 0, 800)
+    assert c.use_model and not c.speculate
+
+
+def test_short_noise_during_a_response_is_dropped():
+    t = taker()
+    t.responding = True
+    assert only(t.on_vad("speech_started", ms(100), ms(196)), Begin).announced is False
+    t.on_audio(ms(300))
+    assert only(t.on_vad("early_silence", ms(300), ms(428)), DropUtterance).reason == "noise"
+    assert not t.in_turn
+
+
+def test_backchannel_during_a_response_does_not_interrupt():
+    t = taker()
+    t.responding = True
+    t.on_vad("speech_started", ms(100), ms(196))
+    assert t.on_audio(ms(300)) == []
+    c = only(t.on_audio(ms(400)), StartCheck)  # 300 ms of speech: what is it?
+    assert c.purpose == "barge_in" and not c.use_model and not c.speculate and c.end_sample == ms(400)
+    assert t.on_transcript(c.check_id, "Mm-hmm.") == []  # a backchannel so far: keep listening
+    assert t.on_audio(ms(500)) == []
+    assert only(t.on_vad("early_silence", ms(550), ms(678)), DropUtterance).reason == "backchannel"
+    assert not [a for a in t.on_audio(ms(1000)) if isinstance(a, Announce)]
+
+
+def test_real_interruption_cancels_when_its_words_arrive():
+    t = taker()
+    t.responding = True
+    t.on_vad("speech_started", ms(100), ms(196))
+    c = only(t.on_audio(ms(400)), StartCheck)
+    a = only(t.on_transcript(c.check_id, "Wait, what about"), Announce)
+    assert a.interrupt and a.start_sample == ms(100)
+    t.responding = False  # the session cancelled the reply
+    c2 = only(t.on_vad("early_silence", ms(2000), ms(2128)), StartCheck)  # now a normal turn
+    t.on_verdict(c2.check_id, 0.9)
+    assert only(t.on_transcript(c2.check_id, "Wait, what about Sunday?"), EndTurn).start_sample == ms(100)
+
+
+def test_long_speech_interrupts_even_if_it_started_like_a_backchannel():
+    t = taker()
+    t.responding = True
+    t.on_vad("speech_started", 0, ms(96))
+    c = only(t.on_audio(ms(320)), StartCheck)
+    t.on_transcript(c.check_id, "Okay")
+    assert t.on_audio(ms(880)) == []
+    assert only(t.on_audio(ms(900)), Announce).interrupt
+
+
+def test_candidate_pausing_before_its_words_arrive_waits_for_them():
+    t = taker()
+    t.responding = True
+    t.on_vad("speech_started", 0, ms(96))
+    c = only(t.on_audio(ms(350)), StartCheck)
+    assert t.on_vad("early_silence", ms(400), ms(528)) == []
+    out = t.on_transcript(c.check_id, "Stop please")
+    assert isinstance(out[0], Announce) and isinstance(out[1], StartCheck) and out[1].purpose == "end_of_turn"
+
+
+def test_interrupt_response_false_announces_at_once_and_never_cancels():
+    t = taker(interrupt_response=False)
+    t.responding = True
+    assert only(t.on_vad("speech_started", 0, ms(96)), Begin).announced
+    assert t.on_audio(ms(2000)) == []
+
+
+def test_idle_timeout_after_playback_then_once():
+    t = taker(idle_timeout_ms=5000)
+    t.response_audio_ends(ms(10_000))
+    assert t.on_audio(ms(14_990)) == []
+    fired = only(t.on_audio(ms(15_000)), IdleTimeout)
+    assert (fired.start_sample, fired.end_sample) == (ms(10_000), ms(15_000))
+    assert t.on_audio(ms(30_000)) == []  # not again until another response finished
+
+
+def test_idle_timeout_is_disarmed_by_speech_and_while_responding():
+    t = taker(idle_timeout_ms=2000)
+    t.response_audio_ends(ms(1000))
+    t.on_vad("speech_started", ms(2000), ms(2096))
+    assert t.on_audio(ms(9000)) == []
+    t.reset()
+    t.response_audio_ends(ms(9000))
+    t.responding = True
+    assert t.on_audio(ms(20_000)) == []
+    assert taker().on_audio(ms(600_000)) == []  # no idle_timeout_ms: never
+
+
+def test_reset_cancels_the_live_check():
+    t = taker()
+    c = speak_and_pause(t, 0, 700)
+    assert t.reset() == [CancelCheck(c.check_id)] and not t.in_turn
+
+
+def test_policy_validation():
+    with pytest.raises(ValueError, match="witness"):
+        TurnPolicy(witness="both witnesses")
+    with pytest.raises(ValueError, match="check_ms"):
+        TurnPolicy(check_ms=600, end_silence_ms=500)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("I'd like to book a table for", "trailing preposition 'for'"),
+    ("I would like to order a", "trailing article 'a'"),
+    ("I need to change the", "trailing article 'the'"),
+    ("We are open on Saturday and", "trailing conjunction 'and'"),
+    ("Can you check my", "trailing possessive 'my'"),
+    ("My order number is four five", "a number read digit by digit"),
+    ("My number is 4 5", "a number read digit by digit"),
+    ("I was wondering, um", "trailing hesitation 'um'"),
+    ("So I was thinking...", "trails off"),
+    ("I'm interested in", "trailing preposition 'in'"),
+    ("The phone number is 555.", "an identifier cut short (3 digits)"),
+    ("My name is", "a copula left open 'is'"),
+    ("I need a pair of boots that are", "a copula left open 'are'"),
+])
+def test_unfinished_phrases(text, why):
+    assert unfinished(text) == why
+
+
+@pytest.mark.parametrize("text", [
+    "What time do you open on Saturday?", "A table for four.", "Hold on.", "Can I log in?", "I think so.",
+    "My order number is 45721.", "Thank you very much for your help today.", "", "Okay.", "Please come in",
+    "Yes, it is.", "Here you are.", "The total is 45 dollars.",
+])
+def test_finished_or_unknown_phrases(text):
+    assert unfinished(text) is None
+
+
+@pytest.mark.parametrize("text, p, why", [
+    ("I'd like to book a table for it.", 0.45, "trailing preposition 'for' (Whisper's doubtful 'it', p=0.45)"),
+    ("Please cancel mine.", 0.63, "trailing possessive 'my' (Whisper's doubtful 'mine', p=0.63)"),
+    ("How long does shipping take two", 0.37, "trailing preposition 'to' (Whisper's doubtful 'two', p=0.37)"),
+    ("I'd like to book a table for it.", 0.9, None),  # sure of "it": the caller said it
+    ("Can I get a table for Friday", 0.4, None),  # a doubtful content word is not Whisper's filler
+    ("Keep it", 0.3, None),  # nothing unfinished without the filler either
+])
+def test_whispers_doubtful_completions(text, p, why):
+    assert unfinished(text, p) == why
+
+
+@pytest.mark.parametrize("text, yes", [
+    ("Mm-hmm.", True), ("Okay.", True), ("Yeah, right.", True), ("I see.", True), ("", True), ("Uh-huh", True),
+    ("Wait, stop.", False), ("What about Sunday?", False), ("okay but what about the price", False), ("No.", False),
+])
+def test_backchannels(text, yes):
+    assert is_backchannel(text) == yes

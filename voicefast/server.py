@@ -22,6 +22,8 @@ from voicefast.metrics import ServerMetrics
 from voicefast.protocol import RealtimeProtocol
 from voicefast.session import Session
 from voicefast.session_config import SessionConfig
+from voicefast.twilio_auth import is_twilio_path
+from voicefast.twilio_endpoint import TwilioEndpoint
 
 log = logging.getLogger("voicefast.server")
 REALTIME_PATHS = ("/v1/realtime", "/realtime")
@@ -59,6 +61,7 @@ class RealtimeServer:
         self.metrics.bind_engine(stack.engine)
         self.demo_dir = Path(opts.demo_dir) if opts.demo_dir else DEFAULT_DEMO_DIR
         self.sessions: set[Session] = set()
+        self.twilio = TwilioEndpoint(self)  # phone calls on /twilio: same sessions, own transport (docs/phone.md)
         self._server = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -97,6 +100,9 @@ class RealtimeServer:
         path = urlsplit(request.path).path
         if path in REALTIME_PATHS:
             return self._check_handshake(conn, request)
+        if is_twilio_path(path):
+            reply = self.twilio.check_handshake(request)
+            return None if reply is None else self._response(reply)
         if path == "/healthz":
             reply = HttpReply.json({"status": "ok", "sessions": len(self.sessions),
                                     "max_sessions": self.opts.max_sessions, "models": self.stack.description})
@@ -135,6 +141,8 @@ class RealtimeServer:
 
     # -- WebSocket -------------------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
+        if is_twilio_path(urlsplit(ws.request.path).path):
+            return await self.twilio.handle(ws)
         beta = "realtime=v1" in (ws.request.headers.get("OpenAI-Beta") or "")
         proto = RealtimeProtocol(beta=beta)
         if len(self.sessions) >= self.opts.max_sessions:

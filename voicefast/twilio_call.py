@@ -136,7 +136,7 @@ class TwilioCall:
         if isinstance(ev, Media):
             if self.state != "active" or ev.track not in ("inbound", "inbound_track"):
                 self.stats["media_ignored"] += 1
-                return "media before start ignored" if self.state in ("new", "opening") else None
+                return "media before start ignored" if self.state == "new" else None
             from audio.codecs import ulaw_decode
 
             self._actions.append(FeedAudio(ulaw_decode(ev.payload)))

@@ -10,6 +10,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "engine": ("bench.engine:main", "LLM decode engine throughput and latency"),
     "asr": ("bench.audio:asr_main", "streaming ASR latency and WER"),
     "tts": ("bench.audio:tts_main", "TTS time to first audio and real-time factor"),
+    "phone": ("bench.phone:main", "telephone band: ASR WER 8 kHz mu-law vs wideband, VAD splits, TTS downsampling"),
 }
 
 

@@ -259,6 +259,8 @@ class _Connection:
         cfg.instructions, cfg.voice, cfg.transcription_language = setup.persona.instructions, setup.voice, \
             setup.language
         cfg.input_format = cfg.output_format = PHONE_FORMAT
+        if cfg.turn_detection is not None:
+            cfg.turn_detection.threshold = srv.opts.twilio_vad_threshold
         self.session = Session(srv.stack, self.ep.session_opts, emit=self._emit, defaults=cfg, metrics=srv.metrics)
         srv.sessions.add(self.session)
         srv.metrics.active_sessions.inc()

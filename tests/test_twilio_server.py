@@ -209,6 +209,11 @@ async def test_wrong_secret_or_signature_is_refused():
             async with connect(p.url):
                 pass
         assert b"twilio_auth_not_configured" in e.value.response.body
+    async with Phone() as p:  # loopback, but relayed by a proxy: exposed all the same
+        with pytest.raises(websockets.InvalidStatus) as e:
+            async with connect(p.url, additional_headers={"X-Forwarded-For": "203.0.113.7"}):
+                pass
+        assert b"twilio_auth_not_configured" in e.value.response.body
 
 
 async def test_personas_voice_and_language_from_custom_parameters(tmp_path):

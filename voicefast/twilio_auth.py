@@ -7,7 +7,8 @@ Twilio cannot send an API key, so the endpoint has its own two checks, either or
   be base64(HMAC-SHA1(auth token, the URL Twilio connected to)). Behind a TLS-terminating proxy that URL is the
   public one (`twilio_public_url`, e.g. wss://voice.example.com), not what this server sees; without the setting
   it is rebuilt as wss://<Host header><path>, with and without the default port, as Twilio's own validators do.
-An exposed server (API keys set, or a non-loopback host) refuses /twilio unless one of the two is configured."""
+An exposed server (API keys set, a non-loopback host, or a request relayed by a proxy) refuses /twilio unless one
+of the two is configured."""
 
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ from voicefast.twilio_setup import CallSetup, Catalog
 
 log = logging.getLogger("voicefast.twilio")
 PHONE_FORMAT = AudioFormat("audio/pcmu")  # what the session speaks on a phone call: G.711 mu-law, 8 kHz
+PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Proto")
 MAX_LOGGED_NOTES = 5  # ignored-frame notes logged per call at WARNING; the rest at DEBUG
 
 
@@ -105,16 +106,17 @@ class TwilioEndpoint:
         self.calls_total = Counter("voicefast_twilio_calls_total", "phone calls by outcome", ["outcome"],
                                    registry=server.metrics.registry)
 
-    @property
-    def exposed(self) -> bool:
+    def exposed(self, headers) -> bool:
+        """Reachable by others: API keys configured, a non-loopback host, or a request relayed by a proxy
+        (a loopback server behind a public TLS proxy is exposed too)."""
         opts = self.server.opts
-        return bool(opts.api_keys) or not opts.loopback_only
+        return bool(opts.api_keys) or not opts.loopback_only or any(h in headers for h in PROXY_HEADERS)
 
     def _verdict(self, path: str, headers):
         opts = self.server.opts
         return check_upgrade(path, headers.get("Host"), headers.get("X-Twilio-Signature"),
                              secret=opts.twilio_secret or None, auth_token=opts.twilio_auth_token or None,
-                             public_url=opts.twilio_public_url, exposed=self.exposed)
+                             public_url=opts.twilio_public_url, exposed=self.exposed(headers))
 
     def check_handshake(self, request) -> HttpReply | None:
         """None: let the upgrade proceed; else the HTTP reply refusing it."""

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from bench.voice.caller import CallerConfig, TurnRecord, _closed_status
+from bench.voice.caller import CallerConfig, TurnRecord, wait_turn
 from bench.voice.handset import Handset
 from bench.voice.utterances import RATE_HZ, Utterance
 
@@ -118,15 +118,9 @@ class TwilioCaller:
         self._turn = turn
         frames, last = ulaw_frames(utt)
         await self._mic.put((frames, last, turn))
-        waiter = asyncio.create_task(turn.done.wait())
-        finished, _ = await asyncio.wait({waiter, listener}, timeout=self.cfg.turn_timeout_s + utt.duration_ms / 1000,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if listener in finished:
-            exc = listener.exception() if not listener.cancelled() else None
-            rec.status = _closed_status(exc)
-        elif not finished:
-            rec.status = "timeout"
+        status = await wait_turn(turn.done, listener, self.cfg.turn_timeout_s + utt.duration_ms / 1000)
+        if status is not None:
+            rec.status = status
         if turn.t_first_audio is not None:
             rec.reply_audio_ms = round(turn.audio_bytes / 8, 1)
             end = self.handset.playing_until_s() or time.monotonic()

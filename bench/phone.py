@@ -1,8 +1,8 @@
 """`voicefast bench phone`: what the telephone band costs, measured in one run on the same audio.
 
 1. ASR word error rate: wideband 16 kHz against the phone band a Twilio call delivers (16 kHz -> anti-aliased
-   8 kHz -> G.711 mu-law -> 8 kHz -> 16 kHz through the server's streaming resampler, in 20 ms frames), and against
-   naive decimation (every other sample, no anti-alias filter) to show what the filter buys.
+   8 kHz -> G.711 mu-law -> 8 kHz -> 16 kHz through the server's streaming resampler, in 20 ms frames), and, for
+   comparison, naive decimation (every other sample, no anti-alias filter).
 2. VAD: an utterance after a long silence (the caller listening to the assistant) split into several turns,
    wideband vs phone band, at the Realtime default threshold (0.5) and at the phone calls' threshold.
 3. The TTS path out: 22.05 kHz Piper audio to 8 kHz through the same resampler; gain of tones in the passband

@@ -21,6 +21,10 @@ _HELP = {
     "asr_model": "ASR: faster-whisper model dir or name (default: embedded tiny.en)",
     "tts_voice": "TTS: Piper .onnx voice (default: embedded voice)",
     "vad_model": "VAD: Silero ONNX file (default: bundled with faster-whisper)",
+    "twilio_auth_token": "phone calls on /twilio: validate X-Twilio-Signature with this Twilio auth token",
+    "twilio_public_url": "the wss://host Twilio connects to, when a proxy terminates TLS (signature check)",
+    "twilio_secret": "phone calls on /twilio: shared secret (/twilio/<secret> or <Parameter name=\"secret\">)",
+    "personas_dir": "directory of <name>.toml / <name>.txt personas a phone call selects by name",
 }
 
 

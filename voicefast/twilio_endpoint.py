@@ -223,15 +223,16 @@ class _Connection:
 
     def _act(self, a) -> None:
         s = self.session
-        if isinstance(a, FeedAudio):
-            if s is not None:
-                s.feed_audio(a.x)
-        elif isinstance(a, SessionInput):
-            if s is not None:
-                try:
-                    s.handle(a.event)
-                except ProtocolError as e:  # e.g. a cancel that lost the race with the response's end
-                    log.debug("%s: %s refused by the session: %s", self.name, a.event.type, e.message)
+        if isinstance(a, FeedAudio | SessionInput):
+            if s is None:
+                return
+            try:
+                s.feed_audio(a.x) if isinstance(a, FeedAudio) else s.handle(a.event)
+            except ProtocolError as e:  # e.g. a cancel that lost the race with the response's end
+                what = a.event.type if isinstance(a, SessionInput) else "audio"
+                log.debug("%s: %s refused by the session: %s", self.name, what, e.message)
+            except Exception:  # a bug must cost one input, not the call (as on /v1/realtime)
+                log.error("%s: the session failed on %s", self.name, type(a).__name__, exc_info=True)
         elif isinstance(a, Say):
             self.prompt_tasks[a.prompt_id] = asyncio.create_task(self._play(a), name=f"twilio-{a.prompt_id}")
         elif isinstance(a, StopSay):
@@ -300,8 +301,13 @@ class _Connection:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout)
             self.wake.clear()
-            self.call.tick(time.monotonic())
-            self._drain(wake=False)
+            try:
+                self.call.tick(time.monotonic())
+                self._drain(wake=False)
+            except Exception:  # the call's timers and session inputs must not die silently
+                log.error("%s: timer step failed", self.name, exc_info=True)
+                self._close(1011, "internal error")
+                return
 
     async def _play(self, say: Say) -> None:
         """A prompt, paced like a response (real time plus the output lead) so a barge-in can cut it."""

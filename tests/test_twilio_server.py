@@ -281,3 +281,16 @@ async def test_socket_loss_mid_reply_ends_everything():
         [(rid, _)] = p.stack.engine.requests
         assert rid in p.stack.engine.aborted and not p.stack.engine._blocks
         assert not [t for t in asyncio.all_tasks() if (t.get_name() or "").startswith(("twilio", "response", "speech"))]
+
+
+async def test_a_connection_that_never_starts_is_closed(monkeypatch):
+    import voicefast.twilio_endpoint as ep
+
+    monkeypatch.setattr(ep, "START_TIMEOUT_S", 0.3)
+    async with Phone() as p, connect(p.url) as ws:
+        await ws.send(TwilioMessages().connected())
+        await ws.send(TwilioMessages().media(b"\xff" * 160))  # media is not a start
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.recv()
+        assert (ws.close_code, ws.close_reason) == (1008, "no start message")
+        assert not p.server.sessions and p.server.metrics.sessions_total._value.get() == 0

@@ -35,6 +35,7 @@ log = logging.getLogger("voicefast.twilio")
 PHONE_FORMAT = AudioFormat("audio/pcmu")  # what the session speaks on a phone call: G.711 mu-law, 8 kHz
 PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Proto")
 MAX_LOGGED_NOTES = 5  # ignored-frame notes logged per call at WARNING; the rest at DEBUG
+START_TIMEOUT_S = 10.0  # a connection that never sends `start` is not a call
 
 
 def asr_language(asr) -> tuple[str | None, frozenset[str] | None]:
@@ -157,11 +158,14 @@ class _Connection:
         timers = asyncio.create_task(self._timer_loop(), name="twilio-timers")
         try:
             while self.call.state != "ended":
+                # Twilio sends `start` right after connecting, then media every 20 ms until `stop`.
+                waiting = self.call.state == "new"
+                limit_s = min(START_TIMEOUT_S, self.opts.idle_timeout_s) if waiting else self.opts.idle_timeout_s
                 try:
-                    frame = await asyncio.wait_for(self.ws.recv(), self.opts.idle_timeout_s)
+                    frame = await asyncio.wait_for(self.ws.recv(), limit_s)
                 except TimeoutError:
-                    log.info("%s: no message for %.0f s: closing", self.name, self.opts.idle_timeout_s)
-                    self._close(1000, "idle timeout")
+                    log.info("%s: no %s for %.0f s: closing", self.name, "start" if waiting else "message", limit_s)
+                    self._close(1008 if waiting else 1000, "no start message" if waiting else "idle timeout")
                     break
                 note = self.call.receive(frame, time.monotonic())
                 if note is not None:
@@ -242,10 +246,9 @@ class _Connection:
         elif isinstance(a, OpenSession):
             self._open(a.setup)
         elif isinstance(a, EndCall):
-            if self.call.refused is not None:
+            if self.call.refused is not None:  # (logged with the call's notes)
                 self.ep.calls_total.labels("refused").inc()
                 self.ep.server.metrics.rejected_total.labels("twilio_" + self.call.refused.code).inc()
-                log.warning("%s refused: %s", self.name, self.call.refused.message)
             self._close(a.code, a.reason)
 
     def _open(self, setup: CallSetup) -> None:

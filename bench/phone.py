@@ -8,7 +8,8 @@
 3. The TTS path out: 22.05 kHz Piper audio to 8 kHz through the same resampler; gain of tones in the passband
    and above 4 kHz (the stopband, where anything left aliases into the call), against naive sample picking.
 
-Utterances: customer-service sentences spoken by the embedded Piper voice (or --wav-dir foo.wav + foo.txt).
+Utterances: customer-service sentences spoken by the embedded Piper voice, seeded per sentence so every run hears
+the same audio (or --wav-dir foo.wav + foo.txt).
 Writes phone.json and phone.md into --out."""
 
 from __future__ import annotations
@@ -49,9 +50,25 @@ def load_utterances(args) -> list[tuple[str, np.ndarray]]:
             x = np.frombuffer(u.pcm, "<i2").astype(np.float32) / 32768.0
             out.append((u.text, resample(x, U_RATE, RATE_HZ)))
         return out
-    from bench.audio import CUSTOMER, _utterances
+    from bench.audio import CUSTOMER
 
-    return _utterances(CUSTOMER)
+    return [(t, resample(*piper_seeded(t), RATE_HZ)) for t in CUSTOMER]
+
+
+def piper_seeded(text: str) -> tuple[np.ndarray, int]:
+    """`text` spoken by the embedded Piper voice, the same samples on every run: Piper draws noise inside its ONNX
+    graph, so onnxruntime's generator is seeded per text before a fresh voice session is made."""
+    import hashlib
+
+    import onnxruntime
+    from piper import PiperVoice
+
+    from voicefast.assets import resolve_tts
+
+    onnxruntime.set_seed(int.from_bytes(hashlib.sha1(text.encode()).digest()[:4], "little"))
+    voice = PiperVoice.load(str(resolve_tts().path))
+    chunks = list(voice.synthesize(text))
+    return np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32), chunks[0].sample_rate
 
 
 def bench_wer(utts: list[tuple[str, np.ndarray]], asr_model: str | None, cpu_threads: int) -> dict:
@@ -76,7 +93,8 @@ def bench_wer(utts: list[tuple[str, np.ndarray]], asr_model: str | None, cpu_thr
 
 
 def bench_vad_splits(utts: list[tuple[str, np.ndarray]], gap_s: float, trials: int, thresholds: list[float]) -> dict:
-    """Trial i: utterance A, `gap_s` (+ i*140 ms) of silence, utterance B; a split = B ends more than once."""
+    """Trial i: utterance A, `gap_s` of silence (+ (i // n) * 140 ms: every utterance meets several frame
+    alignments), utterance B = utterance i mod n; a split = B ends more than once."""
     from audio.vad import SileroVadModel, VadParams, VadStream
 
     model = SileroVadModel()
@@ -86,8 +104,8 @@ def bench_vad_splits(utts: list[tuple[str, np.ndarray]], gap_s: float, trials: i
         for thr in thresholds:
             splits = 0
             for i in range(trials):
-                a, b = sigs[i % len(sigs)], sigs[(i + 1) % len(sigs)]
-                gap = np.zeros(int(RATE_HZ * gap_s) + 2240 * i, np.float32)
+                a, b = sigs[(i + 1) % len(sigs)], sigs[i % len(sigs)]
+                gap = np.zeros(int(RATE_HZ * gap_s) + 2240 * (i // len(sigs)), np.float32)
                 x = np.concatenate([np.zeros(RATE_HZ, np.float32), a, gap, b, np.zeros(RATE_HZ, np.float32)])
                 st = VadStream(model, VadParams(threshold=thr))
                 stops = 0
@@ -153,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--asr-model", default=None, help="Whisper model (default: embedded tiny.en)")
     ap.add_argument("--cpu-threads", type=int, default=2)
     ap.add_argument("--vad-gap-s", type=float, default=40.0, help="silence before the second utterance")
-    ap.add_argument("--vad-trials", type=int, default=20)
+    ap.add_argument("--vad-trials", type=int, default=45, help="per band and threshold (3 per utterance)")
     ap.add_argument("--vad-thresholds", default=f"0.5,{ServerConfig().twilio_vad_threshold:g}")
     return ap
 

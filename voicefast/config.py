@@ -55,8 +55,8 @@ class ServerConfig:
     twilio_goodbye_text: str = "I can't hear anyone on the line, so I will end the call now. Goodbye."
     twilio_dtmf_pause_ms: int = 1500  # keypad digits closer together than this are one group ('#' ends one too)
     twilio_chunk_ms: int = 100  # assistant audio between two marks (the precision of what-was-heard)
-    # Phone-band speech scores lower in Silero: at 0.5, after a long silence, an utterance can split mid-sentence
-    # into two turns (`voicefast bench phone` measures it); phone calls use this threshold instead.
+    # Phone-band speech scores lower in Silero: after 40 s of silence, 4 of 45 utterances split into two turns at
+    # 0.5, 1 at 0.4, none wideband (`voicefast bench phone`, docs/phone.md); phone calls use this threshold.
     twilio_vad_threshold: float = 0.4
     # CPU budget per stage (threads)
     torch_threads: int = 1

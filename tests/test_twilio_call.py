@@ -300,3 +300,13 @@ def test_refused_calls_and_ignored_frames():
     b.recv(b.tw.stop())
     assert b.take(EndCall)[-1].reason == "stream stopped"
 
+
+def test_a_prompt_that_produced_no_audio_is_not_heard():
+    cat = Catalog(personas=CATALOG.personas, voices=["v1"], asr_language="en", default_greeting="Hello.")
+    b = opened(catalog=cat)
+    [say] = b.take(Say)
+    b.call.prompt_done(say.prompt_id, 0.0)  # synthesis failed: nothing was sent
+    b.collect()
+    [end] = marks(b.drain_sent())
+    b.recv(b.tw.mark(end))
+    assert b.call.prompts_heard == [("Hello.", "")] and not b.inputs()

@@ -141,8 +141,8 @@ class TwilioCall:
 
             self._actions.append(FeedAudio(ulaw_decode(ev.payload)))
         elif isinstance(ev, Mark):
-            for src in self.playback.on_mark(ev.name):
-                self._heard(src, src.text)
+            for src in self.playback.on_mark(ev.name):  # fully heard (a prompt whose synthesis failed: nothing)
+                self._heard(src, src.text if src.sent_ms > 0 else "")
             self._idle_since = now_s
         elif isinstance(ev, Start):
             return self._on_start(ev)

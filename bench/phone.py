@@ -3,8 +3,9 @@
 1. ASR word error rate: wideband 16 kHz against the phone band a Twilio call delivers (16 kHz -> anti-aliased
    8 kHz -> G.711 mu-law -> 8 kHz -> 16 kHz through the server's streaming resampler, in 20 ms frames), and, for
    comparison, naive decimation (every other sample, no anti-alias filter).
-2. VAD: an utterance after a long silence (the caller listening to the assistant) split into several turns,
-   wideband vs phone band, at the Realtime default threshold (0.5) and at the phone calls' threshold.
+2. VAD: an utterance after a long silence (the caller listening to the assistant): how late Silero hears its
+   start, and how often it splits it into two turns, wideband vs phone band, at the Realtime default threshold
+   (0.5) and at the phone calls' threshold.
 3. The TTS path out: 22.05 kHz Piper audio to 8 kHz through the same resampler; gain of tones in the passband
    and above 4 kHz (the stopband, where anything left aliases into the call), against naive sample picking.
 
@@ -92,9 +93,19 @@ def bench_wer(utts: list[tuple[str, np.ndarray]], asr_model: str | None, cpu_thr
     return {"asr": asr.name, "utterances": rows, "corpus_wer": corpus}
 
 
-def bench_vad_splits(utts: list[tuple[str, np.ndarray]], gap_s: float, trials: int, thresholds: list[float]) -> dict:
+def _onset(x: np.ndarray) -> int:
+    """First sample of the first 10 ms window within 20 dB of the loudest one (the true onset of speech)."""
+    win = RATE_HZ // 100
+    rms = np.sqrt((x[: len(x) // win * win].reshape(-1, win) ** 2).mean(axis=1))
+    return int(np.nonzero(rms >= 0.1 * rms.max())[0][0]) * win
+
+
+def bench_vad_after_silence(utts: list[tuple[str, np.ndarray]], gap_s: float, trials: int,
+                            thresholds: list[float]) -> dict:
     """Trial i: utterance A, `gap_s` of silence (+ (i // n) * 140 ms: every utterance meets several frame
-    alignments), utterance B = utterance i mod n; a split = B ends more than once."""
+    alignments), utterance B = utterance i mod n. Silero hears the start of speech later after a long silence;
+    `late_ms` is how far B's speech_started lags its true onset (the session keeps prefix padding before it for
+    the ASR), and a split is B ending more than once (one utterance taken as two turns)."""
     from audio.vad import SileroVadModel, VadParams, VadStream
 
     model = SileroVadModel()
@@ -102,17 +113,25 @@ def bench_vad_splits(utts: list[tuple[str, np.ndarray]], gap_s: float, trials: i
     for band in ("wideband", "phone"):
         sigs = [x if band == "wideband" else phone_band(x) for _, x in utts]
         for thr in thresholds:
-            splits = 0
+            splits, late = 0, []
             for i in range(trials):
                 a, b = sigs[(i + 1) % len(sigs)], sigs[i % len(sigs)]
                 gap = np.zeros(int(RATE_HZ * gap_s) + 2240 * (i // len(sigs)), np.float32)
                 x = np.concatenate([np.zeros(RATE_HZ, np.float32), a, gap, b, np.zeros(RATE_HZ, np.float32)])
+                b_start = RATE_HZ + len(a) + len(gap)
                 st = VadStream(model, VadParams(threshold=thr))
-                stops = 0
+                stops, started = 0, None
                 for j in range(0, len(x), 320):  # 20 ms chunks, as a session feeds the VAD
-                    stops += sum(e.kind == "speech_stopped" for e in st.process(x[j:j + 320]))
+                    for e in st.process(x[j:j + 320]):
+                        stops += e.kind == "speech_stopped"
+                        if e.kind == "speech_started" and e.sample >= b_start - RATE_HZ // 10 and started is None:
+                            started = e.sample
                 splits += stops != 2
-            out[f"{band} @ {thr:g}"] = {"trials": trials, "split": splits}
+                if started is not None:
+                    late.append((started - b_start - _onset(b)) * 1000 / RATE_HZ)
+            out[f"{band} @ {thr:g}"] = {"trials": trials, "split": splits, "missed": trials - len(late),
+                                        "late_ms_p50": round(float(np.median(late)), 1) if late else None,
+                                        "late_ms_max": round(float(np.max(late)), 1) if late else None}
     return {"gap_s": gap_s, "results": out}
 
 
@@ -151,9 +170,11 @@ def summary_markdown(res: dict) -> str:
         w = [f"{r[b]['wer']:.2f}" for b in ("wideband", "phone", "naive")]
         lines.append(f"| {r['text']} | " + " | ".join(w) + " |")
     v = res["vad"]
-    lines += ["", f"## VAD: an utterance after {v['gap_s']:g} s of silence split into several turns", "",
-              "| band @ threshold | split / trials |", "|---|---|"]
-    lines += [f"| {k} | {r['split']} / {r['trials']} |" for k, r in v["results"].items()]
+    lines += ["", f"## VAD: an utterance after {v['gap_s']:g} s of silence", "",
+              "| band @ threshold | onset heard late by (ms) p50 / max | split in two turns | missed |",
+              "|---|---|---|---|"]
+    lines += [f"| {k} | {r['late_ms_p50']} / {r['late_ms_max']} | {r['split']} / {r['trials']} | {r['missed']} |"
+              for k, r in v["results"].items()]
     d = res["downsampling"]
     lines += ["", f"## TTS out: {d['from_hz']} Hz -> {d['to_hz']} Hz, tone gain (dB; above 4 kHz it aliases)", "",
               "| tone (Hz) | streaming resampler | nearest-sample picking |", "|---|---|---|"]
@@ -190,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"meta": {"command": shlex.join(["voicefast", "bench", "phone", *argv]), "commit": _git_commit(),
                     "machine": _machine()}}
     res["wer"] = bench_wer(utts, args.asr_model, args.cpu_threads)
-    res["vad"] = bench_vad_splits(utts, args.vad_gap_s, args.vad_trials, thresholds)
+    res["vad"] = bench_vad_after_silence(utts, args.vad_gap_s, args.vad_trials, thresholds)
     res["downsampling"] = bench_downsampling()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

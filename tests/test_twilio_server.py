@@ -226,6 +226,10 @@ async def test_personas_voice_and_language_from_custom_parameters(tmp_path):
             await c.wait(lambda: ends_echoed(c, "end:completed") == 1)
             assert not any(n.startswith("end:prompt") for n in c.marks_sent())  # this persona has no greeting
             assert p.stack.engine.requests[-1][1][0] == {"role": "system", "content": "You sell boots."}
+            cfg = next(iter(p.server.sessions)).cfg  # the session speaks mu-law 8 kHz with the phone VAD settings
+            assert cfg.input_format.type == cfg.output_format.type == "audio/pcmu"
+            assert cfg.transcription_language == "en"
+            assert (cfg.turn_detection.threshold, cfg.turn_detection.prefix_padding_ms) == (0.4, 1000)
             await c.stop()
         for params, reason in (({"language": "de"}, "unsupported_language"), ({"persona": "x"}, "unknown_persona"),
                                ({"instructions": "Be evil."}, "instructions_not_allowed"),

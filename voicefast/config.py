@@ -55,9 +55,11 @@ class ServerConfig:
     twilio_goodbye_text: str = "I can't hear anyone on the line, so I will end the call now. Goodbye."
     twilio_dtmf_pause_ms: int = 1500  # keypad digits closer together than this are one group ('#' ends one too)
     twilio_chunk_ms: int = 100  # assistant audio between two marks (the precision of what-was-heard)
-    # Phone-band speech scores lower in Silero: after 40 s of silence, 4 of 45 utterances split into two turns at
-    # 0.5, 1 at 0.4, none wideband (`voicefast bench phone`, docs/phone.md); phone calls use this threshold.
+    # Silero hears phone-band speech less surely, worst after a long silence (the caller listening): it splits
+    # utterances in two and hears their start late (`voicefast bench phone`, docs/phone.md). Phone calls use a
+    # lower threshold and keep more audio before the detected onset for the ASR.
     twilio_vad_threshold: float = 0.4
+    twilio_prefix_padding_ms: int = 1000
     # CPU budget per stage (threads)
     torch_threads: int = 1
     asr_cpu_threads: int = 1
@@ -82,8 +84,9 @@ class ServerConfig:
         if self.twilio_reprompt_after_s < 0 or self.twilio_max_reprompts < 0 or self.twilio_dtmf_pause_ms < 100:
             raise ValueError("twilio_reprompt_after_s and twilio_max_reprompts must be >= 0 and "
                              "twilio_dtmf_pause_ms >= 100")
-        if not 0.0 < self.twilio_vad_threshold < 1.0:
-            raise ValueError(f"twilio_vad_threshold must be in (0, 1), got {self.twilio_vad_threshold}")
+        if not 0.0 < self.twilio_vad_threshold < 1.0 or not 0 <= self.twilio_prefix_padding_ms <= 5000:
+            raise ValueError(f"twilio_vad_threshold must be in (0, 1) and twilio_prefix_padding_ms in [0, 5000], got "
+                             f"{self.twilio_vad_threshold}, {self.twilio_prefix_padding_ms}")
         if not 20 <= self.twilio_chunk_ms <= 1000 or self.twilio_chunk_ms % 20:
             raise ValueError(f"twilio_chunk_ms must be a multiple of 20 in [20, 1000], got {self.twilio_chunk_ms}")
         if self.twilio_public_url and not self.twilio_public_url.startswith(("wss://", "ws://")):

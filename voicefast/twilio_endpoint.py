@@ -267,6 +267,7 @@ class _Connection:
         cfg.input_format = cfg.output_format = PHONE_FORMAT
         if cfg.turn_detection is not None:
             cfg.turn_detection.threshold = srv.opts.twilio_vad_threshold
+            cfg.turn_detection.prefix_padding_ms = srv.opts.twilio_prefix_padding_ms
         self.session = Session(srv.stack, self.ep.session_opts, emit=self._emit, defaults=cfg, metrics=srv.metrics)
         srv.sessions.add(self.session)
         srv.metrics.active_sessions.inc()

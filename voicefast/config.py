@@ -55,9 +55,9 @@ class ServerConfig:
     twilio_goodbye_text: str = "I can't hear anyone on the line, so I will end the call now. Goodbye."
     twilio_dtmf_pause_ms: int = 1500  # keypad digits closer together than this are one group ('#' ends one too)
     twilio_chunk_ms: int = 100  # assistant audio between two marks (the precision of what-was-heard)
-    # Silero hears phone-band speech less surely, worst after a long silence (the caller listening): it splits
-    # utterances in two and hears their start late (`voicefast bench phone`, docs/phone.md). Phone calls use a
-    # lower threshold and keep more audio before the detected onset for the ASR.
+    # Silero hears phone-band speech less surely, worst after a long silence (the caller listening): late, split
+    # or missed (`voicefast bench phone`, docs/phone.md). Phone calls use a lower threshold and keep more audio
+    # before the detected start for the ASR.
     twilio_vad_threshold: float = 0.4
     twilio_prefix_padding_ms: int = 1000
     # CPU budget per stage (threads)

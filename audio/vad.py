@@ -36,11 +36,16 @@ class VadParams:
     early_silence_ms: int = 160  # silence after which early_silence fires (speculative ASR final / prefill)
     min_speech_ms: int = 96  # speech shorter than this is a click, not a turn
     neg_threshold: float | None = None  # probability below which a window counts as silence; None: threshold-0.15
+    # Silero's LSTM state drifts during a long silence until speech is heard late, split or missed (narrowband
+    # worst: after 40 s, onsets up to 1.5 s late; `voicefast bench phone`). The state is reset after this much
+    # continuous quiet (0: never).
+    reset_after_quiet_ms: int = 5000
 
     def __post_init__(self):
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
-        for name in ("prefix_padding_ms", "silence_duration_ms", "early_silence_ms", "min_speech_ms"):
+        for name in ("prefix_padding_ms", "silence_duration_ms", "early_silence_ms", "min_speech_ms",
+                     "reset_after_quiet_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.early_silence_ms > self.silence_duration_ms:
@@ -190,6 +195,9 @@ class VadStream:
         self._state = model.initial_state() if hasattr(model, "initial_state") else None
         self._context = np.zeros(CONTEXT_SAMPLES, np.float32)  # [64] tail of the previous window
         self.last_prob = 0.0
+        self._quiet_windows = 0  # consecutive windows judged silence while no speech is open
+        self._reset_windows = self.params.reset_after_quiet_ms * SAMPLE_RATE_HZ // 1000 // WINDOW_SAMPLES
+        self.state_resets = 0
 
     @property
     def state(self) -> VadState:
@@ -210,7 +218,20 @@ class VadStream:
             self.last_prob, self._state = self.model(window, self._state)
             self._context = w[-CONTEXT_SAMPLES:].copy()
             events += self.machine.push(self.last_prob, block_rms(w))
+            self._after_quiet()
         return events
+
+    def _after_quiet(self) -> None:
+        """A fresh model state after a long quiet: only the LSTM state, never the events or the offsets."""
+        if self.machine.state is VadState.QUIET and self.last_prob < self.params.neg_threshold:
+            self._quiet_windows += 1
+        else:
+            self._quiet_windows = 0
+        can_reset = self._reset_windows and hasattr(self.model, "initial_state")
+        if can_reset and self._quiet_windows >= self._reset_windows:
+            self._state = self.model.initial_state()
+            self._quiet_windows = 0
+            self.state_resets += 1
 
     def end_of_input(self) -> list[VadEvent]:
         return self.machine.end_of_input()

@@ -14,6 +14,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "asr": ("bench.audio:asr_main", "streaming ASR latency and WER"),
     "tts": ("bench.audio:tts_main", "TTS time to first audio and real-time factor"),
     "rolling": ("bench.rolling:main", "failed calls across a rolling restart of replicas behind HAProxy"),
+    "phone": ("bench.phone:main", "telephone band: ASR WER 8 kHz mu-law vs wideband, VAD splits, TTS downsampling"),
 }
 
 

@@ -172,6 +172,18 @@ def test_stream_rebuffers_and_carries_context():
         s.process(np.array([np.nan], np.float32))
 
 
+def test_model_state_is_reset_after_a_long_quiet_only():
+    fake = FakeModel()
+    quiet_s, speech = np.zeros(16000 * 11, np.float32), np.full(16000 * 11, 0.5, np.float32)
+    x = np.concatenate([quiet_s, speech, quiet_s[:16000]])
+    s = VadStream(fake, VadParams(reset_after_quiet_ms=5000))
+    never = VadStream(FakeModel(), VadParams(reset_after_quiet_ms=0))
+    events = [e for i in range(0, len(x), 320) for e in s.process(x[i:i + 320])]
+    assert events == [e for i in range(0, len(x), 320) for e in never.process(x[i:i + 320])]  # events unchanged
+    assert s.state_resets == 2 and never.state_resets == 0  # 11 s of quiet: at 5 s and 10 s; none while speaking
+    assert int(s._state[0]) == len(fake.windows) - 2 * (5000 * 16 // W)  # the state counts from the last reset
+
+
 # ------------------------- real Silero model -------------------------
 
 @pytest.fixture(scope="module")
@@ -259,3 +271,26 @@ def test_silero_on_a_second_voice_espeak(silero):
         assert abs(events[0].sample - on) <= 2400, (sentence, events[0].sample, on)
         assert abs(events[-1].sample - off) <= 1600, (sentence, events[-1].sample, off)
     assert resumed >= 1
+
+
+@pytest.mark.slow
+def test_silero_hears_speech_on_time_after_a_long_silence(silero):
+    """Silero's LSTM state drifts over a long silence (a caller listening to a long answer): without the reset the
+    next utterance is heard hundreds of ms late, worst on the phone band (bench/phone.py measures it)."""
+    from bench.phone import phone_band
+
+    prev, _ = load_wav(speech_wav(CUSTOMER_SENTENCES[0], lead_silence_ms=500, trail_silence_ms=500))
+    late = {5000: [], 0: []}
+    for sentence in CUSTOMER_SENTENCES[1:5]:
+        b, _ = load_wav(speech_wav(sentence, trail_silence_ms=1000))
+        x = phone_band(np.concatenate([prev, np.zeros(16000 * 40, np.float32), b]))
+        b_start = len(prev) + 16000 * 40 + _truth(b)[0]
+        for reset_ms, lags in late.items():
+            s = VadStream(silero, VadParams(reset_after_quiet_ms=reset_ms))
+            events = [e for i in range(0, len(x), 320) for e in s.process(x[i:i + 320])]
+            kinds = [e.kind for e in events]
+            assert kinds.count("speech_stopped") == 2 or reset_ms == 0, (sentence, kinds)
+            lags.append((next(e.sample for e in events if e.kind == "speech_started" and e.sample > b_start - 3200)
+                         - b_start) / 16)
+    assert max(abs(v) for v in late[5000]) <= 100, late  # measured: -18..18 ms
+    assert max(late[0]) >= 200, late  # measured: 130..978 ms late without the reset

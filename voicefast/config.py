@@ -53,6 +53,24 @@ class ServerConfig:
     max_output_tokens: int = 96  # default per response
     temperature: float = 0.3  # the small default model wanders at higher temperatures
     instructions: str | None = None  # None -> the built-in persona (voicefast/persona.py)
+    # Phone calls: Twilio Media Streams at /twilio (docs/phone.md)
+    personas_dir: str | None = None  # <name>.toml / <name>.txt personas a call selects by name
+    twilio_secret: str | None = None  # shared secret: /twilio/<secret>, ?secret= or customParameters.secret
+    twilio_auth_token: str | None = None  # validate X-Twilio-Signature on the upgrade with this auth token
+    twilio_public_url: str | None = None  # the URL Twilio connects to (wss://host), when a proxy terminates TLS
+    twilio_greeting: str = "Thank you for calling. How can I help you today?"  # "" = none; personas override
+    twilio_busy_text: str = "All of our lines are busy right now. Please call again in a few minutes."
+    twilio_reprompt_after_s: float = 10.0  # caller silence before a re-prompt (0: never)
+    twilio_reprompt_text: str = "Are you still there?"
+    twilio_max_reprompts: int = 2  # unanswered re-prompts before the goodbye and hang-up
+    twilio_goodbye_text: str = "I can't hear anyone on the line, so I will end the call now. Goodbye."
+    twilio_dtmf_pause_ms: int = 1500  # keypad digits closer together than this are one group ('#' ends one too)
+    twilio_chunk_ms: int = 100  # assistant audio between two marks (the precision of what-was-heard)
+    # Silero hears phone-band speech less surely, worst after a long silence (the caller listening): late, split
+    # or missed (`voicefast bench phone`, docs/phone.md). Phone calls use a lower threshold and keep more audio
+    # before the detected start for the ASR.
+    twilio_vad_threshold: float = 0.4
+    twilio_prefix_padding_ms: int = 1000
     # CPU budget per stage (threads)
     torch_threads: int = 1
     asr_cpu_threads: int = 1
@@ -85,6 +103,16 @@ class ServerConfig:
                              f"({self.barge_in_min_ms})")
         if self.turn_witness not in ("both", "audio", "text"):
             raise ValueError(f"turn_witness must be 'both', 'audio' or 'text', got {self.turn_witness!r}")
+        if self.twilio_reprompt_after_s < 0 or self.twilio_max_reprompts < 0 or self.twilio_dtmf_pause_ms < 100:
+            raise ValueError("twilio_reprompt_after_s and twilio_max_reprompts must be >= 0 and "
+                             "twilio_dtmf_pause_ms >= 100")
+        if not 0.0 < self.twilio_vad_threshold < 1.0 or not 0 <= self.twilio_prefix_padding_ms <= 5000:
+            raise ValueError(f"twilio_vad_threshold must be in (0, 1) and twilio_prefix_padding_ms in [0, 5000], got "
+                             f"{self.twilio_vad_threshold}, {self.twilio_prefix_padding_ms}")
+        if not 20 <= self.twilio_chunk_ms <= 1000 or self.twilio_chunk_ms % 20:
+            raise ValueError(f"twilio_chunk_ms must be a multiple of 20 in [20, 1000], got {self.twilio_chunk_ms}")
+        if self.twilio_public_url and not self.twilio_public_url.startswith(("wss://", "ws://")):
+            raise ValueError(f"twilio_public_url must be a wss:// URL, got {self.twilio_public_url!r}")
         self.api_keys = tuple(k for k in self.api_keys if k)
         self.allowed_origins = tuple(o.rstrip("/") for o in self.allowed_origins if o)
 

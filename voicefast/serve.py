@@ -30,6 +30,10 @@ _HELP = {
                     "'audio' / 'text' alone (for measuring)",
     "backchannel_max_ms": "speech during a reply longer than this interrupts it even if it is a backchannel",
     "asr_context_prompt": "give Whisper the conversation (names in the instructions, the last reply) as its prompt",
+    "twilio_auth_token": "phone calls on /twilio: validate X-Twilio-Signature with this Twilio auth token",
+    "twilio_public_url": "the wss://host Twilio connects to, when a proxy terminates TLS (signature check)",
+    "twilio_secret": "phone calls on /twilio: shared secret (/twilio/<secret> or <Parameter name=\"secret\">)",
+    "personas_dir": "directory of <name>.toml / <name>.txt personas a phone call selects by name",
 }
 
 

@@ -25,6 +25,8 @@ from voicefast.protocol import RealtimeProtocol
 from voicefast.readiness import Readiness, readiness
 from voicefast.session import Session
 from voicefast.session_config import SessionConfig
+from voicefast.twilio_auth import is_twilio_path
+from voicefast.twilio_endpoint import TwilioEndpoint
 
 log = logging.getLogger("voicefast.server")
 REALTIME_PATHS = ("/v1/realtime", "/realtime")
@@ -62,10 +64,11 @@ class RealtimeServer:
         self.metrics.bind_engine(stack.engine)
         self.demo_dir = Path(opts.demo_dir) if opts.demo_dir else DEFAULT_DEMO_DIR
         self.sessions: set[Session] = set()
-        self._links: dict[Session, tuple[ServerConnection, Outbox]] = {}  # for the drain's closes
+        self._links: dict[Session, tuple[ServerConnection, asyncio.Queue]] = {}  # socket + send queue: drain
         self.models_loaded = True  # `voicefast serve` clears it until the warm-up is done (readiness)
         self.drain_state = Drain(opts.drain_timeout_s)
         self._closing: set[asyncio.Task] = set()
+        self.twilio = TwilioEndpoint(self)  # phone calls on /twilio: same sessions, own transport (docs/phone.md)
         self._server = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -107,6 +110,12 @@ class RealtimeServer:
         if path == "/readyz":
             r = self.readiness()
             return self._response(HttpReply.json(r.body, r.http_status))
+        if is_twilio_path(path):
+            if not self.drain_state.accepting:
+                self.metrics.rejected_total.labels("draining").inc()
+                return self._response(HttpReply.text("this replica is shutting down", 503))
+            reply = self.twilio.check_handshake(request)
+            return None if reply is None else self._response(reply)
         if path == "/healthz":
             reply = HttpReply.json({"status": "ok", "sessions": len(self.sessions),
                                     "max_sessions": self.opts.max_sessions, "models": self.stack.description})
@@ -149,6 +158,8 @@ class RealtimeServer:
 
     # -- WebSocket -------------------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
+        if is_twilio_path(urlsplit(ws.request.path).path):
+            return await self.twilio.handle(ws)
         beta = "realtime=v1" in (ws.request.headers.get("OpenAI-Beta") or "")
         proto = RealtimeProtocol(beta=beta)
         if len(self.sessions) >= self.opts.max_sessions:
@@ -169,7 +180,7 @@ class RealtimeServer:
 
         session = Session(self.stack, self.opts, emit=emit, beta=beta, defaults=self.defaults, metrics=self.metrics)
         self.sessions.add(session)
-        self._links[session] = (ws, outbox)
+        self.link(session, ws, outbox.queue)
         self.metrics.active_sessions.inc()
         self.metrics.sessions_total.inc()
         log.info("session %s opened (%s)", session.cfg.id, "beta" if beta else "GA")
@@ -206,7 +217,7 @@ class RealtimeServer:
                 t.cancel()
             await asyncio.gather(sender, watchdog, return_exceptions=True)
             self.sessions.discard(session)
-            self._links.pop(session, None)
+            self.unlink(session)
             self.metrics.active_sessions.dec()
             log.info("session %s closed", session.cfg.id)
 
@@ -223,13 +234,20 @@ class RealtimeServer:
                          engine_running=running, ready_max_waiting=self.opts.ready_max_waiting,
                          drain_remaining_s=self.drain_state.remaining_s(time.monotonic()))
 
+    def link(self, session: Session, ws: ServerConnection, send_queue: asyncio.Queue) -> None:
+        """A live session's socket and outgoing queue (either transport), so a drain can close it once idle."""
+        self._links[session] = (ws, send_queue)
+
+    def unlink(self, session: Session) -> None:
+        self._links.pop(session, None)
+
     async def drain(self, poll_s: float = 0.1) -> None:
         """Refuse new sessions at once, let live ones go on for `drain_timeout_s`, then close each (1001) as soon
         as its response in progress is finished and sent. Returns when no session is left."""
         if self.drain_state.begin(time.monotonic()):
             log.info("draining: %d live session(s), grace %.0f s", len(self.sessions), self.opts.drain_timeout_s)
         while True:
-            views = [SessionView(s.cfg.id, _responding(s), self._links[s][1].queue.empty())
+            views = [SessionView(s.cfg.id, _responding(s), self._links[s][1].empty())
                      for s in self.sessions if s in self._links]
             by_id = {s.cfg.id: s for s in self.sessions}
             for action in self.drain_state.poll(time.monotonic(), views):

@@ -155,15 +155,9 @@ class Caller:
         turn = _Turn(rec)
         self._turn = turn
         await self._mic.put((utt, turn))
-        waiter = asyncio.create_task(turn.done.wait())
-        finished, _ = await asyncio.wait({waiter, listener}, timeout=self.cfg.turn_timeout_s + utt.duration_ms / 1000,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if listener in finished:
-            exc = listener.exception() if not listener.cancelled() else None
-            rec.status = _closed_status(exc)
-        elif not finished:
-            rec.status = "timeout"
+        status = await wait_turn(turn.done, listener, self.cfg.turn_timeout_s + utt.duration_ms / 1000)
+        if status is not None:
+            rec.status = status
         # the caller hears the reply out (playback starts at the first byte), then pauses before speaking again
         if turn.t_first_audio is not None:
             t_end = turn.t_first_audio + turn.audio_bytes / 2 / RATE_HZ
@@ -264,6 +258,16 @@ class Caller:
                     rec.status = f"error: response {resp.get('status')} without reply audio " \
                                  f"{json.dumps(resp.get('status_details'))[:200]}"
                     turn.done.set()
+
+
+async def wait_turn(done: asyncio.Event, listener: asyncio.Task, timeout_s: float) -> str | None:
+    """Wait for a turn's end: None when it ended, else "timeout" or why the listener stopped."""
+    waiter = asyncio.create_task(done.wait())
+    finished, _ = await asyncio.wait({waiter, listener}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if listener in finished:
+        return _closed_status(listener.exception() if not listener.cancelled() else None)
+    return "timeout" if not finished else None
 
 
 def _closed_status(exc: BaseException | None) -> str:

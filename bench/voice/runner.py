@@ -30,6 +30,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="voicefast bench voice", description=__doc__)
     ap.add_argument("--url", help="ws://host:port/v1/realtime of a running server; default: start `voicefast serve`")
+    ap.add_argument("--transport", choices=("realtime", "twilio", "both"), default="realtime",
+                    help="callers speak the Realtime API, Twilio Media Streams on /twilio (8 kHz mu-law, marks "
+                         "acknowledged as a handset would), or both, level by level in the same run")
+    ap.add_argument("--twilio-url", help="ws://host:port/twilio (default: /twilio on --url's host)")
+    ap.add_argument("--twilio-secret", default=os.environ.get("VOICEFAST_TWILIO_SECRET"),
+                    help="sent as customParameters.secret")
     ap.add_argument("--sessions", type=int, default=1, help="closed: max concurrency (sweeps 1,2,4..N); open: total")
     ap.add_argument("--turns", type=int, default=3, help="turns per conversation")
     ap.add_argument("--out", default="bench/out/voice", help="output directory")
@@ -88,8 +94,10 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--sessions and --turns must be >= 1")
     if args.mode == "open" and args.rate <= 0:
         raise ValueError("--rate must be > 0 arrivals per second")
-    if args.url and not args.url.startswith(("ws://", "wss://")):
-        raise ValueError(f"--url must be a ws:// or wss:// URL, got {args.url!r}")
+    for name in ("url", "twilio_url"):
+        v = getattr(args, name, None)
+        if v and not v.startswith(("ws://", "wss://")):
+            raise ValueError(f"--{name.replace('_', '-')} must be a ws:// or wss:// URL, got {v!r}")
 
 
 class _Progress:
@@ -110,23 +118,40 @@ class _Progress:
             self.bar.close()
 
 
-async def run_closed(cfg: CallerConfig, utts: list[Utterance], levels: list[int], turns: int, progress,
-                     wer, *, label: str = "", turns_per_level: int | None = None, first_id: int = 0) -> list[dict]:
+def make_caller(cfgs: dict[str, CallerConfig], transport: str, session_id: int, params: dict | None = None,
+                first_utterance: int | None = None):
+    if transport == "twilio":
+        from bench.voice.twilio_caller import TwilioCaller
+
+        return TwilioCaller(cfgs["twilio"], session_id, params)
+    return Caller(cfgs["realtime"], session_id, first_utterance)
+
+
+def level_label(c: int | str, transport: str, cfgs: dict) -> str:
+    """Levels carry the transport when a run measures both (e.g. '2 twilio')."""
+    return str(c) if len(cfgs) == 1 else f"{c} {transport}"
+
+
+async def run_closed(cfgs: dict[str, CallerConfig], utts: list[Utterance], levels: list[int], turns: int, progress,
+                     wer, params: dict | None = None, *, label: str = "", turns_per_level: int | None = None,
+                     first_id: int = 0) -> list[dict]:
     out: list[dict] = []
     next_id = first_id
     for c in levels:
         n = max(1, -(-turns_per_level // c)) if turns_per_level else turns
-        callers = [Caller(cfg, next_id + i, next_id - first_id + i) for i in range(c)]
-        next_id += c
-        results = await asyncio.gather(*(cl.run(utts, n, lambda c=c: c, progress.update, wer) for cl in callers),
-                                       return_exceptions=True)
-        for cl, r in zip(callers, results, strict=True):
-            out += _records(cl, r, n, c, f"{label}{c}", utts)
+        base = next_id - first_id
+        for transport in cfgs:  # both transports at each level, back to back: same server, same load
+            callers = [make_caller(cfgs, transport, next_id + i, params, base + i) for i in range(c)]
+            next_id += c
+            results = await asyncio.gather(*(cl.run(utts, n, lambda c=c: c, progress.update, wer)
+                                             for cl in callers), return_exceptions=True)
+            for cl, r in zip(callers, results, strict=True):
+                out += _records(cl, r, n, c, label + level_label(c, transport, cfgs), utts, transport)
     return out
 
 
-async def run_open(cfg: CallerConfig, utts: list[Utterance], n_sessions: int, rate: float, turns: int, progress,
-                   wer, seed: int) -> list[dict]:
+async def run_open(cfgs: dict[str, CallerConfig], utts: list[Utterance], n_sessions: int, rate: float, turns: int,
+                   progress, wer, seed: int, params: dict | None = None) -> list[dict]:
     rng = random.Random(seed)
     active = 0
     level = f"open {rate:g}/s"
@@ -135,14 +160,15 @@ async def run_open(cfg: CallerConfig, utts: list[Utterance], n_sessions: int, ra
         nonlocal active
         await asyncio.sleep(delay_s)
         active += 1
-        cl = Caller(cfg, i)
+        transport = list(cfgs)[i % len(cfgs)]  # arrivals alternate between the transports
+        cl = make_caller(cfgs, transport, i, params)
         try:
             r = await cl.run(utts, turns, lambda: active, progress.update, wer)
         except Exception as e:  # noqa: BLE001 - recorded as a failed session
             r = e
         finally:
             active -= 1
-        return _records(cl, r, turns, None, level, utts)
+        return _records(cl, r, turns, None, level_label(level, transport, cfgs), utts, transport)
 
     t, arrivals = 0.0, []
     for _ in range(n_sessions):
@@ -152,14 +178,14 @@ async def run_open(cfg: CallerConfig, utts: list[Utterance], n_sessions: int, ra
     return [r for rs in results for r in rs]
 
 
-def _records(cl: Caller, r, turns: int, c: int | None, level: str, utts: list[Utterance]) -> list[dict]:
+def _records(cl, r, turns: int, c: int | None, level: str, utts: list[Utterance], transport: str) -> list[dict]:
     if isinstance(r, BaseException):
-        return [{"session": cl.session_id, "turn": 0, "concurrency": c, "level": level,
+        return [{"session": cl.session_id, "turn": 0, "concurrency": c, "level": level, "transport": transport,
                  "text": utts[cl.session_id % len(utts)].text, "e2e_ms": None,
                  "status": f"error: {type(r).__name__}: {r}"}]
     recs = []
     for rec in r:
-        d = dataclasses.asdict(rec) | {"level": level}
+        d = dataclasses.asdict(rec) | {"level": level, "transport": transport}
         if c is not None:
             d["concurrency"] = c
         if cl.errors:
@@ -189,6 +215,10 @@ class LocalServer:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/v1/realtime"
 
+    @property
+    def twilio_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/twilio"
+
     def __enter__(self) -> LocalServer:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -217,6 +247,14 @@ class LocalServer:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def twilio_url_for(url: str) -> str:
+    """/twilio on the same host as a Realtime URL."""
+    from urllib.parse import urlsplit
+
+    p = urlsplit(url)
+    return f"{p.scheme}://{p.netloc}/twilio"
 
 
 def _git_commit() -> str | None:
@@ -278,34 +316,44 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             "turn_modes": [m for m, _ in modes], "paused": len(paused_utts),
             "turns_per_level": args.turns_per_level}
 
-    def go(url: str) -> list[dict]:
+    transports = ["realtime", "twilio"] if args.transport == "both" else [args.transport]
+    if "twilio" in transports and [m for m, _ in modes] != ["default"]:
+        raise ValueError("--turn-modes applies to the realtime transport only: a Twilio call cannot send "
+                         "session.update (its turn detection is the server's default)")
+    total *= len(transports)
+    meta["transports"] = transports
+    params = {"secret": args.twilio_secret} if args.twilio_secret else None
+
+    def go(url: str, twilio_url: str) -> list[dict]:
+        urls = {"realtime": url, "twilio": twilio_url}
         progress = _Progress(total, args.quiet)
         out: list[dict] = []
         try:
             for k, (label, td) in enumerate(modes):
-                cfg = CallerConfig(url=url, api_key=args.api_key, turn_timeout_s=args.turn_timeout_s,
-                                   think_ms=args.think_ms, turn_detection=td, mode=label)
+                cfgs = {t: CallerConfig(url=urls[t], api_key=args.api_key, turn_timeout_s=args.turn_timeout_s,
+                                        think_ms=args.think_ms, turn_detection=td, mode=label) for t in transports}
                 prefix = "" if label == "default" else f"{label}, c="
                 first = 1000 * k
                 if args.mode == "closed":
-                    out += asyncio.run(run_closed(cfg, utts, levels, args.turns, progress, wer_fn(), label=prefix,
-                                                  turns_per_level=args.turns_per_level, first_id=first))
+                    out += asyncio.run(run_closed(cfgs, utts, levels, args.turns, progress, wer_fn(), params,
+                                                  label=prefix, turns_per_level=args.turns_per_level,
+                                                  first_id=first))
                 else:
-                    out += asyncio.run(run_open(cfg, utts, args.sessions, args.rate, args.turns, progress, wer_fn(),
-                                                args.seed))
+                    out += asyncio.run(run_open(cfgs, utts, args.sessions, args.rate, args.turns, progress,
+                                                wer_fn(), args.seed, params))
                 if paused_utts:
-                    out += asyncio.run(run_closed(cfg, paused_utts, [1], len(paused_utts), progress, wer_fn(),
-                                                  label=f"{label}, paused ", first_id=first + 999))
+                    out += asyncio.run(run_closed(cfgs, paused_utts, [1], len(paused_utts), progress, wer_fn(),
+                                                  params, label=f"{label}, paused ", first_id=first + 999))
             return out
         finally:
             progress.close()
 
     if args.url:
-        turns = go(args.url)
+        turns = go(args.url, args.twilio_url or twilio_url_for(args.url))
     else:
         with LocalServer(out_dir, args.serve_args) as srv:
             meta["url"] = srv.url + "  (started by the harness: " + shlex.join(srv.cmd[1:]) + ")"
-            turns = go(srv.url)
+            turns = go(srv.url, srv.twilio_url)
     meta["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     doc = {"meta": meta, "turns": turns}
     (out_dir / "turns.json").write_text(json.dumps(doc, indent=1))

@@ -148,6 +148,7 @@ def summary_markdown(meta: dict, turns: list[dict]) -> str:
             if v["n"]:
                 lines.append(f"| {m} | {v['n']} | {_fmt(v['p50'], m)} | {_fmt(v['p90'], m)} | {_fmt(v['p99'], m)} |")
         lines.append("")
+    lines += transport_comparison(turns)
     failed = [t for t in turns if t.get("status") != "ok"]
     if failed:
         lines += ["## failed turns", ""] + [f"- session {t['session']} turn {t['turn']}: {t['status']}"
@@ -155,8 +156,30 @@ def summary_markdown(meta: dict, turns: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def transport_comparison(turns: list[dict]) -> list[str]:
+    """Phone path vs Realtime path at each concurrency, when a run measured both (markdown lines, or none)."""
+    by: dict[tuple, list[float]] = defaultdict(list)
+    for t in turns:
+        if t.get("status") == "ok" and t.get("e2e_ms") is not None and t.get("transport"):
+            by[(t["concurrency"], t["transport"])].append(t["e2e_ms"])
+    levels = sorted({c for c, tr in by if tr == "twilio"} & {c for c, tr in by if tr == "realtime"},
+                    key=lambda c: (c is None, c or 0))
+    if not levels:
+        return []
+    lines = ["## phone (Twilio) vs Realtime path: e2e ms", "",
+             "| concurrency | realtime p50 / p90 (n) | twilio p50 / p90 (n) | twilio - realtime p50 |",
+             "|---|---|---|---|"]
+    for c in levels:
+        rt, tw = by[(c, "realtime")], by[(c, "twilio")]
+        d = percentile(tw, 50) - percentile(rt, 50)
+        lines.append(f"| {c} | {percentile(rt, 50):.0f} / {percentile(rt, 90):.0f} ({len(rt)}) | "
+                     f"{percentile(tw, 50):.0f} / {percentile(tw, 90):.0f} ({len(tw)}) | {d:+.0f} |")
+    return lines + [""]
+
+
 def _level_key(level: str) -> tuple:
+    head, _, rest = str(level).partition(" ")
     try:
-        return (0, float(level))
+        return (0, float(head), rest)
     except ValueError:
-        return (1, level)
+        return (1, 0.0, level)

@@ -243,8 +243,9 @@ def test_paused_utterance_cut_is_detected_and_summarized(tmp_path):
         cfg = CallerConfig(url=srv.url, think_ms=50, turn_detection={"type": "server_vad", "silence_duration_ms": 300},
                            mode="server_vad 300")
         progress = _Progress(3, quiet=True)
-        turns = asyncio.run(run_closed(cfg, [complete_u], [1], 2, progress, lambda a, b: 0.0, label="m, c="))
-        turns += asyncio.run(run_closed(cfg, [paused_u], [1], 1, progress, lambda a, b: 0.0, label="m, paused "))
+        cfgs = {"realtime": cfg}
+        turns = asyncio.run(run_closed(cfgs, [complete_u], [1], 2, progress, lambda a, b: 0.0, label="m, c="))
+        turns += asyncio.run(run_closed(cfgs, [paused_u], [1], 1, progress, lambda a, b: 0.0, label="m, paused "))
     assert srv.session_updates[0]["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 300
     complete, paused_rec = turns[:2], turns[2]
     assert not any(t["cut"] for t in complete) and all(t["kind"] == "complete" for t in complete)

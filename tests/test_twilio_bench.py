@@ -20,7 +20,7 @@ from bench.voice.twilio_caller import ulaw_frames
 from bench.voice.utterances import FRAME_SAMPLES, RATE_HZ, make_utterance
 from voicefast.config import ServerConfig
 from voicefast.server import RealtimeServer
-from voicefast.session_config import SessionConfig
+from voicefast.session_config import SessionConfig, TurnDetection
 
 
 @pytest.fixture
@@ -31,7 +31,9 @@ def server():
     stack = make_stack(engine=FakeEngine(lambda m: "We open at nine."))
     srv = RealtimeServer(stack, ServerConfig(host="127.0.0.1", port=0, output_lead_ms=100,
                                              twilio_greeting="Hello caller."),
-                         defaults=SessionConfig(instructions="Test.", voice="fake"))
+                         # server_vad 500 ms: a known floor under every reply (the default is semantic_vad)
+                         defaults=SessionConfig(instructions="Test.", voice="fake",
+                                                turn_detection=TurnDetection(type="server_vad")))
     asyncio.run_coroutine_threadsafe(srv.start(), loop).result(10)
     yield srv
     asyncio.run_coroutine_threadsafe(srv.close(), loop).result(10)

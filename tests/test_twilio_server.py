@@ -301,3 +301,26 @@ async def test_a_connection_that_never_starts_is_closed(monkeypatch):
             await ws.recv()
         assert (ws.close_code, ws.close_reason) == (1008, "no start message")
         assert not p.server.sessions and p.server.metrics.sessions_total._value.get() == 0
+
+
+async def test_a_drain_refuses_new_calls_and_closes_a_live_one_with_1001_after_its_reply():
+    async with Phone(["Tell me everything."], twilio_greeting="", drain_timeout_s=0.2) as p, \
+            connect(p.url) as ws:
+        c = ScriptedCall(ws)
+        await c.begin()
+        await c.wait(lambda: len(p.server.sessions) == 1)
+        c.say(speech())
+        await c.wait(lambda: len(c.of("media")) > 5)  # the long reply is being spoken
+        drain = asyncio.create_task(p.server.drain(poll_s=0.02))
+        await asyncio.sleep(0.05)
+        with pytest.raises(websockets.InvalidStatus) as refused:  # a new call goes to another replica
+            async with connect(p.url):
+                pass
+        assert refused.value.response.status_code == 503
+        await c.wait(lambda: c.closed.is_set())
+        assert ws.close_code == 1001  # the documented drain close, after the reply in progress was sent
+        assert any(n.startswith("end:completed") for n in c.marks_sent())
+        async with asyncio.timeout(10):
+            await drain
+        await c.stop(send_stop=False)
+        assert not p.server.sessions

@@ -105,6 +105,7 @@ class LLMEngine:
         self._pending: list[StreamOutput] = []  # outputs made outside step() (aborts), returned by the next step
         self._ids = itertools.count()
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) of recent steps
+        self._steps, self._step_seqs, self._step_s = 0, 0, 0.0  # cumulative, over steps that ran a batch
         self.num_finished = 0
 
     def _load(self, cfg: EngineConfig) -> tuple[torch.nn.Module, Any]:
@@ -200,6 +201,7 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[StreamOutput]:
         outs, self._pending = self._pending, []
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if not len(batch):
             return outs
@@ -222,6 +224,9 @@ class LLMEngine:
         self._recent.append((now, len(new)))
         while self._recent and now - self._recent[0][0] > 5.0:
             self._recent.popleft()
+        self._steps += 1
+        self._step_seqs += len(batch.seqs)
+        self._step_s += time.perf_counter() - t0
         return outs
 
     def _emit(self, seq: Sequence) -> StreamOutput:
@@ -270,7 +275,8 @@ class LLMEngine:
                            free_blocks=self.block_manager.num_free_blocks,
                            total_blocks=self.block_manager.num_blocks,
                            prefix_hit_tokens=self.block_manager.prefix_hit_tokens, decode_tok_s=tok_s,
-                           num_preemptions=self.scheduler.num_preemptions, finished_requests=self.num_finished)
+                           num_preemptions=self.scheduler.num_preemptions, finished_requests=self.num_finished,
+                           steps=self._steps, step_seconds=self._step_s, step_seqs=self._step_seqs)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[tuple[list[int], RequestResult]]:

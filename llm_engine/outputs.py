@@ -37,3 +37,9 @@ class EngineStats:
     decode_tok_s: float  # generated tokens per second over the last few seconds
     num_preemptions: int
     finished_requests: int = 0
+    # Cumulative over steps that ran a batch: how many, their wall time inside step() (schedule + model run +
+    # postprocess) and the sequences they carried; deltas between two reads give the mean batch size and step
+    # time of that interval (bench/gpu_voice samples them through /metrics).
+    steps: int = 0
+    step_seconds: float = 0.0
+    step_seqs: int = 0

@@ -48,7 +48,8 @@ def load_stack(opts: ServerConfig) -> Stack:
     from llm_engine import AsyncLLMEngine, SamplingParams
 
     vad_model = SileroVadModel(opts.vad_model)
-    asr = WhisperASR(opts.asr_model, device=opts.device, cpu_threads=opts.asr_cpu_threads, workers=1)
+    asr_device = "cpu" if opts.device == "cpu" and opts.asr_device == "auto" else opts.asr_device
+    asr = WhisperASR(opts.asr_model, device=asr_device, cpu_threads=opts.asr_cpu_threads, workers=opts.asr_workers)
     tts = PiperTTS(opts.tts_voice, threads=opts.tts_threads)
     engine = AsyncLLMEngine(engine_config(opts))
 
@@ -73,7 +74,7 @@ def load_stack(opts: ServerConfig) -> Stack:
                  chunker_factory=functools.partial(TextChunker, first_max_words=opts.tts_first_phrase_words),
                  sampling_params=sampling,
                  transcriber_factory=transcriber_factory if opts.asr_partial_interval_ms > 0 else None,
-                 max_model_len=inner.max_model_len, tts_workers=1, description=desc)
+                 max_model_len=inner.max_model_len, tts_workers=opts.tts_workers, description=desc)
 
 
 async def warm_up(stack: Stack, instructions: str) -> None:

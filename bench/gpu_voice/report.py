@@ -32,7 +32,7 @@ def latency_table(levels: list[dict]) -> list[str]:
     head = ("| callers | turns ok | **v2v p50 / p90 / p95** | p99 | steady p50 / p95 | end of turn p50 / p95 | "
             "ASR final p50 / p95 | LLM TTFT p50 / p95 | TTS first audio p50 / p95 | server other p50 | "
             "net+client p50 | reply tokens p50 | tok/s p50 | WER |")
-    rows = [head, "|" + "---|" * 15]
+    rows = [head, "|" + "---|" * 14]
     for lv in sorted(levels, key=lambda x: x["callers"]):
         e, st = lv["e2e_ms"], lv["stages"]
         rows.append(

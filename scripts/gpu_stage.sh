@@ -28,7 +28,7 @@ mkdir -p "$STAGE"
 git check-ignore -q "$STAGE/x" || { echo "[gpu_stage] $STAGE/ is not git-ignored (add /.stage/ to .gitignore)" >&2; exit 1; }
 
 # The GPU machine: Python 3.12, x86-64, manylinux (pip matches each manylinux_2_N tag exactly).
-PLAT=(--python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none)
+PLAT=(--python-version 3.12 --implementation cp)
 for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
            manylinux_2_5_x86_64 manylinux1_x86_64 any; do
   PLAT+=(--platform "$tag")
@@ -43,7 +43,7 @@ for g in "${GROUPS_TO_STAGE[@]}"; do
   rm -f "$dl"/*.whl
   "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: "${PLAT[@]}" -d "$dl" \
     "${pins[@]}" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-  inputs="$( (cd "$dl" && sha256sum -- *.whl; echo "chunk $CHUNK_MIB"; sha256sum ../../../bench/gpu_voice/stage.py) \
+  inputs="$( { (cd "$dl" && sha256sum -- *.whl); sha256sum bench/gpu_voice/stage.py; echo "chunk $CHUNK_MIB"; } \
              | sha256sum | cut -c1-16)"
   if [ -f "$STAGE/$g.inputs" ] && [ "$(cat "$STAGE/$g.inputs")" = "$inputs" ] && [ -f "$STAGE/$g.manifest.json" ]; then
     echo "[gpu_stage] $g: unchanged since the last staging; kept"

@@ -152,3 +152,38 @@ def test_run_orchestration_against_a_fake_model_server(tmp_path):
     assert len(doc["turns"]) == 2 and all(t["callers"] == 2 for t in doc["turns"])
     assert doc["meta"]["server_exit"] == 0 and sys.executable in doc["meta"]["command"]
     assert "| 2 | 2/2 |" in (out / "fake.md").read_text()
+
+
+def test_call_plan_commands_fit_the_device_tool(tmp_path):
+    from bench.gpu_voice import plan, stage
+
+    st = tmp_path / ".stage"
+    f = tmp_path / "w.whl"
+    f.write_bytes(b"x" * 5000)
+    stage.bundle([("wheels/w.whl", f)], st, "base", chunk_bytes=2048)
+    calls = plan.build_plan(st, "abc1234", ["base"])
+    chunks = [c for c in calls if c.carry]
+    assert [c.carry for c in chunks] == [[".stage/base-c01"], [".stage/base-c02"], [".stage/base-c03"]]
+    assert "nvidia-smi" in chunks[0].command and "pip show" in chunks[0].command
+    assert "stage install --group base" in chunks[-1].command and "asr_host" in chunks[-1].command
+    runs = [c for c in calls if not c.carry]
+    assert [("--model embedded" in c.command, "--model glm4-9b" in c.command) for c in runs] == \
+        [(True, False), (False, True), (False, True)]
+    assert all("--commit abc1234" in c.command and "$OUT" in c.command for c in runs)
+    assert all(len(c.command) <= 2000 and c.timeout_s <= 600 for c in calls)
+    with pytest.raises(FileNotFoundError, match="--cublas12"):
+        plan.build_plan(st, "abc1234", ["base", "cublas12"])
+    long = plan.Call("x", "y" * 2001)
+    with pytest.raises(ValueError, match="2001 characters"):
+        long.check()
+    text = plan.markdown(calls, st, 1 << 20)
+    assert text.count("```json") == len(calls) and "Expected device time" in text
+
+
+def test_asr_host_config_parsing():
+    from bench.gpu_voice.asr_host import parse_configs
+
+    assert parse_configs("cpu:4x2, cuda:2x1") == [("cpu", 4, 2), ("cuda", 2, 1)]
+    for bad in ("gpu:1x1", "cpu:0x1", "cpu:4", "cpu:ax2"):
+        with pytest.raises(ValueError, match="configs"):
+            parse_configs(bad)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -350,6 +351,11 @@ class Run:
 
     def main(self) -> int:
         a = self.a
+        missing = [m for m in ("faster_whisper", "ctranslate2", "piper", "websockets", "gguf")
+                   if importlib.util.find_spec(m) is None]
+        if missing and not a.server_cmd:
+            raise RuntimeError(f"{', '.join(missing)} not importable: on a GPU machine, stage and install first "
+                               f"(docs/gpu.md); a machine that was given back has lost /tmp/site")
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.prepare_model()
         server = Server(self.serve_args(), self.work / "server.log", self.env, a.server_cmd)

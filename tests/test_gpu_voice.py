@@ -160,10 +160,11 @@ def test_call_plan_commands_fit_the_device_tool(tmp_path):
     st = tmp_path / ".stage"
     f = tmp_path / "w.whl"
     f.write_bytes(b"x" * 5000)
-    stage.bundle([("wheels/w.whl", f)], st, "base", chunk_bytes=2048)
+    m = stage.bundle([("wheels/w.whl", f)], st, "base", chunk_bytes=4096)
     calls = plan.build_plan(st, "abc1234", ["base"])
     chunks = [c for c in calls if c.carry]
-    assert [c.carry for c in chunks] == [[".stage/base-c01"], [".stage/base-c02"], [".stage/base-c03"]]
+    assert len(m["chunks"]) >= 2
+    assert [c.carry for c in chunks] == [[f".stage/base-c{k:02d}"] for k in range(1, len(m["chunks"]) + 1)]
     assert "nvidia-smi" in chunks[0].command and "pip show" in chunks[0].command
     assert "stage install --group base" in chunks[-1].command and "asr_host" in chunks[-1].command
     runs = [c for c in calls if not c.carry]

@@ -72,7 +72,7 @@ def run_markdown(doc: dict) -> str:
              f"({m.get('elapsed_s')} s)", f"- turn detection: {m.get('turn_mode')}", f"- models: {m['note']}"]
     if srv:
         lines += [f"- server: `{srv.get('command')}`, ready in {srv.get('ready_s')} s",
-                  f"- {srv.get('host', 'host: (not reported)')}"]
+                  f"- host: {srv.get('host', '(not reported)')}"]
         lines += [f"- {k.upper()}: {srv[k]}" for k in ("vad", "turn", "asr", "llm", "tts") if k in srv]
     if m.get("checkpoint"):
         lines.append(f"- checkpoint: {m['checkpoint']}")

@@ -149,8 +149,11 @@ def test_slim_wheel_drops_members_and_rewrites_record(tmp_path, lzma):
         stage.slim_wheel(dst, tmp_path / "slim", drop=())
 
 
-def test_install_joins_verifies_and_pip_installs(tmp_path):
+@pytest.mark.parametrize("lzma", [False, True])
+def test_install_joins_verifies_and_pip_installs(tmp_path, lzma):
     wheel = _fake_wheel(tmp_path)
+    if lzma:  # pip reads LZMA-compressed members (the cuBLAS group is recompressed that way)
+        wheel, _ = stage.slim_wheel(wheel, tmp_path / "lz", drop=(), lzma=True)
     out, into, site = tmp_path / "stage", tmp_path / "there", tmp_path / "site"
     m = stage.bundle([(f"wheels/{wheel.name}", wheel)], out, "demo", chunk_bytes=1024)
     _carry_all(out, m, into)

@@ -130,8 +130,10 @@ def test_turn_mode_follows_what_bench_voice_supports(tmp_path):
     with pytest.raises(ValueError, match="tag"):
         run.Run(run.build_parser().parse_args(["--out", str(tmp_path), "--tag", "a/b"]))
     glm = run.Run(run.build_parser().parse_args(["--out", str(tmp_path), "--tag", "g", "--model", "glm4-9b"]))
-    args = glm.serve_args()
-    assert args[args.index("--max-output-tokens") + 1] == "40" and "--llm-model" in args
+    args = glm.serve_args(host_max_sessions=32)
+    assert args[args.index("--max-output-tokens") + 1] == "24" and "--llm-model" in args
+    assert args[args.index("--max-sessions") + 1] == "64" and "32 < 64" in glm.doc["meta"]["raised_limits"]
+    assert "--max-sessions" not in glm.serve_args(host_max_sessions=64)
     assert "noise" in glm.doc["meta"]["note"]
 
 
@@ -169,7 +171,7 @@ def test_call_plan_commands_fit_the_device_tool(tmp_path):
     assert "stage install --group base" in chunks[-1].command and "asr_host" in chunks[-1].command
     runs = [c for c in calls if not c.carry]
     assert [("--model embedded" in c.command, "--model glm4-9b" in c.command) for c in runs] == \
-        [(True, False), (False, True), (False, True)]
+        [(True, False), (False, True)]
     assert all("--commit abc1234" in c.command and "$OUT" in c.command for c in runs)
     assert all(len(c.command) <= 2000 and c.timeout_s <= 600 for c in calls)
     with pytest.raises(FileNotFoundError, match="--cublas12"):

@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tag", required=True, help="file-name stem of the outputs (letters, digits, _ and -)")
     ap.add_argument("--commit")
     ap.add_argument("--ckpt-dir", default="/tmp/vf_glm4_9b", help="glm4-9b: where the random checkpoint lives")
-    ap.add_argument("--reply-tokens", type=int, default=40, help="glm4-9b: --max-output-tokens (a ~2-sentence reply)")
+    ap.add_argument("--reply-tokens", type=int, default=24, help="glm4-9b: --max-output-tokens (the persona asks "
+                    "for one short sentence: ~15-25 tokens)")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--serve-args", default="", help="extra `voicefast serve` arguments")
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting levels past this (device calls "
@@ -250,12 +251,19 @@ class Run:
     def elapsed(self) -> float:
         return time.monotonic() - self.t_start
 
-    def serve_args(self) -> list[str]:
+    def serve_args(self, host_max_sessions: int | None = None) -> list[str]:
+        """The server's flags. Its thread counts and pools stay the host's defaults (what is measured); only where
+        this host's default max_sessions is below the largest level are sessions and sequences raised to it."""
         a = self.a
         args = ["--max-model-len", str(a.max_model_len), "--drain-timeout-s", "5"]
         if a.model == "glm4-9b":
             args += ["--llm-model", a.ckpt_dir, "--max-output-tokens", str(a.reply_tokens)]
-        return args + shlex.split(a.serve_args)
+        extra = shlex.split(a.serve_args)
+        need = max(self.levels)
+        if host_max_sessions is not None and host_max_sessions < need and "--max-sessions" not in extra:
+            args += ["--max-sessions", str(need), "--max-num-seqs", str(need)]
+            self.doc["meta"]["raised_limits"] = f"host default max_sessions {host_max_sessions} < {need} callers"
+        return args + extra
 
     def prepare_model(self) -> None:
         if self.a.model != "glm4-9b":
@@ -358,7 +366,11 @@ class Run:
                                f"(docs/gpu.md); a machine that was given back has lost /tmp/site")
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.prepare_model()
-        server = Server(self.serve_args(), self.work / "server.log", self.env, a.server_cmd)
+        from voicefast.host import detect_host, resolve_host
+
+        _, host = resolve_host({}, detect_host())
+        server = Server(self.serve_args(host.values["max_sessions"]), self.work / "server.log", self.env,
+                        a.server_cmd)
         sampler = None
         try:
             ready_s = server.start(timeout_s=max(60.0, a.budget_s - self.elapsed() - 60))

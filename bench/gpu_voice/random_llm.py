@@ -151,6 +151,8 @@ def write_checkpoint(out: str | Path, config: dict, *, device: str = "cpu", seed
         if size >= shard_bytes:
             flush()
     flush()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # the server started next sizes its KV pool from the free GPU memory
     n = len(shards)
     weight_map = {}
     for k, s in enumerate(shards, 1):

@@ -50,8 +50,9 @@ GROUPS: dict[str, dict] = {
         "imports": ["faster_whisper", "ctranslate2", "piper", "websockets", "gguf"],
     },
     # CTranslate2 4.8.5 dlopens libcublas.so.12; the GPU image has CUDA 13 only. 12.1 is the smallest cuBLAS 12
-    # (sm_90 kernels included); audio.asr loads it from the installed nvidia/cublas/lib.
-    "cublas12": {"pins": ["nvidia-cublas-cu12==12.1.3.1"], "imports": [], "lzma": True},
+    # (sm_90 kernels included); audio.asr loads it from the installed nvidia/cublas/lib. Kept deflated: LZMA would
+    # save one of 7 chunks (~25 s of device time) for ~15 s more to unpack there and many minutes here.
+    "cublas12": {"pins": ["nvidia-cublas-cu12==12.1.3.1"], "imports": []},
     "av": {"pins": ["av==15.1.0"], "imports": ["av"]},
 }
 

@@ -131,7 +131,7 @@ def test_turn_mode_follows_what_bench_voice_supports(tmp_path):
         run.Run(run.build_parser().parse_args(["--out", str(tmp_path), "--tag", "a/b"]))
     glm = run.Run(run.build_parser().parse_args(["--out", str(tmp_path), "--tag", "g", "--model", "glm4-9b"]))
     args = glm.serve_args(host_max_sessions=32)
-    assert args[args.index("--max-output-tokens") + 1] == "24" and "--llm-model" in args
+    assert args[args.index("--max-output-tokens") + 1] == "12" and "--llm-model" in args
     assert args[args.index("--max-sessions") + 1] == "64" and "32 < 64" in glm.doc["meta"]["raised_limits"]
     assert "--max-sessions" not in glm.serve_args(host_max_sessions=64)
     assert "noise" in glm.doc["meta"]["note"]

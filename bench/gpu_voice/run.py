@@ -203,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tag", required=True, help="file-name stem of the outputs (letters, digits, _ and -)")
     ap.add_argument("--commit")
     ap.add_argument("--ckpt-dir", default="/tmp/vf_glm4_9b", help="glm4-9b: where the random checkpoint lives")
-    ap.add_argument("--reply-tokens", type=int, default=24, help="glm4-9b: --max-output-tokens (the persona asks "
-                    "for one short sentence: ~15-25 tokens)")
+    ap.add_argument("--reply-tokens", type=int, default=12, help="glm4-9b: --max-output-tokens. A random token of "
+                    "the synthetic vocabulary decodes to ~0.46 s of speech (long pseudo-words), so 12 tokens give "
+                    "~5.5 s of reply audio: a real one-sentence reply (~20-24 GLM tokens), as the persona asks")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--serve-args", default="", help="extra `voicefast serve` arguments")
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting levels past this (device calls "

@@ -260,6 +260,9 @@ class Run:
         if a.model == "glm4-9b":
             args += ["--llm-model", a.ckpt_dir, "--max-output-tokens", str(a.reply_tokens)]
         extra = shlex.split(a.serve_args)
+        if "--connect-rate-per-address-per-min" in self.serve_flags and "--connect-rate-per-address-per-min" \
+                not in extra:  # every caller connects from 127.0.0.1: the abuse limit would refuse a 64-caller level
+            args += ["--connect-rate-per-address-per-min", "0"]
         need = max(self.levels)
         if host_max_sessions is not None and host_max_sessions < need and "--max-sessions" not in extra:
             args += ["--max-sessions", str(need), "--max-num-seqs", str(need)]

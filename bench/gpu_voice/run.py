@@ -21,7 +21,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -163,29 +162,19 @@ def startup_report(log_text: str) -> dict:
 
 
 def _machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from bench.voice.runner import _machine as cpu_machine
+
     gpu = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=10).stdout.strip()
-    return f"{platform.node()} {cpu}, {os.cpu_count()} CPUs" + (f"; GPU {gpu}" if gpu else "")
+    return cpu_machine() + (f"; GPU {gpu}" if gpu else "")
 
 
 def _commit(given: str | None) -> str | None:
-    if given:
-        return given
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    from bench.voice.runner import _git_commit
+
+    return given or _git_commit()
 
 
 def build_parser() -> argparse.ArgumentParser:

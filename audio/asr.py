@@ -60,14 +60,53 @@ class AsrOptions:
     max_words_per_s: float = 6.0  # more words than this per second of audio is a runaway, not speech
 
 
-def pick_device(device: str = "auto") -> tuple[str, str]:
-    """(device, compute_type): CUDA float16 when a GPU is visible, else CPU int8."""
+CUBLAS12 = ("libcublasLt.so.12", "libcublas.so.12")  # what CTranslate2 4.x dlopens on CUDA (by soname)
+
+
+def load_cublas12() -> str | None:
+    """Make CUDA 12 cuBLAS loadable for CTranslate2: None when the system already has it or an installed
+    nvidia-cublas-cu12 package provides it (preloaded with RTLD_GLOBAL, so CTranslate2's dlopen by soname finds
+    it); otherwise why not. A GPU host with only CUDA 13 (the H200 machines here) needs that package carried."""
+    import ctypes
+    import sys
+    from pathlib import Path
+
+    try:
+        ctypes.CDLL(CUBLAS12[1])
+        return None
+    except OSError:
+        pass
+    for base in sys.path:
+        lib = Path(base or ".") / "nvidia" / "cublas" / "lib"
+        if (lib / CUBLAS12[1]).is_file():
+            try:
+                for name in CUBLAS12:
+                    ctypes.CDLL(str(lib / name), mode=ctypes.RTLD_GLOBAL)
+                return None
+            except OSError as e:
+                return f"{lib}: {e}"
+    return "libcublas.so.12 (CUDA 12 cuBLAS) not found: install nvidia-cublas-cu12 (scripts/gpu_stage.sh --cublas12)"
+
+
+def ctranslate2_cuda() -> tuple[bool, str]:
+    """(usable, why not): CTranslate2 sees a CUDA device and its cuBLAS 12 can be loaded."""
     import ctranslate2
 
-    if device == "auto":
-        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-    if device not in ("cpu", "cuda"):
+    if ctranslate2.get_cuda_device_count() < 1:
+        return False, "CTranslate2 sees no CUDA device"
+    why = load_cublas12()
+    return why is None, why or ""
+
+
+def pick_device(device: str = "auto") -> tuple[str, str]:
+    """(device, compute_type): CUDA float16 where CTranslate2 can run on CUDA (auto), else CPU int8."""
+    if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device != "cpu":
+        ok, why = ctranslate2_cuda()
+        if device == "cuda" and not ok:
+            raise ValueError(f"ASR device 'cuda' is not usable here: {why}")
+        device = "cuda" if ok else "cpu"
     return device, ("float16" if device == "cuda" else "int8")
 
 

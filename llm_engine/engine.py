@@ -110,6 +110,7 @@ class LLMEngine:
         self._pending: list[StreamOutput] = []  # outputs made outside step() (aborts), returned by the next step
         self._ids = itertools.count()
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) of recent steps
+        self._steps, self._step_seqs, self._step_s = 0, 0, 0.0  # cumulative, over steps that ran a batch
         self.num_finished = 0
 
     def _load(self, cfg: EngineConfig) -> tuple[torch.nn.Module, Any]:
@@ -205,6 +206,7 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[StreamOutput]:
         outs, self._pending = self._pending, []
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if not len(batch):
             return outs
@@ -229,6 +231,9 @@ class LLMEngine:
         self._recent.append((now, n_tokens))
         while self._recent and now - self._recent[0][0] > 5.0:
             self._recent.popleft()
+        self._steps += 1
+        self._step_seqs += len(batch.seqs)
+        self._step_s += time.perf_counter() - t0
         return outs
 
     def _emit(self, seq: Sequence, toks: list[int]) -> StreamOutput:
@@ -282,7 +287,8 @@ class LLMEngine:
                            num_preemptions=self.scheduler.num_preemptions, finished_requests=self.num_finished,
                            spec_draft_tokens=self.spec.num_drafted if self.spec else 0,
                            spec_accepted_tokens=self.spec.num_accepted if self.spec else 0,
-                           spec_verifies=self.spec.num_verifies if self.spec else 0)
+                           spec_verifies=self.spec.num_verifies if self.spec else 0,
+                           steps=self._steps, step_seconds=self._step_s, step_seqs=self._step_seqs)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[tuple[list[int], RequestResult]]:

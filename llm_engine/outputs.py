@@ -42,3 +42,9 @@ class EngineStats:
     spec_draft_tokens: int = 0  # cumulative speculative drafts verified
     spec_accepted_tokens: int = 0  # cumulative drafts accepted
     spec_verifies: int = 0  # cumulative decode steps (per sequence) that carried drafts
+    # Cumulative over steps that ran a batch: how many, their wall time inside step() (schedule + model run +
+    # postprocess) and the sequences they carried; deltas between two reads give the mean batch size and step
+    # time of that interval (bench/gpu_voice samples them through /metrics).
+    steps: int = 0
+    step_seconds: float = 0.0
+    step_seqs: int = 0

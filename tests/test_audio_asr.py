@@ -48,6 +48,47 @@ def test_pick_device():
         pick_device("tpu")
 
 
+def test_pick_device_needs_cublas12_for_cuda(monkeypatch, tmp_path):
+    """A GPU host with CUDA 13 only (the H200 machines): CTranslate2 sees the device, but its libcublas.so.12 is
+    missing, so auto stays on the CPU and an explicit 'cuda' says why."""
+    import ctranslate2
+
+    import audio.asr as asr_mod
+
+    monkeypatch.setattr(ctranslate2, "get_cuda_device_count", lambda: 1)
+    monkeypatch.setattr(asr_mod, "load_cublas12", lambda: "libcublas.so.12 (CUDA 12 cuBLAS) not found")
+    assert pick_device("auto") == ("cpu", "int8")
+    with pytest.raises(ValueError, match="libcublas.so.12"):
+        pick_device("cuda")
+    monkeypatch.setattr(asr_mod, "load_cublas12", lambda: None)
+    assert pick_device("auto") == ("cuda", "float16")
+    monkeypatch.setattr(ctranslate2, "get_cuda_device_count", lambda: 0)
+    assert asr_mod.ctranslate2_cuda() == (False, "CTranslate2 sees no CUDA device")
+
+
+def test_load_cublas12_finds_an_installed_package_or_says_why(monkeypatch, tmp_path):
+    import ctypes
+
+    import audio.asr as asr_mod
+
+    def no_system(name, mode=0):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_system)
+    monkeypatch.setattr("sys.path", [str(tmp_path)])
+    assert "nvidia-cublas-cu12" in asr_mod.load_cublas12()
+    lib = tmp_path / "nvidia" / "cublas" / "lib"
+    lib.mkdir(parents=True)
+    for name in asr_mod.CUBLAS12:
+        (lib / name).write_bytes(b"")
+    loaded = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda name, mode=0: loaded.append((name, mode)) if "/" in name
+                        else no_system(name))
+    assert asr_mod.load_cublas12() is None
+    assert [n for n, _ in loaded] == [str(lib / n) for n in asr_mod.CUBLAS12]  # Lt first: libcublas needs it
+    assert all(m == ctypes.RTLD_GLOBAL for _, m in loaded)
+
+
 def test_stable_prefix_ignores_case_and_punctuation():
     assert stable_prefix_len(["I", "would", "like", "to"], ["i", "would,", "like", "two"]) == 3
 

@@ -54,6 +54,16 @@ def test_tiny_batch_chunked_preempted_all_equal_alone(tiny_model):
     assert small.block_manager.num_free_blocks == 14
 
 
+def test_step_counters_give_batch_size_and_step_time(tiny_model):
+    eng = tiny_engine(tiny_model, max_num_batched_tokens=256)
+    assert (eng.stats().steps, eng.stats().step_seqs, eng.stats().step_seconds) == (0, 0, 0.0)
+    eng.generate(tiny_prompts(3, seed=5), GREEDY)  # one prefill step of 3 sequences, then 11 decode steps of 3
+    st = eng.stats()
+    assert st.steps == 12 and st.step_seqs == 36 and st.step_seconds > 0
+    eng.step()  # nothing to run: not counted
+    assert eng.stats().steps == 12
+
+
 def test_tiny_1000_random_submit_abort_cycles_leak_nothing(tiny_model):
     eng = tiny_engine(tiny_model, num_kv_blocks=40, max_num_batched_tokens=16, max_waiting=1000)
     start = eng.block_manager.num_free_blocks

@@ -21,7 +21,8 @@ class ServerConfig:
     tts_voice: str | None = None
     vad_model: str | None = None
     turn_model: str | None = None  # end-of-turn model (.onnx) for semantic_vad; None -> embedded Smart Turn v3.2
-    device: str = "auto"
+    device: str = "auto"  # the LLM's (and, with asr_device auto, the ASR's): auto | cpu | cuda
+    asr_device: str = "auto"  # auto: CUDA where CTranslate2 can use it (a GPU and CUDA 12 cuBLAS), else CPU
     # Engine limits
     max_num_seqs: int = 16
     max_model_len: int | None = None
@@ -71,10 +72,13 @@ class ServerConfig:
     # before the detected start for the ASR.
     twilio_vad_threshold: float = 0.4
     twilio_prefix_padding_ms: int = 1000
-    # CPU budget per stage (threads)
+    # CPU budget per stage (threads) and worker pools. `voicefast serve` sizes these (and max_sessions,
+    # max_num_seqs, max_waiting) for its host unless set (voicefast/host.py); these are the 2-core values.
     torch_threads: int = 1
     asr_cpu_threads: int = 1
+    asr_workers: int = 1  # concurrent ASR decodes (finals before partials; voicefast.host sizes it per host)
     tts_threads: int = 1
+    tts_workers: int = 1  # concurrent Piper syntheses shared by every session
     vad_threads: int = 1
     # Logging
     log_level: str = "info"
@@ -94,6 +98,12 @@ class ServerConfig:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.ready_max_waiting < 0:
             raise ValueError(f"ready_max_waiting must be >= 0, got {self.ready_max_waiting}")
+        for name in ("torch_threads", "asr_cpu_threads", "asr_workers", "tts_threads", "tts_workers", "vad_threads",
+                     "max_num_seqs", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.asr_device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"asr_device must be 'auto', 'cpu' or 'cuda', got {self.asr_device!r}")
         if self.tensor_parallel < 1:
             raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.barge_in_min_ms < 0:

@@ -51,7 +51,8 @@ def load_stack(opts: ServerConfig) -> Stack:
 
     vad_model = SileroVadModel(opts.vad_model)
     turn_model = SmartTurnModel(resolve_turn(opts.turn_model).path, threads=1)
-    asr = WhisperASR(opts.asr_model, device=opts.device, cpu_threads=opts.asr_cpu_threads, workers=1)
+    asr_device = "cpu" if opts.device == "cpu" and opts.asr_device == "auto" else opts.asr_device
+    asr = WhisperASR(opts.asr_model, device=asr_device, cpu_threads=opts.asr_cpu_threads, workers=opts.asr_workers)
     tts = PiperTTS(opts.tts_voice, threads=opts.tts_threads)
     engine = AsyncLLMEngine(engine_config(opts))
 
@@ -81,7 +82,7 @@ def load_stack(opts: ServerConfig) -> Stack:
                  sampling_params=sampling,
                  transcriber_factory=transcriber_factory if opts.asr_partial_interval_ms > 0 else None,
                  turn_model=turn_model,
-                 max_model_len=inner.max_model_len, tts_workers=1, description=desc)
+                 max_model_len=inner.max_model_len, tts_workers=opts.tts_workers, description=desc)
 
 
 async def warm_up(stack: Stack, instructions: str) -> None:

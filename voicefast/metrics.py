@@ -82,7 +82,7 @@ class ServerMetrics:
                       for name in ("end_of_turn_delay", "asr_final", "llm_ttft", "tts_first_audio", "e2e")}
         self.engine = {name: Gauge(f"voicefast_engine_{name}", f"LLM engine {name}", registry=r)
                        for name in ("running", "waiting", "free_blocks", "total_blocks", "prefix_hit_tokens",
-                                    "decode_tok_s")}
+                                    "decode_tok_s", "steps", "step_seconds", "step_seqs")}
         self._engine = None
 
     def bind_engine(self, engine) -> None:

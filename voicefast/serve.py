@@ -34,6 +34,11 @@ _HELP = {
     "twilio_public_url": "the wss://host Twilio connects to, when a proxy terminates TLS (signature check)",
     "twilio_secret": "phone calls on /twilio: shared secret (/twilio/<secret> or <Parameter name=\"secret\">)",
     "personas_dir": "directory of <name>.toml / <name>.txt personas a phone call selects by name",
+    "asr_device": "where Whisper runs: auto (CUDA if CTranslate2 can use it: a GPU and CUDA 12 cuBLAS), cpu, cuda",
+    "asr_workers": "concurrent ASR decodes (default: sized for this host, voicefast/host.py)",
+    "tts_workers": "concurrent Piper syntheses (default: sized for this host)",
+    "max_sessions": "concurrent sessions (default: sized for this host: 4 per core with the LLM on a GPU)",
+    "max_num_seqs": "LLM sequences in one batch (default: max_sessions on a GPU, 16 on a CPU)",
 }
 
 
@@ -57,16 +62,34 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def config_from(argv: list[str], environ=None) -> ServerConfig:
+def explicit_values(argv: list[str], environ=None) -> dict:
+    """The settings given by flag or VOICEFAST_* env (flags win), nothing else."""
     args = build_parser().parse_args(argv)
     values = env_overrides(environ)
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "api_key"})
     if args.api_key:
         values["api_keys"] = tuple(values.get("api_keys", ())) + tuple(args.api_key)
-    return ServerConfig(**values)
+    return values
 
 
-async def _run(opts: ServerConfig) -> int:
+def config_from(argv: list[str], environ=None) -> ServerConfig:
+    """ServerConfig from flags and env over the dataclass defaults (no host sizing: see resolve_config)."""
+    return ServerConfig(**explicit_values(argv, environ))
+
+
+def resolve_config(argv: list[str], environ=None, detect=None):
+    """(ServerConfig, HostReport): flags and env, then this host's defaults (voicefast.host) for the thread
+    counts, worker pools and limits left unset. `detect(device) -> HostFacts` (default: detect_host)."""
+    from voicefast.host import detect_host, resolve_host
+
+    values = explicit_values(argv, environ)
+    ServerConfig(**values)  # a bad flag or env value fails before the host is probed
+    facts = (detect or detect_host)(values.get("device", "auto"))
+    values, report = resolve_host(values, facts)
+    return ServerConfig(**values), report
+
+
+async def _run(opts: ServerConfig, host_report=None) -> int:
     from voicefast.loader import load_stack, warm_up
     from voicefast.persona import DEFAULT_INSTRUCTIONS
     from voicefast.server import RealtimeServer, session_defaults
@@ -81,6 +104,8 @@ async def _run(opts: ServerConfig) -> int:
     server.models_loaded = True
     for stage, what in stack.description.items():
         print(f"  {stage.upper():4} {what}")
+    if host_report is not None:
+        print(f"  {host_report.describe()}")
     print(f"voicefast serving on {server.url}  (Realtime API: ws://{server.url[7:]}v1/realtime)")
     if not opts.api_keys:
         print("  no API keys configured: listening on loopback only; set --api-key / VOICEFAST_API_KEYS to expose it")
@@ -120,7 +145,7 @@ async def serve_until_signalled(server) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        opts = config_from(list(sys.argv[1:] if argv is None else argv))
+        opts, host_report = resolve_config(list(sys.argv[1:] if argv is None else argv))
         opts.check_security()
     except ValueError as e:
         print(f"voicefast serve: {e}", file=sys.stderr)
@@ -133,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from voicefast.assets import MissingAssetError
 
     try:
-        return asyncio.run(_run(opts))
+        return asyncio.run(_run(opts, host_report))
     except MissingAssetError as e:
         print(f"voicefast serve: a model is missing.\n{e}", file=sys.stderr)
         return 1

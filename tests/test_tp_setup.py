@@ -270,3 +270,55 @@ def test_a_late_piece_dumps_the_stacks_of_all_its_processes_before_the_kill(monk
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == -signal.SIGKILL
     assert "in leader_waits_for_its_worker" in out and "in worker_waits_in_a_collective" in out, out
+
+
+# -- shutdown order: CUDA graphs go before the communicator they captured ----------------------------------------
+class _RecordingRunner:
+    events: list[str] = []
+
+    def __init__(self, model, model_cfg, device, **kwargs):
+        self.events.append("init")
+
+    def close(self):
+        self.events.append("runner.close")
+
+
+def test_the_worker_drops_its_runners_graphs_on_stop():
+    from llm_engine.parallel import steps
+    from llm_engine.parallel.runner import serve_steps
+
+    msgs = iter([steps.encode(steps.INIT, {"cls": _RecordingRunner, "kwargs": {}}), steps.encode(steps.STOP)])
+    _RecordingRunner.events = []
+    serve_steps(None, None, torch.device("cpu"), lambda: memoryview(next(msgs)))
+    assert _RecordingRunner.events == ["init", "runner.close"]  # (then worker_main leaves the group)
+
+
+def test_rank0_close_drops_the_runners_graphs_before_leaving_the_group():
+    import weakref
+
+    from llm_engine.parallel.launch import TensorParallel
+
+    events = []
+
+    class Channel:
+        def publish(self, payload, timeout_s=None):
+            events.append("STOP sent")
+
+        def close(self):
+            events.append("channel.close")
+
+    class Group:
+        def close(self, destroy=True, destroy_timeout_s=20.0):
+            events.append("group.close")
+            return True
+
+    class Runner:
+        def close(self):
+            events.append("runner.close")
+
+    runner = Runner()
+    tp = TensorParallel.__new__(TensorParallel)  # its state without processes: the order of close() alone
+    tp._closed, tp.procs, tp.channel, tp.group, tp.runner = False, [], Channel(), Group(), weakref.ref(runner)
+    tp.close()
+    tp.close()  # idempotent
+    assert events == ["STOP sent", "runner.close", "group.close", "channel.close"]

@@ -10,7 +10,8 @@ Every rank loads its own shard of the checkpoint (`load_rank_model`), so nothing
     runner = leader_runner_class(...)  --INIT-->  runner = same class, same arguments
       (both capture the same CUDA graphs, collectives in lockstep)
     engine steps                       --steps--> serve_steps
-    close(): STOP, leave the group     --STOP-->  leave the group (at the same time: collective), exit
+    close(): STOP, drop CUDA graphs,   --STOP-->  drop CUDA graphs, leave the group (at the same time:
+             leave the group                      collective), exit
 
 NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 are set in rank 0's environment before the workers
 are spawned (they inherit it) and again in each worker before NCCL starts."""
@@ -20,6 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import faulthandler
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -154,6 +156,7 @@ class TensorParallel:
         for p in self.procs:
             p.start()
         self._closed = False
+        self.runner = None  # weakref to rank 0's runner (set by it: leader_runner_class)
         atexit.register(self.close)
         try:
             self.group = TPGroup.init(0, tp, self.device, init_method)
@@ -164,7 +167,6 @@ class TensorParallel:
         except BaseException:
             self.close()
             raise
-        self.runner = None
         log.info("tensor parallel: %d ranks (%s), one-shot all-reduce %s", tp, self.device.type,
                  "on" if self.group.custom is not None else f"off ({self.group.custom_reason})")
 
@@ -200,13 +202,19 @@ class TensorParallel:
         return resolve(fn)(runner, *args)
 
     def close(self) -> None:
-        """Stop the workers: STOP through the channel, then leave the process group at the same time as they do
-        (collective for NCCL, bounded), then join them (terminated if they do not exit)."""
+        """Stop the workers: STOP through the channel; destroy rank 0's CUDA graphs (NCCL's destroy waits until no
+        graph that captured its collectives is left: a graph still held makes it wait forever); leave the process
+        group at the same time as the workers do (collective for NCCL, bounded); join them (terminated if they do
+        not exit). Rank 0's runner does decode steps eagerly afterwards (nothing should step a closed engine)."""
         if self._closed:
             return
         self._closed = True
         with contextlib.suppress(ChannelClosed, ValueError, OSError):
             self.channel.publish(encode(STOP), timeout_s=5.0)
+        runner = self.runner() if self.runner is not None else None
+        if runner is not None:  # NCCL's destroy waits for every CUDA graph that captured its collectives to go
+            runner.close()
+        gc.collect()
         group = getattr(self, "group", None)
         if group is not None:
             alive = all(p.is_alive() for p in self.procs)

@@ -162,6 +162,8 @@ class TensorParallel:
             self.group = TPGroup.init(0, tp, self.device, init_method)
             if cfg.tp_one_shot_max_bytes:  # collective (the same config on every rank), never raises
                 self.group.enable_custom_all_reduce(cfg.tp_one_shot_max_bytes)
+            else:
+                self.group.custom_reason = "off by configuration (tp_one_shot_max_bytes=0)"
             self.model, self.tokenizer = load_rank_model(cfg, self.group, dtype, tokenizer=True)
             self._wait_ready(tp - 1, ready_timeout_s)
         except BaseException:

@@ -21,6 +21,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as tmp  # noqa: E402
 
 from llm_engine.parallel.group import TPGroup, no_multicast_env  # noqa: E402
+from llm_engine.parallel.launch import dump_stacks_on_sigusr1  # noqa: E402
 
 SIZES_BYTES = (8 << 10, 32 << 10, 128 << 10, 512 << 10, 2 << 20)
 CHAIN = 100  # calls per captured graph
@@ -64,8 +65,11 @@ def _graph_us(fn, x, replays: int = 20) -> float:
 
 
 def _rank(rank: int, world: int, port: int, out: str | None) -> None:
+    dump_stacks_on_sigusr1()
     group = TPGroup.init(rank, world, torch.device("cuda", rank), f"tcp://127.0.0.1:{port}")
     custom_ok = group.enable_custom_all_reduce(max(SIZES_BYTES))
+    if rank == 0 and not custom_ok:
+        print(f"one-shot all-reduce off: {group.custom_reason}", flush=True)
     recs = []
 
     def nccl(t):
@@ -76,7 +80,8 @@ def _rank(rank: int, world: int, port: int, out: str | None) -> None:
         n = nbytes // 2
         g = torch.Generator(device=group.device).manual_seed(rank + 17)
         x = (torch.randn(n, device=group.device, generator=g) * 1e-3).to(torch.bfloat16)  # chained sums stay finite
-        rec = {"impl": "all-reduce", "bytes": nbytes, "ranks": world, "device": torch.cuda.get_device_name()}
+        rec = {"impl": "all-reduce", "bytes": nbytes, "ranks": world, "device": torch.cuda.get_device_name(),
+               "one_shot_off_reason": group.custom_reason}
         rec["nccl_eager_us"] = _eager_us(lambda t: nccl(t.clone()), x)
         rec["nccl_graph_us"] = _graph_us(nccl, x.clone())
         if custom_ok:

@@ -6,16 +6,21 @@ TP=2 with each configuration's HBM limit, and TP=2 vs TP=1 correctness. Random w
 
 Each piece runs in its own subprocess under a time limit (a hang costs that piece, not the run); records are
 appended to $OUT/tp_gpu.jsonl as they come (every speed record carries `tp`), the log goes to $OUT/tp_gpu.log,
-a table is printed last. Pieces, most important first:
-  allreduce   bench/tp_allreduce.py: one-shot vs NCCL, eager and in CUDA graphs, 8 KiB - 2 MiB
+a table is printed last. A piece that outlives its limit first gets SIGUSR1 (every process of it, the TP worker
+ranks included, prints its Python stacks: llm_engine.parallel.launch.dump_stacks_on_sigusr1), then SIGKILL.
+Once a TP=2 piece using the one-shot all-reduce outlives its limit, the later TP=2 pieces run on NCCL alone.
+Pieces, most important first (PLAN):
+  diag        bench/tp_diag.py: NCCL eager and in a graph, CUDA IPC alone, the one-shot set-up and self-test
   perf        GLM-4-9B-0414 shape bf16 batch 1 and 64, int8 batch 1; GLM-4-32B-0414 shape bf16 batch 1
   check       4-layer GLM-4-9B and Llama-3-8B shapes, bf16 and int8: logits error and greedy tokens, TP=2 vs TP=1
+  allreduce   bench/tp_allreduce.py: one-shot vs NCCL, eager and in CUDA graphs, 8 KiB - 2 MiB
 limit_tok_s = batch x copy bandwidth / weight bytes one GPU reads per step (rank 0's shard; the embedding table
 is gathered, not read)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -45,18 +50,22 @@ SHAPES = {
                       num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0),
 }
 MAX_MODEL_LEN = 2048
-BUDGET_S = 500  # no piece starts later, and none outlives it: the device call's 9 minutes hold
+BUDGET_S = 380  # no piece starts later, and none outlives it: the device call (7 minutes, start-up aside) holds
+KILL_GRACE_S = 4  # between a late piece's SIGUSR1 (stack dumps) and its SIGKILL
 DEVICE, DTYPE = "cuda", "bfloat16"  # tests/test_tp_gpu_bench.py runs the check piece on CPU at tiny shapes
 CHECKS = [(m, d) for m in ("glm4-9b", "llama3-8b") for d in ("bf16", "int8")]
 # (piece args, seconds it may take), most important first
 PLAN = [
-    (["allreduce"], 120),
-    (["perf", "glm4-9b", "bf16", "1", "1"], 100), (["perf", "glm4-9b", "bf16", "2", "1"], 130),
-    (["perf", "glm4-9b", "int8", "1", "1"], 100), (["perf", "glm4-9b", "int8", "2", "1"], 130),
-    (["check"], 240),
-    (["perf", "glm4-9b", "bf16", "1", "64"], 110), (["perf", "glm4-9b", "bf16", "2", "64"], 150),
-    (["perf", "glm4-32b", "bf16", "1", "1"], 150), (["perf", "glm4-32b", "bf16", "2", "1"], 170),
-    (["perf", "glm4-9b", "bf16", "2", "1", "nccl"], 130),  # ablation: TP=2 with NCCL for every all-reduce
+    (["diag"], 60),
+    (["perf", "glm4-9b", "bf16", "1", "1"], 50), (["perf", "glm4-9b", "bf16", "2", "1"], 75),
+    (["perf", "glm4-9b", "int8", "2", "1"], 90),
+    (["check"], 150),
+    (["perf", "glm4-9b", "bf16", "2", "64"], 90),
+    (["perf", "glm4-32b", "bf16", "2", "1"], 100),
+    (["perf", "glm4-9b", "bf16", "2", "1", "nccl"], 90),  # ablation: TP=2 with NCCL for every all-reduce
+    (["allreduce"], 60),
+    (["perf", "glm4-9b", "int8", "1", "1"], 50), (["perf", "glm4-9b", "bf16", "1", "64"], 50),
+    (["perf", "glm4-32b", "bf16", "1", "1"], 60),
 ]
 
 
@@ -116,28 +125,36 @@ def piece_perf(name: str, dtype: str, tp: int, batch: int, common: dict, one_sho
     eng = make_engine(name, dtype, tp, max_seqs=batch, one_shot=one_shot)
     nbytes = rank_weight_bytes(eng.model)
     custom = eng.tp is not None and eng.tp.group.custom is not None
+    reason = "" if custom or eng.tp is None else eng.tp.group.custom_reason
     print(f"[{name} {dtype} tp={tp}] built in {time.time() - t0:.1f} s; {nbytes / 1e9:.2f} GB/step/GPU; one-shot "
-          f"all-reduce {'on' if custom else 'off'}", flush=True)
+          f"all-reduce {'on' if custom else 'off'}{f' ({reason})' if reason else ''}", flush=True)
     vocab = SHAPES[name]["vocab_size"]
     try:
         run_requests(eng, batch, 16, 8, vocab)  # warm-up
+        print(f"  warm-up done at {time.time() - t0:.1f} s", flush=True)  # (progress marks: a hang names its stage)
         r = run_requests(eng, batch, 32, 128 if batch == 1 else 64, vocab)
+        print(f"  requests done at {time.time() - t0:.1f} s", flush=True)
         args = (batch, 32)
         step = eng.tp.call(eng.runner, "bench.tp_gpu:graph_step_ms", *args) if eng.tp else \
             graph_step_ms(eng.runner, *args)
+        print(f"  graph step timed at {time.time() - t0:.1f} s; closing", flush=True)
+        timeouts = eng.tp.group.custom.timeouts() if custom else 0
     finally:
         eng.close()
+    print(f"  closed at {time.time() - t0:.1f} s", flush=True)
     limit = batch * bw * 1e9 / nbytes
     rec = dict(model=name, impl="voicefast", dtype=dtype, tp=tp, batch=batch, prompt_len=32, **r,
                step_ms=step, graph_tok_s=batch * 1e3 / step, limit_tok_s=limit, frac_of_limit=r["tok_s"] / limit,
-               bytes_per_token_per_gpu=nbytes, copy_bw_gbs=bw, one_shot_all_reduce=custom, **common)
+               bytes_per_token_per_gpu=nbytes, copy_bw_gbs=bw, one_shot_all_reduce=custom, one_shot_off_reason=reason,
+               one_shot_timeouts=timeouts, **common)
     print(f"  {name} {dtype} tp={tp} B={batch}: {r['tok_s']:.1f} tok/s ({r['tok_s_per_stream']:.1f}/stream), "
           f"{rec['frac_of_limit'] * 100:.1f}% of {limit:.0f}; graph step {step:.3f} ms; itl p50/p99 "
           f"{r['itl_p50_ms']:.2f}/{r['itl_p99_ms']:.2f} ms", flush=True)
     return [rec]
 
 
-def piece_check(common: dict) -> list[dict]:
+def piece_check(common: dict, emit=None, one_shot: bool = True) -> list[dict]:
+    """Records come back, and each goes to `emit` as soon as it is made (a late piece keeps what it measured)."""
     from bench.tp_check import greedy_agrees, logits_error
     from llm_engine.parallel.runner import prompt_logits
     from llm_engine.sampling_params import SamplingParams
@@ -153,10 +170,11 @@ def piece_check(common: dict) -> list[dict]:
         ref = make_engine(name, dtype, 1, max_seqs=4, layers=4, seed=3)
         ref_tok = [t for t, _ in ref.generate(prompts, params)]
         ref_lg = prompt_logits(ref.runner, probe).cpu()
-        eng = make_engine(name, dtype, 2, max_seqs=4, layers=4, seed=3)
+        eng = make_engine(name, dtype, 2, max_seqs=4, layers=4, seed=3, one_shot=one_shot)
         try:
             tok = [t for t, _ in eng.generate(prompts, params)]  # 4 at once: eager prefill, graph decodes
             lg = eng.tp.call(eng.runner, "llm_engine.parallel.runner:prompt_logits", probe).cpu()
+            custom = eng.tp.group.custom is not None
         finally:
             eng.close()
         err = logits_error(ref_lg, lg)
@@ -172,7 +190,10 @@ def piece_check(common: dict) -> list[dict]:
         torch.cuda.empty_cache()
         ok = err["rel_norm"] < tol[dtype] and all(g[0] for g in greedy)
         recs.append(dict(impl="tp-check", model=name + "-4layer", dtype=dtype, tp=2, logits=err,
-                         rel_norm_tol=tol[dtype], greedy=[g[1] for g in greedy], ok=ok, **common))
+                         rel_norm_tol=tol[dtype], greedy=[g[1] for g in greedy], ok=ok, one_shot_all_reduce=custom,
+                         **common))
+        if emit is not None:
+            emit(recs[-1])
         print(f"check {name}-4layer {dtype} TP=2 vs TP=1: logits rel {err['rel_norm']:.2e} (tol {tol[dtype]:g}) "
               f"max abs {err['max_abs']:.3f} argmax-equal {err['argmax_equal']:.3f}; greedy "
               f"{[g[1] for g in greedy]} -> {'OK' if ok else 'FAIL'}", flush=True)
@@ -180,17 +201,30 @@ def piece_check(common: dict) -> list[dict]:
 
 
 def run_piece(args: list[str], jsonl: str, common: dict) -> None:
+    from llm_engine.parallel.launch import dump_stacks_on_sigusr1
+
+    dump_stacks_on_sigusr1()
     kind = args[0]
+    if kind == "diag":
+        from bench.tp_diag import main as diag_main
+
+        diag_main([])
+        return
     if kind == "allreduce":
         from bench.tp_allreduce import main as allreduce_main
 
         allreduce_main(["--out", jsonl])
         return
-    recs = piece_check(common) if kind == "check" else piece_perf(args[1], args[2], int(args[3]), int(args[4]),
-                                                                  common, one_shot=args[5:] != ["nccl"])
-    with open(jsonl, "a") as f:
-        for r in recs:
-            f.write(json.dumps(r) + "\n")
+
+    def emit(rec: dict) -> None:
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    if kind == "check":
+        piece_check(common, emit, one_shot=args[1:] != ["nccl"])
+    else:
+        for rec in piece_perf(args[1], args[2], int(args[3]), int(args[4]), common, one_shot=args[5:] != ["nccl"]):
+            emit(rec)
 
 
 def summary(jsonl: str) -> None:
@@ -212,6 +246,23 @@ def summary(jsonl: str) -> None:
         elif r.get("impl") == "tp-check":
             print(f"check {r['model']} {r['dtype']}: logits rel {r['logits']['rel_norm']:.2e} -> "
                   f"{'OK' if r['ok'] else 'FAIL'}")
+
+
+def plan_piece(piece: list[str], nccl_only: bool) -> tuple[list[str], bool]:
+    """(the piece to run, whether it is TP=2 with the one-shot all-reduce). nccl_only: a TP=2 one-shot piece
+    already outlived its limit, so later TP=2 pieces run on NCCL alone (figures rather than another hang)."""
+    tp2 = piece[0] == "check" or piece[0] == "perf" and piece[3] == "2"
+    if not tp2 or piece[-1] == "nccl":
+        return piece, False
+    return ([*piece, "nccl"], False) if nccl_only else (piece, True)
+
+
+def kill_piece(p: subprocess.Popen) -> None:
+    """Stack dumps of every process of the piece (its own process group), then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGUSR1)
+        time.sleep(KILL_GRACE_S)
+        os.killpg(p.pid, signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,15 +288,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def stop(signum, frame):  # an outer `timeout`: take the running piece (its own session) down too
         for q in running:
-            os.killpg(q.pid, signal.SIGKILL)
+            kill_piece(q)
         summary(jsonl)
         sys.exit(1)
 
     signal.signal(signal.SIGTERM, stop)
     with open(os.path.join(args.out, "tp_gpu.log"), "a") as log:
+        nccl_only = False  # set once a TP=2 piece with the one-shot all-reduce outlived its limit
         for piece, limit_s in PLAN:
             if only and piece[0] not in only:
                 continue
+            piece, tp2_one_shot = plan_piece(piece, nccl_only)
             left = t_end - time.monotonic()
             if left < 30:
                 print(f"skipped (out of time): {' '.join(piece)}", flush=True)
@@ -261,12 +314,14 @@ def main(argv: list[str] | None = None) -> int:
                 out, _ = p.communicate(timeout=min(limit_s, left))
                 rc = p.returncode
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                kill_piece(p)
                 out, _ = p.communicate()
                 rc = "timeout"
+                nccl_only |= tp2_one_shot
             log.write(f"==== {' '.join(piece)} rc={rc} {time.monotonic() - t:.0f}s\n{out}\n")
             log.flush()
-            tail = [ln for ln in out.splitlines() if ln.strip()][-6:]
+            lines = [ln for ln in out.splitlines() if ln.strip()]
+            tail = [ln for ln in lines if ln.startswith("[diag")] + lines[-6:] if piece[0] == "diag" else lines[-6:]
             print(f"[{' '.join(piece)}] rc={rc} in {time.monotonic() - t:.0f}s\n  " + "\n  ".join(tail), flush=True)
     summary(jsonl)
     return 0

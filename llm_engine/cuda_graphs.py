@@ -117,3 +117,12 @@ class DecodeGraphs:
 
     def replay(self, b: int) -> None:
         self.graphs[b].replay()
+
+    def release(self) -> None:
+        """Destroy the captured graphs (no replay after this). Under tensor parallelism this must happen before the
+        NCCL communicator is destroyed: NCCL's destroy waits until every graph that captured its collectives is
+        gone (it would wait forever on a graph still held)."""
+        torch.cuda.synchronize(self.device)
+        self.graphs.clear()
+        self.logits.clear()
+        self.pool = None

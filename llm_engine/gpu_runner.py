@@ -53,6 +53,12 @@ class GpuModelRunner(ModelRunner):
                                        self.device)
             self.graphs.capture(log.info)
 
+    def close(self) -> None:
+        """Destroy the decode graphs; later decode steps run eagerly."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     # ---- decode through the graphs ------------------------------------------------------------------
     def _graph_ok(self, batch: ScheduledBatch) -> bool:
         """Pure decode steps (a speculative verify included) whose rows fit the largest captured bucket."""

@@ -153,6 +153,10 @@ class ModelRunner:
         return sample(logits, inp.temperature, inp.top_k, inp.top_p, inp.generators, self.default_generator,
                       all_greedy=inp.all_greedy, any_top_k=inp.any_top_k, any_top_p=inp.any_top_p)  # [S]
 
+    def close(self) -> None:
+        """Release what pins other resources (GpuModelRunner: its CUDA graphs, which pin the NCCL communicator under
+        tensor parallelism). The eager runner holds nothing of the kind."""
+
     def to_host(self, batch: ScheduledBatch, inp: StepInputs, tokens: torch.Tensor) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in range(len(batch))]
         for row, tok in zip(inp.sample_rows, tokens.tolist(), strict=True):  # the step's only host sync

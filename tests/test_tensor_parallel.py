@@ -93,6 +93,7 @@ def test_tp2_engine_matches_the_unsharded_engine(cfg):
     finally:
         tp.close()
     assert [p.is_alive() for p in tp.tp.procs] == [False]  # the worker stopped with the engine
+    assert [p.exitcode for p in tp.tp.procs] == [0]  # by itself, after leaving the group with rank 0 (not killed)
     err = logits_error(ref_logits, got_logits)
     assert got_logits.shape == (len(probe), cfg.vocab_size)
     assert err["max_abs"] < 1e-4 and err["argmax_equal"] == 1.0, err  # float32: only the summation order differs

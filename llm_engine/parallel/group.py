@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from datetime import timedelta
 
 import torch
@@ -28,6 +29,7 @@ class TPGroup:
     def __init__(self, rank: int, world: int, device: torch.device, pg=None):
         self.rank, self.world, self.device, self.pg = rank, world, torch.device(device), pg
         self.custom = None  # OneShotAllReduce, when enabled
+        self.custom_reason = "not set up"  # why the one-shot all-reduce is off ('' when on)
         self._regions = None
 
     @classmethod
@@ -79,48 +81,70 @@ class TPGroup:
         return box[0]
 
     # -- one-shot all-reduce over peer-to-peer buffers (CUDA) ------------------------------------------
-    def enable_custom_all_reduce(self, max_bytes: int = 512 * 1024) -> bool:
-        """Every rank calls this (collective); all ranks reach the same verdict. False (NCCL for every size)
-        where triton, the driver library or peer-to-peer access between every pair of GPUs is missing."""
-        if self.world == 1 or self.device.type != "cuda":
+    def enable_custom_all_reduce(self, max_bytes: int = 512 * 1024, open_regions=None) -> bool:
+        """Every rank calls this (collective); all ranks reach the same verdict and never raise: False (NCCL for
+        every size, `custom_reason` says why) where a precondition is missing or the set-up or its self-test
+        fails (llm_engine/parallel/one_shot_setup.py). open_regions: tests only (CPU stand-ins for CUDA IPC)."""
+        if self.world == 1 or (self.device.type != "cuda" and open_regions is None):
+            self.custom_reason = "one rank" if self.world == 1 else "not on CUDA"
             return False
-        reason = ""
-        try:
-            from llm_engine.parallel.cuda_ipc import CudaDriver, PeerRegions
-            from llm_engine.parallel.one_shot import OneShotAllReduce, region_bytes
+        from llm_engine.parallel.one_shot_setup import setup_one_shot
 
-            drv = CudaDriver()
-            OneShotAllReduce(torch.zeros(self.world, dtype=torch.int64), self.rank, self.world, max_bytes)
-        except (ImportError, RuntimeError, ValueError) as e:
-            reason = str(e)
-        idx = self.all_gather_object(self.device.index)
-        me = self.device.index
-        for j in idx:  # the kernel reads peers' buffers and raises flags in their memory with atomics
-            if reason or j == me:
-                continue
-            try:
-                if not torch.cuda.can_device_access_peer(me, j):
-                    reason = f"no peer-to-peer access from GPU {me} to GPU {j}"
-                elif not drv.p2p_atomics(me, j):
-                    reason = f"no peer-to-peer atomics from GPU {me} to GPU {j} (no NVLink?)"
-            except RuntimeError as e:
-                reason = str(e)
-        reasons = [r for r in self.all_gather_object(reason) if r]
-        if reasons:
-            log.warning("one-shot all-reduce unavailable (%s): NCCL for every size", reasons[0])
-            return False
-        self._regions = PeerRegions(self.rank, self.world, self.device, region_bytes(max_bytes),
-                                    self.all_gather_object)
-        self.custom = OneShotAllReduce(self._regions.ptrs, self.rank, self.world, max_bytes)
-        return True
+        self.custom, self._regions, reason = setup_one_shot(self, max_bytes, open_regions)
+        self.custom_reason = reason
+        if reason:
+            log.warning("one-shot all-reduce unavailable (%s): NCCL for every size", reason)
+        return self.custom is not None
 
-    def close(self) -> None:
-        if self._regions is not None:
+    def close(self, destroy: bool = True, destroy_timeout_s: float = 20.0) -> bool:
+        """Release the peer buffers and leave the process group. Destroying an NCCL communicator is collective
+        (every rank of the host must take part), so every rank calls close() at the same point; it is bounded
+        by destroy_timeout_s (a peer that is gone or stuck: the group is left behind, logged, and False is
+        returned). destroy=False: a peer is known to be gone, do not even try. This rank's own one-shot buffer
+        is freed only after the group is left (the peers have passed their last kernel by then) or the peers
+        are gone; otherwise it stays allocated (1 MiB) rather than be freed under a peer still reading it."""
+        regions, self._regions, custom, self.custom = self._regions, None, self.custom, None
+        if regions is not None:
             try:
-                torch.cuda.synchronize(self.device)
-                self._regions.close()
-            except RuntimeError as e:  # a peer that already exited: its mapping goes with this process anyway
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                n = custom.timeouts()
+                if n:
+                    log.error("the one-shot all-reduce gave up waiting for a peer %d time(s): those sums were wrong", n)
+                regions.close_peers()
+            except Exception as e:  # noqa: BLE001 - a broken context or a peer gone: the mappings go with the process
                 log.warning("closing the peer-to-peer buffers: %s", e)
-            self._regions, self.custom = None, None
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        left = self._leave(destroy, destroy_timeout_s)
+        if regions is not None and (left or not destroy):
+            try:
+                regions.close()
+            except RuntimeError as e:
+                log.warning("freeing the peer-to-peer buffer: %s", e)
+        return left
+
+    def _leave(self, destroy: bool, timeout_s: float) -> bool:
+        if not dist.is_initialized():
+            return True
+        if not destroy:
+            log.warning("tensor-parallel rank %d: a peer is gone; the process group is left to process exit",
+                        self.rank)
+            return False
+        done, failed = threading.Event(), []
+
+        def run():
+            try:
+                dist.destroy_process_group()
+            except Exception as e:  # noqa: BLE001 - reported below
+                failed.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="tp-destroy-group", daemon=True).start()
+        if not done.wait(timeout_s):
+            log.error("tensor-parallel rank %d: leaving the process group did not finish in %.0f s (a peer rank "
+                      "gone or stuck?); left behind", self.rank, timeout_s)
+            return False
+        if failed:
+            log.error("tensor-parallel rank %d: leaving the process group failed: %s", self.rank, failed[0])
+            return False
+        return True

@@ -10,7 +10,8 @@ Every rank loads its own shard of the checkpoint (`load_rank_model`), so nothing
     runner = leader_runner_class(...)  --INIT-->  runner = same class, same arguments
       (both capture the same CUDA graphs, collectives in lockstep)
     engine steps                       --steps--> serve_steps
-    close()                            --STOP-->  exit
+    close(): STOP, drop CUDA graphs,   --STOP-->  drop CUDA graphs, leave the group (at the same time:
+             leave the group                      collective), exit
 
 NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 are set in rank 0's environment before the workers
 are spawned (they inherit it) and again in each worker before NCCL starts."""
@@ -19,9 +20,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import faulthandler
+import gc
 import logging
 import multiprocessing as mp
 import os
+import signal
 import socket
 import traceback
 from dataclasses import dataclass
@@ -91,23 +95,34 @@ class WorkerSpec:
     parent_pid: int
 
 
+def dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` (or a watchdog, bench/tp_gpu.py) prints every thread's Python stack to stderr: a hung
+    rank explains itself."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def worker_main(spec: WorkerSpec, status) -> None:
-    """A worker rank's process: join the group, load the shard, then run the steps rank 0 sends until STOP."""
+    """A worker rank's process: join the group, load the shard, then run the steps rank 0 sends until STOP.
+    Shutdown mirrors rank 0's TensorParallel.close(): on STOP both leave the process group at the same time
+    (destroying an NCCL communicator is collective); when rank 0 is gone, the worker just exits."""
     no_multicast_env()
+    dump_stacks_on_sigusr1()
     device = rank_device(torch.device(spec.device_type), spec.rank)
     if device.type == "cpu":
         torch.set_num_threads(spec.engine_config.cpu_threads)
     group = channel = None
+    leader_gone, left = False, True
     try:
         group = TPGroup.init(spec.rank, spec.world, device, spec.init_method)
-        if spec.engine_config.tp_one_shot_max_bytes:
+        if spec.engine_config.tp_one_shot_max_bytes:  # collective: the same verdict as rank 0's, never raises
             group.enable_custom_all_reduce(spec.engine_config.tp_one_shot_max_bytes)
         model, _ = load_rank_model(spec.engine_config, group, spec.dtype, tokenizer=False)
         channel = StepChannel.attach(**spec.channel)
         status.put((spec.rank, "ready"))
         serve_steps(model, model.config, device, lambda: channel.receive(spec.rank - 1, spec.parent_pid))
     except ChannelClosed:
-        pass
+        leader_gone = True
     except BaseException:
         status.put((spec.rank, traceback.format_exc()))
         raise
@@ -115,7 +130,11 @@ def worker_main(spec: WorkerSpec, status) -> None:
         if channel is not None:
             channel.close()
         if group is not None:
-            group.close()
+            left = group.close(destroy=not leader_gone)
+        if not left:  # a communicator that could not be destroyed can hang the interpreter's exit: leave now
+            status.close()
+            status.join_thread()
+            os._exit(1)
 
 
 class TensorParallel:
@@ -137,19 +156,21 @@ class TensorParallel:
         for p in self.procs:
             p.start()
         self._closed = False
+        self.runner = None  # weakref to rank 0's runner (set by it: leader_runner_class)
         atexit.register(self.close)
         try:
             self.group = TPGroup.init(0, tp, self.device, init_method)
-            if cfg.tp_one_shot_max_bytes:  # the same decision on every rank (the same config)
+            if cfg.tp_one_shot_max_bytes:  # collective (the same config on every rank), never raises
                 self.group.enable_custom_all_reduce(cfg.tp_one_shot_max_bytes)
+            else:
+                self.group.custom_reason = "off by configuration (tp_one_shot_max_bytes=0)"
             self.model, self.tokenizer = load_rank_model(cfg, self.group, dtype, tokenizer=True)
             self._wait_ready(tp - 1, ready_timeout_s)
         except BaseException:
             self.close()
             raise
-        self.runner = None
         log.info("tensor parallel: %d ranks (%s), one-shot all-reduce %s", tp, self.device.type,
-                 "on" if self.group.custom is not None else "off")
+                 "on" if self.group.custom is not None else f"off ({self.group.custom_reason})")
 
     def _wait_ready(self, n: int, timeout_s: float) -> None:
         import queue
@@ -183,19 +204,32 @@ class TensorParallel:
         return resolve(fn)(runner, *args)
 
     def close(self) -> None:
+        """Stop the workers: STOP through the channel; destroy rank 0's CUDA graphs (NCCL's destroy waits until no
+        graph that captured its collectives is left: a graph still held makes it wait forever); leave the process
+        group at the same time as the workers do (collective for NCCL, bounded); join them (terminated if they do
+        not exit). Rank 0's runner does decode steps eagerly afterwards (nothing should step a closed engine)."""
         if self._closed:
             return
         self._closed = True
         with contextlib.suppress(ChannelClosed, ValueError, OSError):
             self.channel.publish(encode(STOP), timeout_s=5.0)
-        for p in self.procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
+        runner = self.runner() if self.runner is not None else None
+        if runner is not None:  # NCCL's destroy waits for every CUDA graph that captured its collectives to go
+            runner.close()
+        gc.collect()
         group = getattr(self, "group", None)
         if group is not None:
-            group.close()
+            alive = all(p.is_alive() for p in self.procs)
+            group.close(destroy_timeout_s=20.0 if alive else 5.0)
+        for p in self.procs:
+            p.join(timeout=20)
+            if p.is_alive():
+                log.warning("tensor-parallel worker %s did not exit: terminating it", p.name)
+                p.terminate()
+                p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
         self.channel.close()
 
 

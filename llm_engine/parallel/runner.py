@@ -7,7 +7,9 @@ Only rank 0 samples; the scheduler and the block manager exist only there."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import weakref
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ def leader_runner_class(base: type, leader) -> type:
     class LeaderRunner(base):
         def __init__(self, model, model_cfg, **kwargs):
             self._tp, self._made = leader, {}
+            leader.runner = weakref.ref(self)  # TensorParallel.close() releases its CUDA graphs first
             leader.publish(steps.encode(steps.INIT, {"cls": base, "kwargs": {k: v for k, v in kwargs.items()
                                                                           if k != "device"}}))
             super().__init__(model, model_cfg, **kwargs)
@@ -70,25 +73,32 @@ def resolve(fn: str):
 
 @torch.inference_mode()
 def serve_steps(model, model_cfg, device: torch.device, receive) -> None:
-    """A worker's loop: `receive()` -> the next message (bytes); returns on STOP."""
+    """A worker's loop: `receive()` -> the next message (bytes); returns on STOP. On the way out (STOP or an
+    error) the runner is closed: its CUDA graphs must go before the NCCL communicator they captured
+    (launch.worker_main destroys it next)."""
     runner, worker = None, _GraphSteps()
-    while True:
-        kind, obj = steps.decode(receive())
-        if kind == steps.STOP:
-            return
-        if kind == steps.INIT:
-            runner = obj["cls"](model, model_cfg, device=device, **obj["kwargs"])
-        elif kind == steps.GRAPH:
-            worker.replay(runner, *obj)
-        elif kind == steps.EAGER:
-            inp = steps.unpack_inputs(obj, runner._tensor)
-            hidden = runner.forward(inp)
-            if inp.sample_rows:
-                runner.compute_logits(hidden, inp)  # the lm_head's all-gather needs every rank
-        elif kind == steps.CALL:
-            resolve(obj["fn"])(runner, *obj["args"])
-        else:
-            raise RuntimeError(f"unknown step message kind {kind}")
+    try:
+        while True:
+            kind, obj = steps.decode(receive())
+            if kind == steps.STOP:
+                return
+            if kind == steps.INIT:
+                runner = obj["cls"](model, model_cfg, device=device, **obj["kwargs"])
+            elif kind == steps.GRAPH:
+                worker.replay(runner, *obj)
+            elif kind == steps.EAGER:
+                inp = steps.unpack_inputs(obj, runner._tensor)
+                hidden = runner.forward(inp)
+                if inp.sample_rows:
+                    runner.compute_logits(hidden, inp)  # the lm_head's all-gather needs every rank
+            elif kind == steps.CALL:
+                resolve(obj["fn"])(runner, *obj["args"])
+            else:
+                raise RuntimeError(f"unknown step message kind {kind}")
+    finally:
+        if runner is not None:
+            with contextlib.suppress(Exception):  # (after a CUDA error the graphs go with the process)
+                runner.close()
 
 
 class _GraphSteps:

@@ -68,7 +68,7 @@ class WhisperASR:
             from faster_whisper.transcribe import get_suppressed_tokens
         except ImportError as e:
             raise RuntimeError("streaming ASR needs faster-whisper: pip install faster-whisper") from e
-        from voicefast.assets import resolve_asr
+        from model_assets import resolve_asr
 
         asset = resolve_asr(model)
         self.device, default_ct = pick_device(device)

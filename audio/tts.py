@@ -24,7 +24,7 @@ class PiperTTS:
             from piper.config import PiperConfig
         except ImportError as e:
             raise RuntimeError("TTS needs piper-tts: pip install piper-tts") from e
-        from voicefast.assets import resolve_tts
+        from model_assets import resolve_tts
 
         if speaking_rate <= 0:
             raise ValueError(f"speaking_rate must be > 0, got {speaking_rate}")

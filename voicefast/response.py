@@ -147,11 +147,11 @@ class Response:
             self._set_status()
         except asyncio.CancelledError:
             pass
-        except Exception as e:  # a stage failed: tell the client, keep the session
+        except Exception:  # a stage failed: tell the client (a code, no internals), keep the session
             log.error("response %s failed", self.id, exc_info=True)
             self.status = "failed"
             self.status_details = {"type": "failed", "error": {"type": "server_error", "code": "stage_failed",
-                                                               "message": f"{type(e).__name__}: {e}"}}
+                                                               "message": "a pipeline stage failed"}}
         finally:
             if self._producer is not None and not self._producer.done():
                 self._abort_engine()

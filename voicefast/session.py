@@ -429,10 +429,11 @@ class Session:
             item.text = await asr
         except asyncio.CancelledError:
             raise
-        except Exception as e:
+        except Exception:  # details in the log; the client gets a code
             log.warning("transcription failed", exc_info=True)
             self.emit({"type": "conversation.item.input_audio_transcription.failed", "item_id": item.id,
-                       "content_index": 0, "error": {"type": "server_error", "message": str(e)}})
+                       "content_index": 0, "error": {"type": "server_error", "code": "transcription_failed",
+                                                     "message": "transcription failed"}})
             return
         self._user_item_transcribed(item, item.text)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from audio.asr_pool import PRIORITY_FINAL, PRIORITY_PARTIAL, DecodePool
+from audio.asr_pool import PRIORITY_FINAL, PRIORITY_PARTIAL, DecodePool, PoolBusy
 
 log = logging.getLogger("voicefast.audio")
 
@@ -40,6 +40,19 @@ class AsrOptions:
     window_pad_s: float = 5.0
     max_tokens_per_s: float = 8.0  # (+16) token budget on a short window: bounds the cost of a loop
     max_words_per_s: float = 6.0  # more words than this per second of audio is a runaway, not speech
+    # Encoder windows are rounded up to a multiple of this (mel frames): every distinct input shape costs the
+    # native libraries' shape-keyed caches memory for good, so the set of shapes is kept small.
+    window_step_frames: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRequest:
+    """Per-decode settings a session chose (input_audio_transcription): the language (None: the model's own, or
+    detected on a multilingual model) and a prompt (context words that steer spelling; Whisper keeps the last
+    223 tokens of it)."""
+
+    language: str | None = None
+    prompt: str | None = None
 
 
 def pick_device(device: str = "auto") -> tuple[str, str]:
@@ -68,6 +81,8 @@ class WhisperASR:
             from faster_whisper.transcribe import get_suppressed_tokens
         except ImportError as e:
             raise RuntimeError("streaming ASR needs faster-whisper: pip install faster-whisper") from e
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+
         from model_assets import resolve_asr
 
         asset = resolve_asr(model)
@@ -81,8 +96,10 @@ class WhisperASR:
         self.options = options or AsrOptions()
         multilingual = self.model.model.is_multilingual
         self.language = self.options.language or (None if multilingual else "en")
+        self._Tokenizer, self._multilingual = Tokenizer, multilingual
         self._tokenizer = Tokenizer(self.model.hf_tokenizer, multilingual, task="transcribe",
                                     language=self.language or "en")
+        self._tokenizers = {self.language or "en": self._tokenizer}  # language -> Tokenizer (one per language)
         self._prompt = self.model.get_prompt(self._tokenizer, [], without_timestamps=True)
         self._suppress = get_suppressed_tokens(self._tokenizer, [-1])
         self._multilingual_auto = multilingual and self.options.language is None
@@ -91,42 +108,80 @@ class WhisperASR:
         # 0.70-1.22 s across runs) but every caller waits for the whole batch, so the median is worse.
         if max_batch is None:
             max_batch = 8 if self.device == "cuda" else 1
-        self._pool = DecodePool(self.decode_batch, workers=workers, max_batch=max_batch)
+        self._pool = DecodePool(self._decode_requests, workers=workers, max_batch=max_batch)
         self._closed = threading.Event()
+        # Languages a DecodeRequest may ask for: the model's own for an English-only model.
+        self.languages: tuple[str, ...] = tuple(_LANGUAGE_CODES) if multilingual else ("en",)
 
     # ---- blocking API ----
     def transcribe(self, x16k: np.ndarray) -> str:
         """Text of one utterance (16 kHz float32 mono). Blocking; safe to call from several threads."""
         return self.decode_batch([x16k])[0]
 
-    def decode_batch(self, audios: list[np.ndarray]) -> list[str]:
-        """Decode several utterances in one encoder/decoder batch (each padded to Whisper's 30 s window)."""
+    def decode_batch(self, audios: list[np.ndarray], requests: list[DecodeRequest] | None = None) -> list[str]:
+        """Decode several utterances in one encoder/decoder batch (each with its own DecodeRequest)."""
         audios = [_check_audio(a) for a in audios]
+        requests = requests or [DecodeRequest()] * len(audios)
+        for r in requests:
+            self.check_request(r)
         out: list[str | None] = [None] * len(audios)
-        short = [i for i, a in enumerate(audios) if len(a) <= MAX_WINDOW_SAMPLES and not self._multilingual_auto]
+        short = [i for i, a in enumerate(audios) if len(a) <= MAX_WINDOW_SAMPLES and not self._auto(requests[i])]
         for i in set(range(len(audios))) - set(short):
-            out[i] = self._transcribe_long(audios[i])
+            out[i] = self._transcribe_long(audios[i], requests[i])
         if short:
             audios_short = [audios[i] for i in short]
-            texts, suspect = self._decode_short(audios_short, self._window_frames(audios_short))
+            prompts = [self._prompt_for(requests[i]) for i in short]
+            texts, suspect = self._decode_short(audios_short, self._window_frames(audios_short), prompts)
             redo = [k for k, bad in enumerate(suspect) if bad]
             if redo:  # a loop or runaway on the short window: decode those again on the full 30 s window
                 log.debug("ASR: %d of %d decodes redone on the full window", len(redo), len(short))
-                again, _ = self._decode_short([audios_short[k] for k in redo], FULL_WINDOW_FRAMES)
+                again, _ = self._decode_short([audios_short[k] for k in redo], FULL_WINDOW_FRAMES,
+                                              [prompts[k] for k in redo])
                 for k, text in zip(redo, again, strict=True):
                     texts[k] = text
             for i, text in zip(short, texts, strict=True):
                 out[i] = text
         return [t or "" for t in out]
 
+    def _decode_requests(self, jobs: list[tuple[np.ndarray, DecodeRequest]]) -> list[str]:
+        return self.decode_batch([a for a, _ in jobs], [r for _, r in jobs])
+
+    def check_request(self, r: DecodeRequest) -> None:
+        if r.language is not None and r.language not in self.languages:
+            raise ValueError(f"language {r.language!r} is not one this ASR model transcribes "
+                             f"({', '.join(self.languages[:8])}{', ...' if len(self.languages) > 8 else ''})")
+        if r.prompt is not None and not isinstance(r.prompt, str):
+            raise ValueError("prompt must be a string")
+
+    def _auto(self, r: DecodeRequest) -> bool:
+        """Language detection needed: faster-whisper's own loop does it."""
+        return self._multilingual_auto and r.language is None
+
+    def _tokenizer_for(self, language: str | None):
+        language = language or self.language or "en"
+        tok = self._tokenizers.get(language)
+        if tok is None:  # bounded: one per language the model knows (check_request)
+            tok = self._tokenizers[language] = self._Tokenizer(self.model.hf_tokenizer, self._multilingual,
+                                                              task="transcribe", language=language)
+        return tok
+
+    def _prompt_for(self, r: DecodeRequest) -> list[int]:
+        if r.language in (None, self.language) and not r.prompt:
+            return list(self._prompt)
+        tok = self._tokenizer_for(r.language)
+        previous = tok.encode(" " + r.prompt.strip()) if r.prompt and r.prompt.strip() else []
+        return self.model.get_prompt(tok, previous, without_timestamps=True)  # keeps the last 223 tokens
+
     def _window_frames(self, audios: list[np.ndarray]) -> int:
         """Encoder window (mel frames, 100 per second) for a batch: one size fits the longest utterance."""
         o = self.options
         longest_s = max(len(a) for a in audios) / SAMPLE_RATE_HZ
         window_s = max(o.min_window_s, longest_s + o.window_pad_s)
-        return min(FULL_WINDOW_FRAMES, int(np.ceil(window_s * 100)))
+        step = max(1, o.window_step_frames)
+        return min(FULL_WINDOW_FRAMES, int(np.ceil(window_s * 100 / step)) * step)
 
-    def _decode_short(self, audios: list[np.ndarray], window_frames: int) -> tuple[list[str], list[bool]]:
+    def _decode_short(self, audios: list[np.ndarray], window_frames: int,
+                      prompts: list[list[int]] | None = None) -> tuple[list[str], list[bool]]:
         """(texts, suspect) for utterances of at most 30 s, encoded as one batch on a window_frames window."""
         from faster_whisper.audio import pad_or_trim
 
@@ -138,9 +193,10 @@ class WhisperASR:
         budget = o.max_new_tokens
         if window_frames < FULL_WINDOW_FRAMES:
             budget = min(budget, int(longest_s * o.max_tokens_per_s) + 16)
+        prompts = prompts or [list(self._prompt) for _ in audios]
         results = self.model.model.generate(
-            enc, [list(self._prompt) for _ in audios], beam_size=o.beam_size,
-            max_length=len(self._prompt) + budget, suppress_blank=True, suppress_tokens=self._suppress,
+            enc, prompts, beam_size=o.beam_size,
+            max_length=max(len(p) for p in prompts) + budget, suppress_blank=True, suppress_tokens=self._suppress,
             return_scores=True, return_no_speech_prob=True)
         texts, suspect = [], []
         for a, r in zip(audios, results, strict=True):
@@ -155,19 +211,27 @@ class WhisperASR:
             suspect.append(window_frames < FULL_WINDOW_FRAMES and (runaway or has_repetition(words)))
         return texts, suspect
 
-    def _transcribe_long(self, x: np.ndarray) -> str:
+    def _transcribe_long(self, x: np.ndarray, r: DecodeRequest = DecodeRequest()) -> str:
         segments, _ = self.model.transcribe(
-            x, beam_size=self.options.beam_size, language=self.language, without_timestamps=True,
-            condition_on_previous_text=False, vad_filter=False)
+            x, beam_size=self.options.beam_size, language=r.language or self.language, without_timestamps=True,
+            condition_on_previous_text=False, vad_filter=False, initial_prompt=r.prompt or None)
         return " ".join(s.text.strip() for s in segments).strip()
 
     # ---- pooled async API ----
-    def submit(self, x16k: np.ndarray, *, final: bool = True) -> Future:
-        """Queue a decode; returns a concurrent Future[str] (cancel() drops it if it has not started)."""
-        return self._pool.submit(_check_audio(x16k), PRIORITY_FINAL if final else PRIORITY_PARTIAL)
+    def submit(self, x16k: np.ndarray, *, final: bool = True, owner: object = None, replace: bool = False,
+               request: DecodeRequest | None = None) -> Future:
+        """Queue a decode; returns a concurrent Future[str] (cancel() drops it if it has not started).
+        `owner` (a session) gets a fair share of the workers and at most a few queued jobs (PoolBusy beyond);
+        `replace` cancels the owner's older queued replaceable job (a newer partial or speculative final)."""
+        request = request or DecodeRequest()
+        self.check_request(request)
+        return self._pool.submit((_check_audio(x16k), request), PRIORITY_FINAL if final else PRIORITY_PARTIAL,
+                                 owner=owner, replace=replace)
 
-    async def transcribe_async(self, x16k: np.ndarray, *, final: bool = True) -> str:
-        return await asyncio.wrap_future(self.submit(x16k, final=final))
+    async def transcribe_async(self, x16k: np.ndarray, *, final: bool = True, owner: object = None,
+                               replace: bool = False, request: DecodeRequest | None = None) -> str:
+        return await asyncio.wrap_future(self.submit(x16k, final=final, owner=owner, replace=replace,
+                                                     request=request))
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -197,4 +261,5 @@ def _check_audio(x: np.ndarray) -> np.ndarray:
 
 from audio.transcriber import StreamingTranscriber, stable_prefix_len  # noqa: E402  (re-export)
 
-__all__ = ["AsrOptions", "StreamingTranscriber", "WhisperASR", "has_repetition", "pick_device", "stable_prefix_len"]
+__all__ = ["AsrOptions", "DecodeRequest", "PoolBusy", "StreamingTranscriber", "WhisperASR", "has_repetition",
+           "pick_device", "stable_prefix_len"]

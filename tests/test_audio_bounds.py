@@ -1,0 +1,177 @@
+"""Bounded work and memory in the audio layer, with fake decoders: the ASR pool is fair across owners and holds
+a bounded queue per owner; the streaming transcriber keeps bounded audio and decodes a bounded window per
+partial however long the utterance runs, without losing or repeating words at the window's seams."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+
+from audio.asr_pool import PRIORITY_PARTIAL, DecodePool, PoolBusy
+from audio.transcriber import StreamingTranscriber
+
+RATE = 16_000
+
+
+class GatedDecoder:
+    """Blocks the worker on its first job until `gate` is set; records the order jobs ran in."""
+
+    def __init__(self):
+        self.gate, self.started = threading.Event(), threading.Event()
+        self.order: list[list[str]] = []
+
+    def __call__(self, batch):
+        self.started.set()
+        self.gate.wait(5)
+        self.order.append(list(batch))
+        return [f"t:{b}" for b in batch]
+
+
+def test_pool_serves_owners_round_robin_not_first_come():
+    dec = GatedDecoder()
+    pool = DecodePool(dec, workers=1, max_batch=1, max_queued_per_owner=8)
+    pool.submit("busy", owner="z")
+    assert dec.started.wait(5)
+    a = [pool.submit(f"a{i}", owner="A") for i in range(4)]  # a greedy session queues four finals
+    b = pool.submit("b0", owner="B")  # then another session one
+    c = pool.submit("c0", owner="C")
+    dec.gate.set()
+    assert [f.result(5) for f in a + [b, c]] == ["t:a0", "t:a1", "t:a2", "t:a3", "t:b0", "t:c0"]
+    pool.shutdown()
+    # FIFO would run b0 fifth; round-robin runs it right after the greedy session's first job
+    assert [x[0] for x in dec.order] == ["busy", "a0", "b0", "c0", "a1", "a2", "a3"]
+    assert pool.owners_waiting() == 0  # no lane outlives its jobs
+
+
+def test_pool_batches_one_final_per_owner_and_finals_before_partials():
+    dec = GatedDecoder()
+    pool = DecodePool(dec, workers=1, max_batch=4)
+    pool.submit("busy", owner="z")
+    assert dec.started.wait(5)
+    jobs = [pool.submit("pA", PRIORITY_PARTIAL, owner="A"), pool.submit("fA1", owner="A"),
+            pool.submit("fA2", owner="A"), pool.submit("fB", owner="B"), pool.submit("pB", PRIORITY_PARTIAL, owner="B")]
+    dec.gate.set()
+    for j in jobs:
+        j.result(5)
+    pool.shutdown()
+    assert dec.order[1:] == [["fA1", "fB"], ["fA2"], ["pA"], ["pB"]]
+
+
+def test_pool_bounds_each_owners_queue_and_replace_supersedes():
+    dec = GatedDecoder()
+    pool = DecodePool(dec, workers=1, max_queued_per_owner=2)
+    pool.submit("busy", owner="z")
+    assert dec.started.wait(5)
+    f1, f2 = pool.submit("f1", owner="A"), pool.submit("f2", owner="A")
+    with pytest.raises(PoolBusy):
+        pool.submit("f3", owner="A")
+    assert pool.submit("g1", owner="B")  # others are unaffected
+    assert f2.cancel()  # a cancelled job frees its place
+    f3 = pool.submit("f3", owner="A")
+    # a newer speculative final (replace=True) cancels the older replaceable one, never a plain final
+    s1 = pool.submit("s1", owner="B", replace=True)
+    s2 = pool.submit("s2", owner="B", replace=True)
+    assert s1.cancelled() and not s2.cancelled()
+    p1 = pool.submit("p1", PRIORITY_PARTIAL, owner="A", replace=True)
+    p2 = pool.submit("p2", PRIORITY_PARTIAL, owner="A", replace=True)
+    assert p1.cancelled() and not f1.cancelled() and not f3.cancelled()
+    assert pool.pending("A") == 3 and pool.pending() == 5
+    dec.gate.set()
+    assert [f.result(5) for f in (f1, f3, s2, p2)] == ["t:f1", "t:f3", "t:s2", "t:p2"]
+    pool.shutdown()
+    ran = [x for batch in dec.order for x in batch]
+    assert "s1" not in ran and "p1" not in ran and "f2" not in ran
+
+
+# ------------------------- StreamingTranscriber -------------------------
+WORD_S = 0.5  # a "word" every 0.5 s: 480 ms of a constant level identifying it, then 20 ms of silence
+
+
+def word_audio(first: int, n: int) -> np.ndarray:
+    """Words first..first+n-1; word k is the constant level (k+1)/1000 for 480 ms, then 20 ms of zeros."""
+    block = int(WORD_S * RATE)
+    x = np.zeros(n * block, np.float32)
+    for i in range(n):
+        x[i * block:i * block + block - 320] = (first + i + 1) / 1000
+    return x
+
+
+def hear(x: np.ndarray) -> str:
+    """The fake ASR: every run of >= 100 ms at one level is the word of that level, in order."""
+    frame = 320
+    k = len(x) // frame
+    levels = np.round(x[:k * frame].reshape(k, frame).mean(axis=1) * 1000).astype(int)
+    words, run, prev = [], 0, 0
+    for lv in list(levels) + [0]:
+        if lv == prev:
+            run += 1
+            continue
+        if prev > 0 and run >= 5:
+            words.append(f"w{prev - 1}")
+        prev, run = lv, 1
+    return " ".join(words)
+
+
+class HearingASR:
+    def __init__(self):
+        self.lengths: list[tuple[int, bool]] = []
+        self.kw: list[dict] = []
+
+    def submit(self, x, final=True, **kw):
+        self.lengths.append((len(x), final))
+        self.kw.append(kw)
+        f = Future()
+        f.set_result(hear(x))
+        return f
+
+
+def test_partials_over_a_long_utterance_cost_a_bounded_window_and_lose_no_word():
+    asr = HearingASR()
+    tr = StreamingTranscriber(asr, partial_interval_ms=800, min_partial_ms=0, partial_window_ms=10_000,
+                              max_audio_ms=60_000)
+    total_words = 240  # two minutes of continuous "speech"
+    speech = word_audio(0, total_words)
+
+    async def run():
+        for i in range(0, len(speech), 1600):  # 100 ms chunks
+            tr.feed(speech[i:i + 1600])
+            await tr.partial()
+
+    asyncio.run(run())
+    window = 10 * RATE
+    partial_lengths = [n for n, final in asr.lengths if not final]
+    assert max(partial_lengths) <= window + 800 * RATE // 1000 + 1600  # bounded whatever the utterance length
+    assert tr.max_decode_samples == max(partial_lengths)
+    assert len(partial_lengths) == pytest.approx(120 / 0.8, abs=2)  # one per interval: the cost is linear
+    # every word once, in order, across a dozen seams; only the last few are not yet stable
+    words = tr.published
+    assert words == [f"w{i}" for i in range(len(words))], words
+    assert len(words) >= total_words - 3
+    # memory: only max_audio_ms of audio is kept (plus one second of slack), not two minutes
+    assert tr.buffer_bytes <= (60 + 1) * RATE * 4 and len(tr.audio) <= 60 * RATE
+    assert tr.samples == len(speech)
+    # the final decodes what is kept: the newest minute
+    text = asyncio.run(tr.final())
+    assert asr.lengths[-1] == (len(tr.audio), True) and text.split()[-1] == f"w{total_words - 1}"
+
+
+def test_one_huge_chunk_keeps_only_its_tail_and_counts_every_sample():
+    tr = StreamingTranscriber(HearingASR(), max_audio_ms=10_000, partial_window_ms=5_000)
+    tr.feed(np.ones(30 * RATE, np.float32))
+    assert tr.samples == 30 * RATE and len(tr.audio) == 10 * RATE and tr.buffer_bytes <= 11 * RATE * 4
+    tr.feed(np.ones(RATE, np.float32))
+    assert tr.samples == 31 * RATE and len(tr.audio) <= 10 * RATE
+
+
+def test_submit_kwargs_reach_the_asr_and_partials_replace_older_ones():
+    asr = HearingASR()
+    tr = StreamingTranscriber(asr, partial_interval_ms=500, min_partial_ms=0,
+                              submit_kw={"owner": "sess_1", "request": "opts"})
+    tr.feed(word_audio(0, 2))
+    asyncio.run(tr.partial())
+    asyncio.run(tr.final())
+    assert asr.kw == [{"owner": "sess_1", "request": "opts", "replace": True}, {"owner": "sess_1", "request": "opts"}]

@@ -125,14 +125,17 @@ class FakeEngine:
 class FakeASR:
     """Returns scripted transcripts in order (then 'turn N'), after `delay_s`."""
 
-    def __init__(self, transcripts=(), *, delay_s: float = 0.01):
+    def __init__(self, transcripts=(), *, delay_s: float = 0.01, languages: tuple[str, ...] | None = ("en", "de")):
         self.transcripts = list(transcripts)
         self.delay_s = delay_s
+        self.languages = languages
         self.calls: list[int] = []  # samples per call
+        self.kw: list[dict] = []  # owner / replace / request of each call
         self._n = itertools.count(1)
 
-    async def transcribe_async(self, x16k: np.ndarray) -> str:
+    async def transcribe_async(self, x16k: np.ndarray, **kw) -> str:
         self.calls.append(len(x16k))
+        self.kw.append(kw)
         await asyncio.sleep(self.delay_s)
         return self.transcripts.pop(0) if self.transcripts else f"turn {next(self._n)}"
 
@@ -140,8 +143,9 @@ class FakeASR:
 class FakeTranscriber:
     """Streaming partials: one word per call ('w1', 'w2', ...)."""
 
-    def __init__(self):
+    def __init__(self, submit_kw: dict | None = None):
         self.samples = 0
+        self.submit_kw = submit_kw
         self._n = itertools.count(1)
 
     def feed(self, x16k: np.ndarray) -> None:

@@ -24,6 +24,10 @@ from voicefast.session_config import SessionConfig
 
 log = logging.getLogger("voicefast.session")
 RATE_HZ = 16_000  # internal rate of VAD and ASR
+# Room the server keeps for text that arrives after its item is added: a transcript of max_utterance_s of
+# speech, an answer of up to 4096 tokens.
+USER_TURN_RESERVE_BYTES = 4096
+RESPONSE_RESERVE_BYTES = 4 * 4096
 
 
 @dataclass(slots=True)
@@ -46,7 +50,7 @@ class Session:
         self.stack, self.opts, self._send, self.beta, self.metrics = stack, opts, emit, beta, metrics
         self.cfg = (defaults or SessionConfig()).copy()
         self.cfg.id = new_id("sess")
-        self.conv = Conversation()
+        self.conv = Conversation(max_items=opts.max_conversation_items, max_bytes=opts.max_conversation_bytes)
         self.inbuf = InputBuffer()  # 16 kHz input; its sample offsets are the session's input-audio clock
         self._resampler = StreamResampler(self.cfg.input_format.rate_hz, RATE_HZ)
         self._vad = None
@@ -120,7 +124,8 @@ class Session:
             raise
 
     def _on_session_update(self, d: dict) -> None:
-        new = self.cfg.apply(d["session"], beta=self.beta, voices=self.stack.voice_names)
+        new = self.cfg.apply(d["session"], beta=self.beta, voices=self.stack.voice_names,
+                             languages=self.stack.asr_languages)
         old = self.cfg
         self.cfg = new
         if new.input_format != old.input_format:
@@ -140,6 +145,7 @@ class Session:
         if len(audio) < RATE_HZ // 10:
             raise ProtocolError(f"buffer too small: expected at least 100ms of audio, have "
                                 f"{self.ms(len(audio))}ms", code="input_audio_buffer_commit_empty")
+        self._check_transcription_room()
         item_id = self.utt.item_id if self.utt else new_id("item")
         self._drop_utterance()
         end = self.in_samples
@@ -154,6 +160,8 @@ class Session:
         self.emit({"type": "input_audio_buffer.cleared"})
 
     def _on_conversation_item_create(self, d: dict) -> None:
+        """All or nothing: every check (id, content, sizes, audio, position, caps, transcription room) runs
+        before the item is added; a refused item leaves no trace and its id stays free."""
         it = d["item"]
         item_id = it.get("id") or new_id("item")
         if not isinstance(item_id, str) or len(item_id) > 64:
@@ -169,17 +177,35 @@ class Session:
                 texts.append(v)
         kind = "audio" if audio and it["role"] != "system" else "text"
         item = Item(item_id, it["role"], " ".join(texts), kind=kind)
+        if item.text_bytes > self.opts.max_item_bytes:
+            raise ProtocolError(f"item text is {item.text_bytes} bytes; the maximum is {self.opts.max_item_bytes}",
+                                code="conversation_item_too_large", param="item.content")
         prev = d.get("previous_item_id")
+        if prev is not None and not isinstance(prev, str):
+            raise ProtocolError("previous_item_id must be a string", code="invalid_type", param="previous_item_id")
+        x = self._decode_item_audio(audio)  # validates the audio of every role
+        transcribe = audio and item.role == "user"
+        if transcribe:
+            self._check_transcription_room()
+            item.show_transcript = self.cfg.transcription is not None
+        self.conv.check_add(item, prev)
+        self.conv.check_room(item)
+        # -- every check passed: from here on nothing raises --
         self.conv.add(item, prev)
-        if audio and item.role == "user":
-            x = self._decode_item_audio(audio)
+        if transcribe:
             task = self._spawn(self._transcribe(x, None), "asr-item")
-            self._track_pending(self._spawn(self._finish_user_item(item, task, added=True), "user-item"))
+            done = self._finish_user_item(item, task, added=True, seconds=len(x) / RATE_HZ)
+            self._track_pending(self._spawn(done, "user-item"))
         self.emit({"type": "conversation.item.added", "previous_item_id": self.conv.previous_id(item),
                    "item": item.to_dict()})
-        if not audio:
+        if not transcribe:  # a transcribed item is done when its transcript is
             self.emit({"type": "conversation.item.done", "previous_item_id": self.conv.previous_id(item),
                        "item": item.to_dict()})
+
+    def _check_transcription_room(self) -> None:
+        if len(self._pending_user) >= self.opts.max_pending_transcriptions:
+            raise ProtocolError(f"{len(self._pending_user)} transcriptions of this session are still pending; "
+                                f"wait for their completed events", code="too_many_pending_transcriptions")
 
     def _decode_item_audio(self, parts: list[dict]) -> np.ndarray:
         import base64
@@ -192,6 +218,9 @@ class Session:
             a = p.get("audio")
             if a is None:
                 continue
+            if not isinstance(a, str):
+                raise ProtocolError("content audio must be a base64 string", code="invalid_type",
+                                    param="item.content.audio")
             try:
                 raw = base64.b64decode(a, validate=True)
             except (binascii.Error, ValueError, TypeError):
@@ -199,7 +228,16 @@ class Session:
                                     param="item.content.audio") from None
             chunks.append(self.cfg.input_format.decode(raw))
         x = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        if len(x) > self.max_utterance_samples * self.cfg.input_format.rate_hz // RATE_HZ:
+            raise ProtocolError(f"item audio is {len(x) / self.cfg.input_format.rate_hz:.1f} s; the maximum is "
+                                f"{self.opts.max_utterance_s:g} s", code="input_audio_too_long",
+                                param="item.content.audio")
         return resample(x, self.cfg.input_format.rate_hz, RATE_HZ)
+
+    @property
+    def max_utterance_samples(self) -> int:
+        """16 kHz samples after which an utterance ends (server VAD) and beyond which item audio is refused."""
+        return int(min(self.opts.max_utterance_s, self.opts.max_input_buffer_s) * RATE_HZ)
 
     def _on_conversation_item_truncate(self, d: dict) -> None:
         item = self.conv.find(d["item_id"])
@@ -274,6 +312,7 @@ class Session:
         if self._vad is not None:
             for ev in self._vad.process(x16):
                 self._on_vad(ev.kind, self._vad_base + ev.sample)
+        self._end_overlong_utterance()
         u = self.utt
         if u is not None and not u.announced and not u.in_silence and self.in_samples - u.start_sample >= \
                 self.opts.barge_in_min_ms * RATE_HZ // 1000:
@@ -305,10 +344,32 @@ class Session:
                 return
             self._end_utterance(sample)
 
+    def _end_overlong_utterance(self) -> None:
+        """Speech (or noise) past max_utterance_s ends the turn there, as if the speaker had paused: the
+        utterance's audio, its partials and its final decode stay bounded. Speech that goes on starts afresh."""
+        u = self.utt
+        if u is None or self.in_samples - u.start_sample < self.max_utterance_samples:
+            return
+        log.info("utterance %s reached max_utterance_s: ending the turn", u.item_id)
+        if u.announced:
+            self._end_utterance(self.in_samples)
+        else:
+            self._drop_utterance()
+        self._new_vad()
+
+    def _asr_kw(self, **kw) -> dict:
+        """What every ASR job of this session carries: its owner (fair share, bounded queue) and its settings."""
+        from audio.asr import DecodeRequest
+
+        tr = self.cfg.transcription
+        request = DecodeRequest(language=tr.language, prompt=tr.prompt or None) if tr else DecodeRequest()
+        return {"owner": self.cfg.id, "request": request, **kw}
+
     def _begin_utterance(self, sample: int, *, announce: bool) -> None:
         self.utt = u = Utterance(new_id("item"), sample, announce)
-        if self.stack.transcriber_factory is not None and self.opts.asr_partial_interval_ms > 0:
-            u.transcriber = self.stack.transcriber_factory()
+        if self.stack.transcriber_factory is not None and self.opts.asr_partial_interval_ms > 0 \
+                and self.cfg.transcription is not None:  # partials are transcription events: none when it is off
+            u.transcriber = self.stack.transcriber_factory(submit_kw=self._asr_kw())
             pad = int(self.cfg.turn_detection.prefix_padding_ms * RATE_HZ / 1000)
             u.transcriber.feed(self.inbuf.slice(sample - pad))
             u.last_partial_sample = self.in_samples
@@ -356,7 +417,8 @@ class Session:
     def _speculate(self) -> None:
         """Early silence: run the ASR final and the LLM now, hold the output until the endpoint is confirmed."""
         t = TurnTimings(speculative=True)
-        asr = self._spawn(self._transcribe(self._utterance_audio(self.utt), t), "asr-spec")
+        # replace: a newer speculative final supersedes an older one still queued
+        asr = self._spawn(self._transcribe(self._utterance_audio(self.utt), t, replace=True), "asr-spec")
         self._spec_asr = asr
         self.spec = self._start_response({}, t, asr, held=True)
 
@@ -399,16 +461,25 @@ class Session:
             else:
                 self._start_response({}, t, None, held=False)
 
+    def _make_room(self, reserve_bytes: int) -> None:
+        """The server's own items always fit: the oldest items are evicted (and said so) instead."""
+        for old in self.conv.make_room(reserve_bytes):
+            self._past.pop(old.id, None)
+            self.emit({"type": "conversation.item.deleted", "item_id": old.id})
+
     def _commit(self, item_id: str, audio: np.ndarray, t: TurnTimings, asr: asyncio.Task) -> asyncio.Task | None:
+        self._make_room(USER_TURN_RESERVE_BYTES)
         prev = self.conv.previous_id()
-        item = Item(item_id, "user", kind="audio", status="completed")
+        item = Item(item_id, "user", kind="audio", status="completed",
+                    show_transcript=self.cfg.transcription is not None)
         self.conv.add(item)
         self.emit({"type": "input_audio_buffer.committed", "item_id": item_id, "previous_item_id": prev})
         self.emit({"type": "conversation.item.added", "previous_item_id": prev, "item": item.to_dict()})
+        seconds = len(audio) / RATE_HZ
         if asr.done() and not asr.cancelled() and asr.exception() is None:
-            self._user_item_transcribed(item, asr.result())  # speculation already has it: say so first
+            self._user_item_transcribed(item, asr.result(), seconds)  # speculation already has it: say so first
             return None
-        task = self._spawn(self._finish_user_item(item, asr, added=True), "user-item")
+        task = self._spawn(self._finish_user_item(item, asr, added=True, seconds=seconds), "user-item")
         self._track_pending(task)
         return task
 
@@ -416,42 +487,52 @@ class Session:
         self._pending_user.add(task)
         task.add_done_callback(self._pending_user.discard)
 
-    async def _transcribe(self, x16: np.ndarray, t: TurnTimings | None) -> str:
+    async def _transcribe(self, x16: np.ndarray, t: TurnTimings | None, *, replace: bool = False) -> str:
         if t is not None:
             t.asr_start_s = time.monotonic()
-        text = (await self.stack.asr.transcribe_async(x16)).strip()
+        text = (await self.stack.asr.transcribe_async(x16, **self._asr_kw(replace=replace))).strip()
         if t is not None:
             t.asr_end_s = time.monotonic()
         return text
 
-    async def _finish_user_item(self, item: Item, asr: asyncio.Task, *, added: bool) -> None:
+    async def _finish_user_item(self, item: Item, asr: asyncio.Task, *, added: bool, seconds: float) -> None:
         try:
             item.text = await asr
         except asyncio.CancelledError:
             raise
         except Exception:  # details in the log; the client gets a code
             log.warning("transcription failed", exc_info=True)
+            if not item.show_transcript:
+                return
             self.emit({"type": "conversation.item.input_audio_transcription.failed", "item_id": item.id,
                        "content_index": 0, "error": {"type": "server_error", "code": "transcription_failed",
                                                      "message": "transcription failed"}})
             return
-        self._user_item_transcribed(item, item.text)
+        self._user_item_transcribed(item, item.text, seconds)
 
-    def _user_item_transcribed(self, item: Item, text: str) -> None:
+    def _user_item_transcribed(self, item: Item, text: str, seconds: float) -> None:
         item.text = text
-        self.emit({"type": "conversation.item.input_audio_transcription.completed", "item_id": item.id,
-                   "content_index": 0, "transcript": item.text,
-                   "usage": {"type": "duration", "seconds": 0}})
+        if item.show_transcript:  # transcription off: the LLM still hears it, the client is not told
+            self.emit({"type": "conversation.item.input_audio_transcription.completed", "item_id": item.id,
+                       "content_index": 0, "transcript": item.text,
+                       "usage": {"type": "duration", "seconds": round(seconds, 3)}})
         if self.conv.find(item.id) is not None:
             self.emit({"type": "conversation.item.done", "previous_item_id": self.conv.previous_id(item),
                        "item": item.to_dict()})
 
     # -- responses -------------------------------------------------------------------------------------
     def _start_response(self, over: dict, t: TurnTimings, asr: asyncio.Task | None, *, held: bool) -> Response:
-        p, instructions = ResponseParams.from_request(over, self.cfg, self.opts, self.stack.voices)
+        p, instructions = ResponseParams.from_request(over, self.cfg, self.opts, self.stack.voice_names)
         max_tok = p.max_output_tokens
         isolated = over.get("conversation") == "none"
         previous = self.active
+        queued = None
+        if not held and previous is not None and not previous.started and not previous.held \
+                and not previous.done.is_set() and previous.after is not None:
+            # `previous` is itself only queued behind a running response: this newer turn replaces it (its user
+            # item is in the conversation, so the new response answers it too). A session so holds at most one
+            # running, one queued and one speculative response: at most three engine requests and TTS streams.
+            queued, previous = previous, previous.after
 
         async def messages() -> list[dict] | None:
             if previous is not None and not previous.done.is_set() and previous is not r:
@@ -468,19 +549,26 @@ class Session:
                 last_user = next((it for it in reversed(self.conv.items) if it.role == "user"), None)
                 if over == {} and last_user is not None and last_user.kind == "audio" and not last_user.text:
                     return None  # the turn transcribed to nothing (noise): no response
-            budget = self.stack.max_model_len - (256 if max_tok == "inf" else int(max_tok))
+            # The prompt keeps at least half the context, whatever max_output_tokens asks (the reply is then cut
+            # at the context's end: status incomplete).
+            reserve = 256 if max_tok == "inf" else int(max_tok)
+            budget = self.stack.max_model_len - min(reserve, self.stack.max_model_len // 2)
             conv = self.conv if not isolated else type(self.conv)()
             return conv.messages(instructions, count_tokens=self.stack.count_tokens, max_prompt_tokens=budget,
                                  extra=extra)
 
         r = Response(stack=self.stack, params=p, emit=self.emit, messages=messages, timings=t, held=held,
                      on_start=self._response_started, on_end=self._response_ended)
+        r.after = previous if previous is not None and not previous.done.is_set() else None
         if not held:
             self.active = r
+        if queued is not None:
+            queued.discard()
         return r
 
     def _response_started(self, r: Response) -> None:
         self.active = r
+        self._make_room(RESPONSE_RESERVE_BYTES)
         prev = self.conv.previous_id()
         self.conv.add(r.item)
         self.emit({"type": "conversation.item.added", "previous_item_id": prev, "item": r.item.to_dict()})

@@ -116,7 +116,10 @@ class Conversation:
     def messages(self, instructions: str, *, count_tokens: Callable[[str], int], max_prompt_tokens: int,
                  extra: list[Item] = ()) -> list[dict]:
         """Chat messages for the next response: system prompt + the newest turns that fit the budget."""
-        turns = [it for it in [*self.items, *extra] if it.text.strip()]
+        # An extra item stands in for a conversation item of the same id (a speculative turn whose item was added
+        # meanwhile), else it follows the conversation.
+        by_id = {it.id: it for it in extra}
+        turns = [it for it in [*(by_id.pop(c.id, c) for c in self.items), *by_id.values()] if it.text.strip()]
         system = [{"role": "system", "content": instructions}] if instructions else []
         budget = max_prompt_tokens - sum(count_tokens(m["content"]) + PER_MESSAGE_OVERHEAD_TOKENS for m in system)
         kept: list[dict] = []

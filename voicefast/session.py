@@ -420,7 +420,7 @@ class Session:
         # replace: a newer speculative final supersedes an older one still queued
         asr = self._spawn(self._transcribe(self._utterance_audio(self.utt), t, replace=True), "asr-spec")
         self._spec_asr = asr
-        self.spec = self._start_response({}, t, asr, held=True)
+        self.spec = self._start_response({}, t, asr, held=True, user_item_id=self.utt.item_id)
 
     def _drop_spec(self) -> None:
         if self.spec is not None:
@@ -452,6 +452,7 @@ class Session:
         self.inbuf.trim(self.in_samples)
         if td.create_response:
             if spec is not None:
+                self._supersede(spec)
                 self.active = spec
                 # The user transcript goes out before the response that answers it.
                 if pending is None:
@@ -521,28 +522,22 @@ class Session:
                        "item": item.to_dict()})
 
     # -- responses -------------------------------------------------------------------------------------
-    def _start_response(self, over: dict, t: TurnTimings, asr: asyncio.Task | None, *, held: bool) -> Response:
+    def _start_response(self, over: dict, t: TurnTimings, asr: asyncio.Task | None, *, held: bool,
+                        user_item_id: str = "pending") -> Response:
         p, instructions = ResponseParams.from_request(over, self.cfg, self.opts, self.stack.voice_names)
         max_tok = p.max_output_tokens
         isolated = over.get("conversation") == "none"
         previous = self.active
-        queued = None
-        if not held and previous is not None and not previous.started and not previous.held \
-                and not previous.done.is_set() and previous.after is not None:
-            # `previous` is itself only queued behind a running response: this newer turn replaces it (its user
-            # item is in the conversation, so the new response answers it too). A session so holds at most one
-            # running, one queued and one speculative response: at most three engine requests and TTS streams.
-            queued, previous = previous, previous.after
 
         async def messages() -> list[dict] | None:
-            if previous is not None and not previous.done.is_set() and previous is not r:
-                await previous.done.wait()
+            while r.after is not None and not r.after.done.is_set():  # re-checked: _supersede may re-point it
+                await r.after.done.wait()
             extra: list[Item] = []
             if asr is not None and held:  # speculative: the user item does not exist yet
                 text = await asr
                 if not text:
                     return None
-                extra = [Item("pending", "user", text)]
+                extra = [Item(user_item_id, "user", text)]  # replaces its item if committed meanwhile
             else:
                 if self._pending_user:
                     await asyncio.gather(*list(self._pending_user), return_exceptions=True)
@@ -561,10 +556,20 @@ class Session:
                      on_start=self._response_started, on_end=self._response_ended)
         r.after = previous if previous is not None and not previous.done.is_set() else None
         if not held:
+            self._supersede(r)
             self.active = r
-        if queued is not None:
-            queued.discard()
         return r
+
+    @staticmethod
+    def _supersede(r: Response) -> None:
+        """If `r` would wait for a response that is itself only queued behind a running one, the newer turn
+        replaces the queued one (its user item is in the conversation, so `r` answers it too). A session so holds
+        at most one running, one queued and one speculative response: at most three engine requests and TTS
+        streams, however many turns a client ends while an answer plays (interrupt_response=false)."""
+        q = r.after
+        if q is not None and q.after is not None and not q.started and not q.done.is_set():
+            r.after = q.after
+            q.discard()
 
     def _response_started(self, r: Response) -> None:
         self.active = r

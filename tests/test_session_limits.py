@@ -301,3 +301,42 @@ async def test_every_transcription_is_owned_by_its_session_and_speculation_repla
     assert owners == {h.session.cfg.id}
     assert any(kw["replace"] for kw in h.stack.asr.kw)  # the speculative finals
     await h.session.close()
+
+
+# -- one big append does not hold the event loop ---------------------------------------------------------
+async def test_a_big_append_is_fed_in_slices_with_the_loop_turning_between():
+    from voicefast.intake import deliver
+
+    h = Harness()
+    fed: list[int] = []
+    real_feed = h.session.feed_audio
+    h.session.feed_audio = lambda x: (fed.append(len(x)), real_feed(x))[1]
+    turns = 0
+
+    async def ticker():  # another session's work: it runs whenever the loop turns
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    t = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    x = np.concatenate([silence(200), speech_like(600), silence(900)] * 25)  # 42.5 s: one 2 MiB append
+    pcm = AudioFormat().encode(x)
+    assert len(base64.b64encode(pcm)) > 2_000_000
+    ev = h.proto.receive_message(json.dumps({"type": "input_audio_buffer.append", "event_id": "big",
+                                             "audio": base64.b64encode(pcm).decode()}))
+    before = turns
+    await deliver(h.session, ev, inline_audio_ms=500)
+    t.cancel()
+    assert sum(fed) == len(x) and max(fed) == 24_000 // 2 and len(fed) == -(-len(x) // 12_000)
+    assert turns - before >= len(fed) - 1  # the loop turned between every two slices
+    # sliced or not, the audio means the same: 25 turns were detected
+    assert len(h.of("input_audio_buffer.speech_stopped")) == 25
+    bad = h.proto.receive_message(json.dumps({"type": "input_audio_buffer.append", "event_id": "odd",
+                                              "audio": base64.b64encode(b"\x01\x02\x03").decode()}))
+    fed.clear()
+    with pytest.raises(ProtocolError) as e:
+        await deliver(h.session, bad, inline_audio_ms=500)
+    assert e.value.event_id == "odd" and e.value.code == "invalid_audio" and fed == []
+    await h.session.close()

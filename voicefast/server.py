@@ -19,6 +19,7 @@ from voicefast import auth
 from voicefast.config import ServerConfig
 from voicefast.errors import ProtocolError
 from voicefast.http import HttpReply, static_file
+from voicefast.intake import deliver
 from voicefast.limits import ConnectionLimits, receive_timeout
 from voicefast.metrics import ServerMetrics
 from voicefast.protocol import RealtimeProtocol
@@ -212,7 +213,7 @@ class RealtimeServer:
                     await self._end_session(ws, session, emit, why)
                     break
                 try:
-                    session.handle(proto.receive_message(msg))
+                    await deliver(session, proto.receive_message(msg), inline_audio_ms=self.opts.inline_audio_ms)
                 except ProtocolError as e:
                     emit(e.to_event())
                 except Exception:  # a bug must cost one event, not the session; its details stay in the log

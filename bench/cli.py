@@ -1,4 +1,5 @@
-"""`voicefast bench voice | engine | asr | tts`: each benchmark lives in its own module, imported lazily."""
+"""`voicefast bench voice | engine | asr | tts | soak | overload | stall`: each benchmark lives in its own module,
+imported lazily."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ BENCHES: dict[str, tuple[str, str]] = {
     "engine": ("bench.engine:main", "LLM decode engine throughput and latency"),
     "asr": ("bench.audio:asr_main", "streaming ASR latency and WER"),
     "tts": ("bench.audio:tts_main", "TTS time to first audio and real-time factor"),
+    "soak": ("bench.soak:main", "long run of mixed sessions; RSS, fds, threads, tasks, KV blocks over time"),
+    "overload": ("bench.overload:main", "connection storms at max_sessions; running callers' latency before/during"),
+    "stall": ("bench.stall:main", "how long other sessions wait while one sends the biggest appends"),
 }
 
 

@@ -5,6 +5,7 @@ partial however long the utterance runs, without losing or repeating words at th
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from concurrent.futures import Future
 
@@ -175,3 +176,52 @@ def test_submit_kwargs_reach_the_asr_and_partials_replace_older_ones():
     asyncio.run(tr.partial())
     asyncio.run(tr.final())
     assert asr.kw == [{"owner": "sess_1", "request": "opts", "replace": True}, {"owner": "sess_1", "request": "opts"}]
+
+
+# ------------------------- Whisper encoder shapes -------------------------
+def test_whisper_encoder_windows_come_in_few_lengths():
+    from types import SimpleNamespace
+
+    from audio.asr import FULL_WINDOW_FRAMES, AsrOptions, WhisperASR
+
+    fake = SimpleNamespace(options=AsrOptions())
+    windows = {WhisperASR._window_frames(fake, [np.zeros(n, np.float32)]) for n in range(0, 30 * RATE + 1, 160)}
+    # every 10 ms of utterance length once made its own window (2000 lengths, each a new native cache entry)
+    assert len(windows) <= 9 and max(windows) == FULL_WINDOW_FRAMES and min(windows) == 1000
+    for n in range(0, 30 * RATE, 1600):  # the window still covers the audio plus its padding
+        w = WhisperASR._window_frames(fake, [np.zeros(n, np.float32)])
+        assert w >= min(FULL_WINDOW_FRAMES, n / 160 + 500)
+
+
+@pytest.mark.slow
+def test_whisper_rss_plateaus_over_decodes_of_every_length():
+    """The real model: once each window length has been seen, decodes of new utterance lengths add no memory.
+    With a window length per 10 ms of audio (window_step_frames=1) RSS grew ~0.85 MiB per decode."""
+    import random
+
+    from speech import CUSTOMER_SENTENCES, load_wav, speech_wav
+
+    from audio.asr import AsrOptions, WhisperASR
+
+    speech = np.concatenate([load_wav(speech_wav(t, rate_hz=RATE))[0] for t in CUSTOMER_SENTENCES[:5]])
+    step = int(os.environ.get("VOICEFAST_TEST_WINDOW_STEP", "250"))  # 1: the old behaviour, to see it fail
+    asr = WhisperASR(cpu_threads=1, options=AsrOptions(window_step_frames=step))
+    try:
+        for s in (3, 6, 8.5, 11):  # one decode per window length used below (warm-up)
+            asr.transcribe(speech[:int(s * RATE)])
+        base = rss_bytes()
+        rng = random.Random(1)
+        for _ in range(20):
+            n = rng.randint(5 * RATE, 12 * RATE)
+            a = rng.randint(0, len(speech) - n)
+            asr.transcribe(speech[a:a + n])
+        growth = rss_bytes() - base
+    finally:
+        asr.close()
+    print(f"RSS growth over 20 decodes of new lengths: {growth / 2**20:.1f} MiB (window step {step})")
+    assert growth < 8 * 2**20, growth / 2**20
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))

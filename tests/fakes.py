@@ -77,6 +77,8 @@ class FakeEngine:
         self.max_model_len = 2048
 
     def generate(self, params, *, messages=None, prompt=None, prompt_token_ids=None, request_id=None):
+        if messages is not None and not messages:  # like the real engine's chat template
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         rid = request_id or f"req-{next(self._ids)}"
         self.requests.append((rid, list(messages or [])))
         return self._stream(rid, params, messages or [])

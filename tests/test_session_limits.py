@@ -340,3 +340,15 @@ async def test_a_big_append_is_fed_in_slices_with_the_loop_turning_between():
         await deliver(h.session, bad, inline_audio_ms=500)
     assert e.value.event_id == "odd" and e.value.code == "invalid_audio" and fed == []
     await h.session.close()
+
+
+async def test_response_with_nothing_to_answer_is_refused_up_front():
+    h = Harness()
+    h.send("session.update", session={"type": "realtime", "instructions": ""})
+    e = h.error("response.create", response={"conversation": "none"})  # found by the live fuzz test
+    assert e.param == "response" and h.session.active is None
+    e = h.error("response.create")
+    assert e.param == "response"
+    h.send("response.create", response={"instructions": "Say hello."})  # instructions alone are enough
+    assert (await h.wait_for("response.done"))["response"]["status"] == "completed"
+    await h.session.close()

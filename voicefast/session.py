@@ -273,7 +273,14 @@ class Session:
         if self.active is not None and not self.active.done.is_set():
             raise ProtocolError(f"conversation already has an active response {self.active.id}",
                                 code="conversation_already_has_active_response")
-        self._start_response(d.get("response") or {}, TurnTimings(), None, held=False)
+        over = d.get("response") or {}
+        _, instructions = ResponseParams.from_request(over, self.cfg, self.opts, self.stack.voice_names)
+        heard = over.get("conversation") != "none" and (
+            self._pending_user or any(it.text.strip() for it in self.conv.items))
+        if not instructions.strip() and not heard:  # the model would get an empty prompt
+            raise ProtocolError("nothing to respond to: no instructions and no conversation items with content",
+                                code="invalid_value", param="response")
+        self._start_response(over, TurnTimings(), None, held=False)
 
     def _on_response_cancel(self, d: dict) -> None:
         r = self.active
@@ -549,8 +556,9 @@ class Session:
             reserve = 256 if max_tok == "inf" else int(max_tok)
             budget = self.stack.max_model_len - min(reserve, self.stack.max_model_len // 2)
             conv = self.conv if not isolated else type(self.conv)()
-            return conv.messages(instructions, count_tokens=self.stack.count_tokens, max_prompt_tokens=budget,
+            msgs = conv.messages(instructions, count_tokens=self.stack.count_tokens, max_prompt_tokens=budget,
                                  extra=extra)
+            return msgs or None  # nothing to say (the conversation emptied meanwhile): no response
 
         r = Response(stack=self.stack, params=p, emit=self.emit, messages=messages, timings=t, held=held,
                      on_start=self._response_started, on_end=self._response_ended)

@@ -225,3 +225,31 @@ def test_whisper_rss_plateaus_over_decodes_of_every_length():
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+# ------------------------- SpeechOutput -------------------------
+def test_speech_output_synthesizes_at_most_max_queued_ms_ahead_of_its_reader():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fakes import FakeTTS
+
+    from audio.speech_out import SpeechOutput
+
+    async def run():
+        tts = FakeTTS(word_s=0.25)  # 250 ms of audio per word
+        out = SpeechOutput(tts, 24_000, 100, max_queued_ms=2000)
+        out.say(" ".join(["Hello there, this is a long answer."] * 20))  # 140 words: 35 s of audio
+        out.start()
+        for _ in range(200):
+            await asyncio.sleep(0.001)
+        held = out._out.qsize()
+        longest_phrase_frames = max(len(t.split()) for t in tts.texts) * 250 // 100 + 1
+        assert 0 < held * 100 <= 2000 + longest_phrase_frames * 100, held  # not 35 s of frames
+        frames = [f async for f in out.frames()]
+        assert sum(len(f.pcm) for f in frames) >= 35 * 24_000  # nothing was dropped, only paced
+        assert out.max_queued_frames_seen * 100 <= 2000 + longest_phrase_frames * 100
+        assert frames[-1].text_end == len(out.text)
+
+    asyncio.run(run())

@@ -34,7 +34,7 @@ class ServerConfig:
     idle_timeout_s: float = 300.0  # no client frame for this long -> close
     max_send_queue: int = 256  # outgoing events buffered per session before the reader is deemed hopeless
     max_send_queue_bytes: int = 4 << 20  # ... or this many bytes of them
-    max_receive_queue: int = 8  # incoming frames buffered per connection (each <= max_message_bytes)
+    max_receive_queue: int = 4  # incoming frames buffered per connection (each <= max_message_bytes)
     max_utterance_s: float = 30.0  # continuous speech (or noise) this long ends the turn (at most max_input_buffer_s)
     max_item_bytes: int = 100_000  # UTF-8 text of one conversation item (client-created)
     max_conversation_items: int = 500  # items per session (server turns evict the oldest, client items get an error)

@@ -111,3 +111,14 @@ async def test_pushing_past_every_limit_holds_at_most_the_budget_and_stops_growi
     assert again - once < 0.25 * ceiling  # bounded: nine times the pushing, no matching growth
     assert after_close < 0.25 * once  # closing gives the buffers back
     assert conv_bytes <= OPTS.max_conversation_bytes and conv_items <= OPTS.max_conversation_items
+
+
+def test_the_documented_ceiling_is_the_computed_one():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "server.md").read_text()
+    table = doc[doc.index("### Memory one session can hold"):].split("\n\n")[1]
+    documented = [float(row.split("|")[2].strip().removesuffix(" MiB").strip("*~ ")) for row in table.splitlines()[2:]]
+    b = session_memory_budget(ServerConfig())
+    assert documented[:-1] == [round(v / 2**20, 1) for v in b.values()]
+    assert documented[-1] == round(sum(b.values()) / 2**20)

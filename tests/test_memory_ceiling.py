@@ -118,7 +118,7 @@ def test_the_documented_ceiling_is_the_computed_one():
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "server.md").read_text()
     table = doc[doc.index("### Memory one session can hold"):].split("\n\n")[1]
-    documented = [float(row.split("|")[2].strip().removesuffix(" MiB").strip("*~ ")) for row in table.splitlines()[2:]]
+    documented = [float(row.split("|")[2].strip("*~ ").removesuffix(" MiB")) for row in table.splitlines()[2:]]
     b = session_memory_budget(ServerConfig())
     assert documented[:-1] == [round(v / 2**20, 1) for v in b.values()]
     assert documented[-1] == round(sum(b.values()) / 2**20)

@@ -40,7 +40,7 @@ class ServerConfig:
     max_conversation_items: int = 500  # items per session (server turns evict the oldest, client items get an error)
     max_conversation_bytes: int = 1_000_000  # text of all items of a session (same policy)
     max_pending_transcriptions: int = 2  # queued audio-item/commit transcriptions per session (more: an error)
-    inline_audio_ms: int = 500  # audio of one append processed per event-loop turn (a big append is sliced)
+    inline_audio_ms: int = 200  # audio of one append processed per event-loop turn (a big append is sliced)
     # Abuse limits (0 = off)
     connect_rate_per_address_per_min: int = 120  # connection attempts per client address (HTTP 429 beyond)
     connect_rate_per_key_per_min: int = 600  # connections per API key (HTTP 429 beyond)

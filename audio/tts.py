@@ -14,6 +14,25 @@ from pathlib import Path
 import numpy as np
 
 _MARKUP = re.compile(r"[*#`_~|<>]+")  # markdown the LLM may emit; never spoken
+_ARENA_LOCK = threading.Lock()
+_ARENA_REGISTERED = False
+
+
+def shared_cpu_arena(ort) -> bool:
+    """Register (once per process) the CPU arena Piper sessions share: it grows by what an allocation asks for
+    (kSameAsRequested), not to the next power of two. onnxruntime's default arena doubles its next chunk each time
+    it runs out (a soak saw +128 MiB, then +256 MiB mapped at once, never returned); this one grows by the tensor
+    that did not fit. Same speed (12 prompts x 3: 8.3 s vs 8.8 s). False if this onnxruntime cannot."""
+    global _ARENA_REGISTERED
+    with _ARENA_LOCK:
+        if not _ARENA_REGISTERED:
+            try:
+                mem = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+                ort.create_and_register_allocator(mem, ort.OrtArenaCfg(0, 1, -1, -1))  # 1: kSameAsRequested
+            except (AttributeError, RuntimeError, TypeError):
+                return False
+            _ARENA_REGISTERED = True
+        return True
 
 
 class PiperTTS:
@@ -37,6 +56,8 @@ class PiperTTS:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        if shared_cpu_arena(ort):
+            opts.add_session_config_entry("session.use_env_allocators", "1")
         session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.voice = PiperVoice(session=session, config=config)
         self.sample_rate_hz: int = int(config.sample_rate)

@@ -253,3 +253,18 @@ def test_speech_output_synthesizes_at_most_max_queued_ms_ahead_of_its_reader():
         assert frames[-1].text_end == len(out.text)
 
     asyncio.run(run())
+
+
+@pytest.mark.slow
+def test_piper_sessions_share_an_arena_that_grows_by_what_is_asked():
+    import onnxruntime as ort
+
+    from audio.tts import PiperTTS, shared_cpu_arena
+
+    a, b = PiperTTS(), PiperTTS()
+    for voice in (a, b):
+        opts = voice.voice.session.get_session_options()
+        assert opts.get_session_config_entry("session.use_env_allocators") == "1"
+    assert shared_cpu_arena(ort)  # registered once, idempotent
+    audio = np.concatenate(list(a.synthesize("The shared arena still speaks.")))
+    assert len(audio) > a.sample_rate_hz // 2 and np.max(np.abs(audio)) > 0.1

@@ -13,26 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from audio.heap import trim_if_free_over
+
 _MARKUP = re.compile(r"[*#`_~|<>]+")  # markdown the LLM may emit; never spoken
-_ARENA_LOCK = threading.Lock()
-_ARENA_REGISTERED = False
-
-
-def shared_cpu_arena(ort) -> bool:
-    """Register (once per process) the CPU arena Piper sessions share: it grows by what an allocation asks for
-    (kSameAsRequested), not to the next power of two. onnxruntime's default arena doubles its next chunk each time
-    it runs out (a soak saw +128 MiB, then +256 MiB mapped at once, never returned); this one grows by the tensor
-    that did not fit. Same speed (12 prompts x 3: 8.3 s vs 8.8 s). False if this onnxruntime cannot."""
-    global _ARENA_REGISTERED
-    with _ARENA_LOCK:
-        if not _ARENA_REGISTERED:
-            try:
-                mem = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-                ort.create_and_register_allocator(mem, ort.OrtArenaCfg(0, 1, -1, -1))  # 1: kSameAsRequested
-            except (AttributeError, RuntimeError, TypeError):
-                return False
-            _ARENA_REGISTERED = True
-        return True
+FREE_HEAP_TRIM_BYTES = 64 << 20  # malloc's free pool beyond this goes back to the OS after a phrase
 
 
 class PiperTTS:
@@ -56,8 +40,12 @@ class PiperTTS:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        if shared_cpu_arena(ort):
-            opts.add_session_config_entry("session.use_env_allocators", "1")
+        # No onnxruntime CPU arena: it keeps the peak of the longest phrase ever synthesized for good, rounded up
+        # to the next power of two (phrases of up to 60 words: RSS 157 -> 819 MiB and climbing in 512 MiB steps;
+        # a 25-min server soak saw +128 then +256 MiB mapped at once). Without it the memory goes back to malloc
+        # after each phrase, and synthesize() hands malloc's free pool back to the OS once it passes
+        # FREE_HEAP_TRIM_BYTES (bench/stage_rss.py tts --long).
+        opts.enable_cpu_mem_arena = False
         session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.voice = PiperVoice(session=session, config=config)
         self.sample_rate_hz: int = int(config.sample_rate)
@@ -90,3 +78,4 @@ class PiperTTS:
             if peak > 1e-8:
                 audio = audio / peak  # Piper's normalize_audio: each sentence peaks at full scale
             yield np.clip(audio * 0.9, -1.0, 1.0).astype(np.float32)
+        trim_if_free_over(FREE_HEAP_TRIM_BYTES)

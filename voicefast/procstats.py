@@ -6,37 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import threading
 
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-
-def _libc_mallinfo2():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.mallinfo2
-    except (OSError, AttributeError):  # not glibc >= 2.33
-        return None
-    fn.restype = _MallInfo2
-    return fn
-
-
-_MALLINFO2 = _libc_mallinfo2()
-
-
-def malloc_stats() -> dict[str, int]:
-    """glibc heap: `in_use` (allocated), `free` (held by malloc, not returned to the OS), `mmapped` (large blocks)."""
-    if _MALLINFO2 is None:
-        return {}
-    m = _MALLINFO2()
-    return {"in_use": m.uordblks, "free": m.fordblks, "mmapped": m.hblkhd, "arena": m.arena}
+from audio.heap import malloc_stats
 
 
 def snapshot() -> dict[str, int]:

@@ -6,7 +6,8 @@ caches (or leaks); one that plateaus is warming up. Used to find where the serve
     python -m bench.stage_rss asr --n 300 --window-step 1     # Whisper, one encoder window per 10 ms (the old way)
     python -m bench.stage_rss asr --n 300                     # Whisper, windows in 2.5 s steps (now)
     ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 python -m bench.stage_rss asr --n 150 --window-step 1
-    python -m bench.stage_rss tts --n 300 [--no-arena]        # Piper; --no-arena: onnxruntime's CPU arena off
+    python -m bench.stage_rss tts --n 300 [--long] [--arena]  # Piper; --long: 20-60-word phrases;
+                                                              # --arena: onnxruntime's CPU arena on (the old way)
     python -m bench.stage_rss llm --n 200                     # the LLM engine, conversations of 8 turns"""
 
 from __future__ import annotations
@@ -52,20 +53,21 @@ def tts(args) -> None:
     from audio.tts import PiperTTS
 
     voice = PiperTTS()
-    if args.no_arena:
+    if args.arena:
         import onnxruntime as ort
         from piper import PiperVoice
 
         o = ort.SessionOptions()
-        o.intra_op_num_threads, o.inter_op_num_threads, o.enable_cpu_mem_arena = 1, 1, False
+        o.intra_op_num_threads, o.inter_op_num_threads, o.enable_cpu_mem_arena = 1, 1, True
         voice.voice = PiperVoice(session=ort.InferenceSession(str(voice.path), sess_options=o,
                                                               providers=["CPUExecutionProvider"]),
                                  config=voice.voice.config)
-    words = " ".join(PROMPTS).split()
+    words = " ".join(PROMPTS * 4).replace(".", ",").replace("?", ",").split()  # one sentence per phrase
+    lo, hi = (20, 60) if args.long else (1, 14)
     rng, t0 = random.Random(0), time.time()
-    print(f"tts arena={'off' if args.no_arena else 'on'}: start rss {rss_mib():.1f} MiB", flush=True)
+    print(f"tts arena={'on' if args.arena else 'off'} words {lo}-{hi}: start rss {rss_mib():.1f} MiB", flush=True)
     for i in range(args.n):
-        k = rng.randint(1, 14)
+        k = rng.randint(lo, hi)
         a = rng.randint(0, len(words) - k)
         for _ in voice.synthesize(" ".join(words[a:a + k]) + "."):
             pass
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--window-step", type=int, default=250, help="asr: AsrOptions.window_step_frames")
-    ap.add_argument("--no-arena", action="store_true", help="tts: onnxruntime CPU memory arena off")
+    ap.add_argument("--arena", action="store_true", help="tts: onnxruntime's CPU memory arena on (the old way)")
+    ap.add_argument("--long", action="store_true", help="tts: phrases of 20-60 words")
     args = ap.parse_args(argv)
     {"asr": asr, "tts": tts, "llm": llm}[args.stage](args)
     return 0

@@ -103,8 +103,10 @@ def write_plot(samples: list[dict], warmup_min: float, path: Path) -> None:
 
     pts = [s for s in samples if "minute" in s]
     mins = [s["minute"] for s in pts]
-    panels = [("RSS (MiB)", [("rss_bytes", "RSS"), ("malloc_in_use_bytes", "malloc in use"),
-                             ("malloc_free_bytes", "malloc free")], 2**20),
+    idle = samples[0]
+    panels = [("change since idle (MiB)", [("rss_bytes", "RSS"), ("malloc_in_use_bytes", "malloc in use"),
+                                           ("malloc_free_bytes", "malloc free"),
+                                           ("malloc_mmapped_bytes", "malloc mmapped")], 2**20),
               ("open fds", [("open_fds", "fds")], 1), ("threads", [("threads", "threads")], 1),
               ("event-loop tasks", [("tasks", "tasks")], 1), ("engine free KV blocks", [("free_blocks", "free")], 1),
               ("scenarios done", [("_done", "scenarios")], 1)]
@@ -113,6 +115,8 @@ def write_plot(samples: list[dict], warmup_min: float, path: Path) -> None:
         for key, label in series:
             if key == "_done":
                 ys = [sum(s.get("outcomes", {}).values()) for s in pts]
+            elif div == 2**20:  # memory: change since the idle sample, so a few MiB show on a 2.5 GiB process
+                ys = [(s.get(key, float("nan")) - idle.get(key, float("nan"))) / div for s in pts]
             else:
                 ys = [s.get(key, float("nan")) / div for s in pts]
             ax.plot(mins, ys, marker=".", label=label)

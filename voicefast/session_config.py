@@ -91,7 +91,7 @@ class Transcription:
     transcribes to understand the turn (the LLM hears through the ASR)."""
 
     model: str = "whisper"
-    language: str | None = "en"  # None: the model's own (detected by a multilingual model)
+    language: str | None = None  # None: the model's own ("en" for tiny.en; detected by a multilingual model)
     prompt: str = ""  # words that steer the ASR's spelling (names, jargon)
 
     def to_dict(self) -> dict:

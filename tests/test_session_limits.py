@@ -310,7 +310,7 @@ async def test_a_big_append_is_fed_in_slices_with_the_loop_turning_between():
     h = Harness()
     fed: list[int] = []
     real_feed = h.session.feed_audio
-    h.session.feed_audio = lambda x: (fed.append(len(x)), real_feed(x))[1]
+    h.session.feed_audio = lambda x, **kw: (fed.append(len(x)), real_feed(x, **kw))[1]
     turns = 0
 
     async def ticker():  # another session's work: it runs whenever the loop turns
@@ -340,6 +340,13 @@ async def test_a_big_append_is_fed_in_slices_with_the_loop_turning_between():
         await deliver(h.session, bad, inline_audio_ms=500)
     assert e.value.event_id == "odd" and e.value.code == "invalid_audio" and fed == []
     await h.session.close()
+    # one append, however many slices, is told the buffer is full once
+    small = Harness(max_input_buffer_s=10.0)
+    small.manual()
+    await deliver(small.session, ev, inline_audio_ms=500)
+    assert [e["error"]["code"] for e in small.of("error")] == ["input_audio_buffer_full"]
+    assert small.session.inbuf.samples == 10 * 16_000
+    await small.session.close()
 
 
 async def test_response_with_nothing_to_answer_is_refused_up_front():

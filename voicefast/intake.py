@@ -32,4 +32,4 @@ async def deliver(session, ev: ClientEvent, *, inline_audio_ms: int) -> None:
             await asyncio.sleep(0)  # let other sessions run between slices
             if session.closed:
                 return
-        session.feed_audio(x[i:i + step])
+        session.feed_audio(x[i:i + step], event_start=i == 0)

@@ -63,6 +63,7 @@ class Session:
         self._past: OrderedDict[str, Response] = OrderedDict()  # item id -> response, for truncate
         self._tasks: set[asyncio.Task] = set()
         self._pending_user: set[asyncio.Task] = set()  # user-item transcriptions not finished yet
+        self._full_said = False  # input_audio_buffer_full already sent for the append being fed
         self.closed = False
 
     # -- plumbing --------------------------------------------------------------------------------------
@@ -297,8 +298,11 @@ class Session:
         self.emit({"type": "output_audio_buffer.cleared", "response_id": self.active.id if self.active else None})
 
     # -- audio in, turn detection ----------------------------------------------------------------------
-    def feed_audio(self, x: np.ndarray) -> None:
-        """float32 samples at the input format's rate."""
+    def feed_audio(self, x: np.ndarray, *, event_start: bool = True) -> None:
+        """float32 samples at the input format's rate. A big append arrives in slices (voicefast/intake.py):
+        event_start=False for all but its first, so one append is told `input_audio_buffer_full` at most once."""
+        if event_start:
+            self._full_said = False
         x16 = self._resampler.process(x)
         if not len(x16):
             return
@@ -308,8 +312,10 @@ class Session:
         if td is None:
             if self.in_samples - self.inbuf.start > cap:  # manual mode: keep the newest audio, say so
                 self.inbuf.trim(self.in_samples - cap)
-                self.emit(ProtocolError("input audio buffer is full; the oldest audio was dropped",
-                                        code="input_audio_buffer_full").to_event())
+                if not self._full_said:
+                    self._full_said = True
+                    self.emit(ProtocolError("input audio buffer is full; the oldest audio was dropped",
+                                            code="input_audio_buffer_full").to_event())
         elif self.utt is None:
             self.inbuf.trim(self.in_samples - int(td.prefix_padding_ms * RATE_HZ / 1000) - RATE_HZ // 2)
         elif self.in_samples - self.inbuf.start > cap:

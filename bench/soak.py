@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for kv in args.env:
         k, _, v = kv.partition("=")
         os.environ[k] = v
+    commit = _git_commit()  # what the server runs: read before the run, not after it
     utts = synthesize(PROMPTS)
     if args.url:
         res = asyncio.run(soak(args.url, args.pid, args, utts))
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             res = asyncio.run(soak(srv.url, srv.proc.pid, args, utts))
             cmd = shlex.join(srv.cmd[1:])
     meta = {"command": shlex.join(["voicefast", "bench", "soak", *argv]), "server": cmd or args.url,
-            "env": args.env, "commit": _git_commit(), "machine": _machine(), "cpus": os.cpu_count(),
+            "env": args.env, "commit": commit, "machine": _machine(), "cpus": os.cpu_count(),
             "workers": args.workers, "scenarios": [name for name, _ in SCENARIOS]}
     verdict = analyse(res["samples"], warmup)
     (out / "soak.json").write_text(json.dumps({"meta": meta, "verdict": verdict, **res}, indent=1))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from audio.asr_pool import PRIORITY_FINAL, PRIORITY_PARTIAL, DecodePool
+from audio.asr_pool import PRIORITY_FINAL, PRIORITY_PARTIAL, DecodePool, PoolBusy
 
 log = logging.getLogger("voicefast.audio")
 
@@ -37,12 +37,6 @@ class Transcript(str):
         return self
 
 
-@dataclass(frozen=True, slots=True)
-class _Job:
-    audio: np.ndarray  # [n] float32 16 kHz
-    prompt: str | None  # previous-text prompt
-
-
 @dataclass(slots=True)
 class AsrOptions:
     beam_size: int = 1
@@ -58,6 +52,27 @@ class AsrOptions:
     window_pad_s: float = 5.0
     max_tokens_per_s: float = 8.0  # (+16) token budget on a short window: bounds the cost of a loop
     max_words_per_s: float = 6.0  # more words than this per second of audio is a runaway, not speech
+    # Encoder windows are rounded up to a multiple of this (mel frames, 2.5 s): every distinct window length
+    # costs CTranslate2's shape-keyed native caches memory for good (measured: ~0.85 MiB per new length, RSS
+    # +250 MiB over 300 decodes of random lengths and still rising; with 2.5 s steps it plateaus after the 9
+    # lengths 10, 12.5, ..., 30 s are seen). Utterances under 5 s keep the 10 s window they always had.
+    window_step_frames: int = 250
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRequest:
+    """Per-decode settings a session chose (input_audio_transcription): the language (None: the model's own, or
+    detected on a multilingual model) and a prompt (context words that steer spelling; Whisper keeps the last
+    223 tokens of it)."""
+
+    language: str | None = None
+    prompt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    audio: np.ndarray  # [n] float32 16 kHz
+    request: DecodeRequest
 
 
 CUBLAS12 = ("libcublasLt.so.12", "libcublas.so.12")  # what CTranslate2 4.x dlopens on CUDA (by soname)
@@ -125,7 +140,9 @@ class WhisperASR:
             from faster_whisper.transcribe import get_suppressed_tokens
         except ImportError as e:
             raise RuntimeError("streaming ASR needs faster-whisper: pip install faster-whisper") from e
-        from voicefast.assets import resolve_asr
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+        from model_assets import resolve_asr
 
         asset = resolve_asr(model)
         self.device, default_ct = pick_device(device)
@@ -138,8 +155,10 @@ class WhisperASR:
         self.options = options or AsrOptions()
         multilingual = self.model.model.is_multilingual
         self.language = self.options.language or (None if multilingual else "en")
+        self._Tokenizer, self._multilingual = Tokenizer, multilingual
         self._tokenizer = Tokenizer(self.model.hf_tokenizer, multilingual, task="transcribe",
                                     language=self.language or "en")
+        self._tokenizers = {self.language or "en": self._tokenizer}  # language -> Tokenizer (one per language)
         self._prompt = self.model.get_prompt(self._tokenizer, [], without_timestamps=True)
         self._suppress = get_suppressed_tokens(self._tokenizer, [-1])
         self._multilingual_auto = multilingual and self.options.language is None
@@ -148,61 +167,90 @@ class WhisperASR:
         # 0.70-1.22 s across runs) but every caller waits for the whole batch, so the median is worse.
         if max_batch is None:
             max_batch = 8 if self.device == "cuda" else 1
-        self._prompt_cache: dict[str, list[int]] = {}
+        self._prompt_cache: dict[tuple[str | None, str], list[int]] = {}  # (language, prompt) -> decoder prompt
         self._pool = DecodePool(self._decode_jobs, workers=workers, max_batch=max_batch)
         self._closed = threading.Event()
+        # Languages a DecodeRequest may ask for: the model's own for an English-only model.
+        self.languages: tuple[str, ...] = tuple(_LANGUAGE_CODES) if multilingual else ("en",)
 
     # ---- blocking API ----
-    def transcribe(self, x16k: np.ndarray, *, prompt: str | None = None) -> Transcript:
+    def transcribe(self, x16k: np.ndarray, *, prompt: str | None = None, language: str | None = None) -> Transcript:
         """Text of one utterance (16 kHz float32 mono). Blocking; safe to call from several threads.
         `prompt`: text that came before (Whisper's previous-text prompt): names and words to expect."""
-        return self.decode_batch([x16k], [prompt])[0]
+        return self.decode_batch([x16k], [DecodeRequest(language=language, prompt=prompt)])[0]
 
-    def decode_batch(self, audios: list[np.ndarray], prompts: list[str | None] | None = None) -> list[Transcript]:
-        """Decode several utterances in one encoder/decoder batch (each padded to Whisper's 30 s window), each
-        with its own previous-text prompt (None: none)."""
+    def decode_batch(self, audios: list[np.ndarray], requests: list[DecodeRequest] | None = None
+                     ) -> list[Transcript]:
+        """Decode several utterances in one encoder/decoder batch, each with its own DecodeRequest (language and
+        previous-text prompt; None: the model's own language, no prompt)."""
         audios = [_check_audio(a) for a in audios]
-        prompts = list(prompts) if prompts is not None else [None] * len(audios)
-        if len(prompts) != len(audios):
-            raise ValueError(f"{len(audios)} audios but {len(prompts)} prompts")
+        requests = list(requests) if requests is not None else [DecodeRequest()] * len(audios)
+        if len(requests) != len(audios):
+            raise ValueError(f"{len(audios)} audios but {len(requests)} requests")
+        for r in requests:
+            self.check_request(r)
         out: list[str | None] = [None] * len(audios)
-        short = [i for i, a in enumerate(audios) if len(a) <= MAX_WINDOW_SAMPLES and not self._multilingual_auto]
+        short = [i for i, a in enumerate(audios) if len(a) <= MAX_WINDOW_SAMPLES and not self._auto(requests[i])]
         for i in set(range(len(audios))) - set(short):
-            out[i] = self._transcribe_long(audios[i], prompts[i])
+            out[i] = self._transcribe_long(audios[i], requests[i])
         if short:
-            audios_short, prompts_short = [audios[i] for i in short], [prompts[i] for i in short]
-            texts, suspect = self._decode_short(audios_short, self._window_frames(audios_short), prompts_short)
+            audios_short = [audios[i] for i in short]
+            prompts = [self._prompt_for(requests[i]) for i in short]
+            texts, suspect = self._decode_short(audios_short, self._window_frames(audios_short), prompts)
             redo = [k for k, bad in enumerate(suspect) if bad]
             if redo:  # a loop or runaway on the short window: decode those again on the full 30 s window
                 log.debug("ASR: %d of %d decodes redone on the full window", len(redo), len(short))
                 again, _ = self._decode_short([audios_short[k] for k in redo], FULL_WINDOW_FRAMES,
-                                              [prompts_short[k] for k in redo])
+                                              [prompts[k] for k in redo])
                 for k, text in zip(redo, again, strict=True):
                     texts[k] = text
             for i, text in zip(short, texts, strict=True):
                 out[i] = text
         return [t if isinstance(t, Transcript) else Transcript(t or "") for t in out]
 
+    def check_request(self, r: DecodeRequest) -> None:
+        if r.language is not None and r.language not in self.languages:
+            raise ValueError(f"language {r.language!r} is not one this ASR model transcribes "
+                             f"({', '.join(self.languages[:8])}{', ...' if len(self.languages) > 8 else ''})")
+        if r.prompt is not None and not isinstance(r.prompt, str):
+            raise ValueError("prompt must be a string")
+
+    def _auto(self, r: DecodeRequest) -> bool:
+        """Language detection needed: faster-whisper's own loop does it."""
+        return self._multilingual_auto and r.language is None
+
+    def _tokenizer_for(self, language: str | None):
+        language = language or self.language or "en"
+        tok = self._tokenizers.get(language)
+        if tok is None:  # bounded: one per language the model knows (check_request)
+            tok = self._tokenizers[language] = self._Tokenizer(self.model.hf_tokenizer, self._multilingual,
+                                                              task="transcribe", language=language)
+        return tok
+
+    def _prompt_for(self, r: DecodeRequest) -> list[int]:
+        """Decoder prompt: [<|startofprev|> previous text]? <|startoftranscript|> <|lang|>? ... <|notimestamps|>."""
+        prompt = r.prompt.strip() if r.prompt else ""
+        if r.language in (None, self.language) and not prompt:
+            return self._prompt
+        key = (r.language, prompt)
+        if key not in self._prompt_cache:
+            if len(self._prompt_cache) >= 64:
+                self._prompt_cache.pop(next(iter(self._prompt_cache)))
+            tok = self._tokenizer_for(r.language)
+            prev = tok.encode(" " + prompt)[-MAX_PROMPT_TOKENS:] if prompt else []  # Whisper keeps the end
+            self._prompt_cache[key] = self.model.get_prompt(tok, prev, without_timestamps=True)
+        return self._prompt_cache[key]
+
     def _window_frames(self, audios: list[np.ndarray]) -> int:
         """Encoder window (mel frames, 100 per second) for a batch: one size fits the longest utterance."""
         o = self.options
         longest_s = max(len(a) for a in audios) / SAMPLE_RATE_HZ
         window_s = max(o.min_window_s, longest_s + o.window_pad_s)
-        return min(FULL_WINDOW_FRAMES, int(np.ceil(window_s * 100)))
-
-    def _prompt_tokens(self, prompt: str | None) -> list[int]:
-        """Decoder prompt: [<|startofprev|> previous text]? <|startoftranscript|> ... <|notimestamps|>."""
-        if not prompt or not prompt.strip():
-            return self._prompt
-        if prompt not in self._prompt_cache:
-            if len(self._prompt_cache) >= 64:
-                self._prompt_cache.pop(next(iter(self._prompt_cache)))
-            prev = self._tokenizer.encode(" " + prompt.strip())[-MAX_PROMPT_TOKENS:]  # Whisper keeps the end
-            self._prompt_cache[prompt] = self.model.get_prompt(self._tokenizer, prev, without_timestamps=True)
-        return self._prompt_cache[prompt]
+        step = max(1, o.window_step_frames)
+        return min(FULL_WINDOW_FRAMES, int(np.ceil(window_s * 100 / step)) * step)
 
     def _decode_short(self, audios: list[np.ndarray], window_frames: int,
-                      prompts: list[str | None]) -> tuple[list[str], list[bool]]:
+                      prompts: list[list[int]]) -> tuple[list[str], list[bool]]:
         """(texts, suspect) for utterances of at most 30 s, encoded as one batch on a window_frames window."""
         from faster_whisper.audio import pad_or_trim
 
@@ -214,7 +262,7 @@ class WhisperASR:
         budget = o.max_new_tokens
         if window_frames < FULL_WINDOW_FRAMES:
             budget = min(budget, int(longest_s * o.max_tokens_per_s) + 16)
-        tokens = [list(self._prompt_tokens(p)) for p in prompts]
+        tokens = [list(p) for p in prompts]
         results = self.model.model.generate(
             enc, tokens, beam_size=o.beam_size, max_length=max(len(t) for t in tokens) + budget,
             suppress_blank=True, suppress_tokens=self._suppress, return_scores=True, return_no_speech_prob=True,
@@ -252,22 +300,32 @@ class WhisperASR:
                 break
         return float(np.prod(probs)) if probs else None
 
-    def _transcribe_long(self, x: np.ndarray, prompt: str | None = None) -> str:
+    def _transcribe_long(self, x: np.ndarray, r: DecodeRequest = DecodeRequest()) -> str:
         segments, _ = self.model.transcribe(
-            x, beam_size=self.options.beam_size, language=self.language, without_timestamps=True,
-            condition_on_previous_text=False, vad_filter=False, initial_prompt=prompt or None)
+            x, beam_size=self.options.beam_size, language=r.language or self.language, without_timestamps=True,
+            condition_on_previous_text=False, vad_filter=False, initial_prompt=r.prompt or None)
         return " ".join(s.text.strip() for s in segments).strip()
 
     # ---- pooled async API ----
-    def submit(self, x16k: np.ndarray, *, final: bool = True, prompt: str | None = None) -> Future:
-        """Queue a decode; returns a concurrent Future[str] (cancel() drops it if it has not started)."""
-        return self._pool.submit(_Job(_check_audio(x16k), prompt), PRIORITY_FINAL if final else PRIORITY_PARTIAL)
+    def submit(self, x16k: np.ndarray, *, final: bool = True, owner: object = None, replace: object = False,
+               request: DecodeRequest | None = None) -> Future:
+        """Queue a decode; returns a concurrent Future[Transcript] (cancel() drops it if it has not started).
+        `owner` (a session) gets a fair share of the workers and at most a few queued jobs (PoolBusy beyond);
+        `replace` (a key, or True) cancels the owner's older queued job of the same key (a newer partial, or a newer
+        check's final of the same utterance);
+        `request`: the decode's language and previous-text prompt."""
+        request = request or DecodeRequest()
+        self.check_request(request)
+        return self._pool.submit(_Job(_check_audio(x16k), request), PRIORITY_FINAL if final else PRIORITY_PARTIAL,
+                                 owner=owner, replace=replace)
 
-    async def transcribe_async(self, x16k: np.ndarray, *, final: bool = True, prompt: str | None = None) -> Transcript:
-        return await asyncio.wrap_future(self.submit(x16k, final=final, prompt=prompt))
+    async def transcribe_async(self, x16k: np.ndarray, *, final: bool = True, owner: object = None,
+                               replace: object = False, request: DecodeRequest | None = None) -> Transcript:
+        return await asyncio.wrap_future(self.submit(x16k, final=final, owner=owner, replace=replace,
+                                                     request=request))
 
-    def _decode_jobs(self, jobs: list[_Job]) -> list[str]:
-        return self.decode_batch([j.audio for j in jobs], [j.prompt for j in jobs])
+    def _decode_jobs(self, jobs: list[_Job]) -> list[Transcript]:
+        return self.decode_batch([j.audio for j in jobs], [j.request for j in jobs])
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -297,5 +355,5 @@ def _check_audio(x: np.ndarray) -> np.ndarray:
 
 from audio.transcriber import StreamingTranscriber, stable_prefix_len  # noqa: E402  (re-export)
 
-__all__ = ["AsrOptions", "StreamingTranscriber", "Transcript", "WhisperASR", "has_repetition", "pick_device",
-           "stable_prefix_len"]
+__all__ = ["AsrOptions", "DecodeRequest", "PoolBusy", "StreamingTranscriber", "Transcript", "WhisperASR",
+           "has_repetition", "pick_device", "stable_prefix_len"]

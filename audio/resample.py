@@ -16,6 +16,7 @@ import numpy as np
 ZERO_CROSSINGS = 16  # sinc lobes each side (at the narrower of the two rates)
 KAISER_BETA = 8.6
 ROLLOFF = 0.92  # cutoff as a fraction of the lower Nyquist frequency
+EMIT_BLOCK = 4096  # output samples computed per vectorised step
 
 
 @lru_cache(maxsize=32)
@@ -66,20 +67,23 @@ class StreamResampler:
         return self._n_out
 
     def _emit_until(self, n_end: int) -> np.ndarray:
-        n = np.arange(self._n_out, n_end, dtype=np.int64)  # [m]
-        if len(n) == 0:
+        if n_end <= self._n_out:
             return np.zeros(0, np.float32)
-        t = n * self.down
-        base, phase = t // self.up, t % self.up  # [m] floor(input time), polyphase index
-        idx = (base - self._buf_start)[:, None] + self._offsets[None, :]  # [m, 2*half]
-        y = np.einsum("ij,ij->i", self._buf[idx], self._bank[phase])  # [m]
+        y = np.empty(n_end - self._n_out, np.float32)  # [m]
+        # In blocks: the gathered taps are [block, 2*half] float64 (~1.5 MB), never [m, 2*half] for a long chunk.
+        for a in range(self._n_out, n_end, EMIT_BLOCK):
+            n = np.arange(a, min(a + EMIT_BLOCK, n_end), dtype=np.int64)  # [b]
+            t = n * self.down
+            base, phase = t // self.up, t % self.up  # [b] floor(input time), polyphase index
+            idx = (base - self._buf_start)[:, None] + self._offsets[None, :]  # [b, 2*half]
+            y[a - self._n_out:a - self._n_out + len(n)] = np.einsum("ij,ij->i", self._buf[idx], self._bank[phase])
         self._n_out = n_end
         # Drop history no future output needs (future base >= current base).
-        keep_from = int(base[-1]) - self.half_taps + 1 - self._buf_start
+        keep_from = (n_end - 1) * self.down // self.up - self.half_taps + 1 - self._buf_start
         if keep_from > 0:
             self._buf = self._buf[keep_from:]
             self._buf_start += keep_from
-        return y.astype(np.float32)
+        return y
 
     def process(self, x: np.ndarray) -> np.ndarray:
         """Feed input samples; returns the output samples that are now complete (may be empty)."""

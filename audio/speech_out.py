@@ -4,7 +4,8 @@ Phrases from the TextChunker are synthesized one after another in a worker threa
 synthesized while the previous one's frames are consumed), resampled by one continuous StreamResampler (no
 clicks at phrase joins) and cut into `frame_ms` frames (the last one zero-padded, or left short with
 `pad_last_frame=False`). Synthesis runs on `executor` (the loop's default one if None); `start()` begins it
-before anyone reads frames() (a held response synthesizes ahead). For every phrase the map records which output samples
+before anyone reads frames() (a held response synthesizes ahead), at most `max_queued_ms` of frames (plus one phrase)
+ahead of the reader. For every phrase the map records which output samples
 speak which characters of the full text (proportionally within a phrase), so after a barge-in the server can
 cut the assistant's text to what was heard: text_offset_at_ms(played_ms, whole_words=True). cancel() stops
 synthesis after the current Piper sentence and drops every queued frame; aclose() also waits for the producer
@@ -49,7 +50,8 @@ class _Span:
 
 class SpeechOutput:
     def __init__(self, tts, out_rate_hz: int, frame_ms: int = 20, *, chunker: TextChunker | None = None,
-                 speaking_rate: float | None = None, executor=None, pad_last_frame: bool = True):
+                 speaking_rate: float | None = None, executor=None, pad_last_frame: bool = True,
+                 max_queued_ms: float = 10_000.0):
         if frame_ms <= 0 or out_rate_hz <= 0:
             raise ValueError(f"frame_ms and out_rate_hz must be > 0, got {frame_ms}, {out_rate_hz}")
         self.tts = tts
@@ -71,6 +73,11 @@ class SpeechOutput:
         self.cancelled = False
         self._text_len_final: int | None = None
         self._out: asyncio.Queue[AudioFrame | None] = asyncio.Queue()
+        # Synthesis runs ahead of the reader by at most max_queued_ms of frames (plus one phrase): a long answer
+        # read at real time never holds minutes of audio, and TTS work per response is paced by its listener.
+        self.max_queued_ms = max_queued_ms
+        self._room = asyncio.Event()
+        self.max_queued_frames_seen = 0
         self._producer: asyncio.Task | None = None
         self._drained = False  # every phrase has been synthesized
         self.error: Exception | None = None
@@ -107,6 +114,7 @@ class SpeechOutput:
         """Stop: no more synthesis, queued frames are dropped, frames() ends."""
         self.cancelled = True
         self._finished = True
+        self._room.set()
         self._phrases.put_nowait(None)
         while not self._out.empty():
             self._out.get_nowait()
@@ -132,6 +140,7 @@ class SpeechOutput:
         self.start()
         while True:
             frame = await self._out.get()
+            self._room.set()
             if frame is None or self.cancelled:
                 if self.error is not None and not self.cancelled:
                     raise RuntimeError(f"speech synthesis failed: {type(self.error).__name__}: {self.error}"
@@ -146,6 +155,11 @@ class SpeechOutput:
                 phrase = await self._phrases.get()
                 if phrase is None:
                     break
+                while self._out.qsize() * self.frame_ms > self.max_queued_ms and not self.cancelled:
+                    self._room.clear()
+                    await self._room.wait()
+                if self.cancelled:
+                    break
                 if self.first_phrase_s is None:
                     self.first_phrase_s = time.monotonic()
                 audio = await loop.run_in_executor(self.executor, self._synthesize, phrase.text)
@@ -153,6 +167,7 @@ class SpeechOutput:
                     break
                 for frame in self._frames_for(audio, phrase):
                     self._out.put_nowait(frame)
+                self.max_queued_frames_seen = max(self.max_queued_frames_seen, self._out.qsize())
             if not self.cancelled:
                 self._drained = True
                 for frame in self._tail_frames():

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from audio.heap import trim_if_free_over
+
 _MARKUP = re.compile(r"[*#`_~|<>]+")  # markdown the LLM may emit; never spoken
+FREE_HEAP_TRIM_BYTES = 64 << 20  # malloc's free pool beyond this goes back to the OS after a phrase
 
 
 class PiperTTS:
@@ -24,7 +27,7 @@ class PiperTTS:
             from piper.config import PiperConfig
         except ImportError as e:
             raise RuntimeError("TTS needs piper-tts: pip install piper-tts") from e
-        from voicefast.assets import resolve_tts
+        from model_assets import resolve_tts
 
         if speaking_rate <= 0:
             raise ValueError(f"speaking_rate must be > 0, got {speaking_rate}")
@@ -37,6 +40,12 @@ class PiperTTS:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # No onnxruntime CPU arena: it keeps the peak of the longest phrase ever synthesized for good, rounded up
+        # to the next power of two (phrases of up to 60 words: RSS 157 -> 819 MiB and climbing in 512 MiB steps;
+        # a 25-min server soak saw +128 then +256 MiB mapped at once). Without it the memory goes back to malloc
+        # after each phrase, and synthesize() hands malloc's free pool back to the OS once it passes
+        # FREE_HEAP_TRIM_BYTES (bench/stage_rss.py tts --long).
+        opts.enable_cpu_mem_arena = False
         session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.voice = PiperVoice(session=session, config=config)
         self.sample_rate_hz: int = int(config.sample_rate)
@@ -69,3 +78,4 @@ class PiperTTS:
             if peak > 1e-8:
                 audio = audio / peak  # Piper's normalize_audio: each sentence peaks at full scale
             yield np.clip(audio * 0.9, -1.0, 1.0).astype(np.float32)
+        trim_if_free_over(FREE_HEAP_TRIM_BYTES)

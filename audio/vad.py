@@ -163,7 +163,7 @@ class SileroVadModel:
             import onnxruntime as ort
         except ImportError as e:  # pragma: no cover - onnxruntime is a core dependency
             raise RuntimeError("Silero VAD needs onnxruntime: pip install onnxruntime") from e
-        from voicefast.assets import resolve_vad
+        from model_assets import resolve_vad
 
         self.path = str(resolve_vad(path).path)
         opts = ort.SessionOptions()

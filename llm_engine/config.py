@@ -11,7 +11,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass(slots=True)
 class EngineConfig:
-    model: str | Path | None = None  # HF checkpoint dir or .gguf; None -> embedded SmolLM2 (voicefast.assets);
+    model: str | Path | None = None  # HF checkpoint dir or .gguf; None -> embedded SmolLM2 (model_assets);
     #                                  or a llm_engine.parallel.RandomCheckpoint (random weights of a given shape)
     device: str = "auto"  # "cpu" | "cuda" | "auto" (cuda when available)
     dtype: str = "auto"  # "float32" on CPU, "bfloat16" on CUDA by default
@@ -83,14 +83,14 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
     def model_path(self) -> Path:
-        """The checkpoint to load; None resolves the embedded model (voicefast imported lazily, only here)."""
+        """The checkpoint to load; None resolves the embedded model (model_assets, imported lazily, only here)."""
         if self.model is not None:
             p = Path(self.model).expanduser()
             if not p.exists():
                 raise FileNotFoundError(f"model {str(self.model)!r} does not exist")
             return p
         try:
-            from voicefast.assets import resolve_llm
-        except ImportError as e:  # the GPU machine has no voicefast package
-            raise ValueError("EngineConfig.model is None but voicefast is not installed: pass a model path") from e
+            from model_assets import resolve_llm
+        except ImportError as e:  # a copy of the engine without the asset resolver
+            raise ValueError("EngineConfig.model is None but model_assets is not importable: pass a model path") from e
         return Path(resolve_llm().path)

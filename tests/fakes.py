@@ -78,6 +78,8 @@ class FakeEngine:
         self.max_model_len = 2048
 
     def generate(self, params, *, messages=None, prompt=None, prompt_token_ids=None, request_id=None):
+        if messages is not None and not messages:  # like the real engine's chat template
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         rid = request_id or f"req-{next(self._ids)}"
         self.requests.append((rid, list(messages or [])))
         return self._stream(rid, params, messages or [])
@@ -126,16 +128,25 @@ class FakeEngine:
 class FakeASR:
     """Returns scripted transcripts in order (then 'turn N'), after `delay_s`."""
 
-    def __init__(self, transcripts=(), *, delay_s: float = 0.01):
+    def __init__(self, transcripts=(), *, delay_s: float = 0.01, languages: tuple[str, ...] | None = ("en", "de")):
         self.transcripts = list(transcripts)
         self.delay_s = delay_s
+        self.languages = languages
         self.calls: list[int] = []  # samples per call
-        self.prompts: list[str | None] = []  # the prompt of each call
+        self.kw: list[dict] = []  # owner / replace / request of each call (as the real WhisperASR takes them)
         self._n = itertools.count(1)
 
-    async def transcribe_async(self, x16k: np.ndarray, *, prompt: str | None = None) -> str:
+    @property
+    def prompts(self) -> list[str | None]:
+        """The previous-text prompt of each call (request.prompt)."""
+        return [getattr(kw.get("request"), "prompt", None) for kw in self.kw]
+
+    async def transcribe_async(self, x16k: np.ndarray, **kw) -> str:
+        unknown = set(kw) - {"final", "owner", "replace", "request"}
+        if unknown:
+            raise TypeError(f"transcribe_async got unexpected arguments {sorted(unknown)}")
         self.calls.append(len(x16k))
-        self.prompts.append(prompt)
+        self.kw.append(kw)
         await asyncio.sleep(self.delay_s)
         return self.transcripts.pop(0) if self.transcripts else f"turn {next(self._n)}"
 
@@ -143,8 +154,9 @@ class FakeASR:
 class FakeTranscriber:
     """Streaming partials: one word per call ('w1', 'w2', ...)."""
 
-    def __init__(self):
+    def __init__(self, submit_kw: dict | None = None):
         self.samples = 0
+        self.submit_kw = submit_kw
         self._n = itertools.count(1)
 
     def feed(self, x16k: np.ndarray) -> None:

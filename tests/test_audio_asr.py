@@ -249,7 +249,7 @@ def test_short_window_loops_fall_back_to_the_full_window():
 def test_prompt_and_last_word_probability(asr):
     """The prompt hook reaches the decoder (a previous text that spells a name changes nothing that was heard
     right), and every transcript says how sure the decoder was of its last word."""
-    from audio.asr import Transcript
+    from audio.asr import DecodeRequest, Transcript
 
     x = load_wav(speech_wav("Where is your nearest shop located?"))[0]
     plain = asr.transcribe(x)
@@ -257,7 +257,8 @@ def test_prompt_and_last_word_probability(asr):
     assert isinstance(plain, Transcript) and isinstance(prompted, Transcript)
     assert word_error_rate("Where is your nearest shop located?", prompted) <= 1 / 6
     assert 0.0 < plain.last_word_probability <= 1.0 and 0.0 < prompted.last_word_probability <= 1.0
-    pooled = asyncio.run(asr.transcribe_async(x, prompt="Maple Street Outfitters, Main Street, Springfield."))
+    pooled = asyncio.run(asr.transcribe_async(
+        x, request=DecodeRequest(prompt="Maple Street Outfitters, Main Street, Springfield.")))
     assert pooled == prompted and pooled.last_word_probability == prompted.last_word_probability  # same decode
     assert asr.transcribe(np.zeros(16000, np.float32)).last_word_probability is None  # nothing heard
 

@@ -277,8 +277,9 @@ def test_llm_engine_imports_without_voicefast_or_audio():
     import sys
 
     code = ("import sys; sys.modules['voicefast'] = None; sys.modules['audio'] = None\n"
+            "sys.modules['model_assets'] = None\n"
             "import llm_engine, llm_engine.engine, llm_engine.async_engine, llm_engine.cli\n"
             "from llm_engine import EngineConfig, LLMEngine, AsyncLLMEngine, StreamOutput, RequestResult\n"
-            "try:\n    EngineConfig().model_path()\nexcept ValueError as e:\n    assert 'voicefast' in str(e)\n"
+            "try:\n    EngineConfig().model_path()\nexcept ValueError as e:\n    assert 'model_assets' in str(e)\n"
             "else:\n    raise SystemExit('expected ValueError')\n")
     subprocess.run([sys.executable, "-c", code], check=True)

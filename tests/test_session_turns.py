@@ -135,7 +135,7 @@ async def test_asr_prompt_is_the_conversation_plus_the_clients_own():
     h = Harness(asr=asr, engine=FakeEngine(reply=lambda m: "We open at nine on Main Street."))
     h.send("session.update", session={
         "instructions": "You work at Maple Street Outfitters in Springfield.",
-        "audio": {"input": {"transcription": {"prompt": "Order numbers have 5 digits."}}}})
+        "audio": {"input": {"transcription": {"prompt": "Order numbers have 5 digits.", "language": "en"}}}})
     assert h.of("session.updated")[-1]["session"]["audio"]["input"]["transcription"]["prompt"] == \
         "Order numbers have 5 digits."
     h.audio(np.concatenate([speech_like(500), silence(300)]))
@@ -145,6 +145,12 @@ async def test_asr_prompt_is_the_conversation_plus_the_clients_own():
     first, last = asr.prompts[0], asr.prompts[-1]
     assert first == "Order numbers have 5 digits. Maple Street Outfitters, Springfield."
     assert last == first + " We open at nine on Main Street."  # the reply the caller is answering comes last
+    # one path for every decode: the session's lane of the ASR pool, its language, the prompt above; each
+    # check's final is replaceable only by a newer check of its own utterance (the committed item)
+    assert {kw["owner"] for kw in asr.kw} == {h.session.cfg.id}
+    assert {kw["request"].language for kw in asr.kw} == {"en"}
+    committed = [e["item_id"] for e in h.of("input_audio_buffer.committed")]
+    assert [kw["replace"] for kw in asr.kw] == committed
     await h.session.close()
 
 

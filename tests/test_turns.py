@@ -16,6 +16,7 @@ from voicefast.turns import (
     DropUtterance,
     EndTurn,
     IdleTimeout,
+    RestartVad,
     StartCheck,
     TurnPolicy,
     TurnTaker,
@@ -222,6 +223,36 @@ def test_idle_timeout_is_disarmed_by_speech_and_while_responding():
     assert taker().on_audio(ms(600_000)) == []  # no idle_timeout_ms: never
 
 
+def test_max_utterance_ends_the_turn_where_it_is_and_restarts_the_vad():
+    t = taker("server_vad", max_utterance_ms=30_000)
+    t.on_vad("speech_started", ms(1000), ms(1096))
+    assert t.on_audio(ms(30_980)) == []
+    end, restart = t.on_audio(ms(31_000))  # 30 s of speech without the pause that ends a turn
+    assert isinstance(end, EndTurn) and isinstance(restart, RestartVad)
+    assert (end.reason, end.start_sample, end.end_sample, end.check_id, end.create_response) == \
+        ("max_utterance", ms(1000), ms(31_000), None, True)
+    assert not t.in_turn and t.on_audio(ms(40_000)) == []
+    assert isinstance(only(t.on_vad("speech_started", ms(31_100), ms(31_196)), Begin), Begin)  # speech goes on
+
+
+def test_max_utterance_in_a_pause_ends_at_the_pause_with_its_check():
+    t = taker(max_utterance_ms=5000)
+    c = speak_and_pause(t, 0, 4900)
+    t.on_verdict(c.check_id, 0.05)  # the model holds the turn
+    end = only(t.on_audio(ms(5000)), EndTurn)
+    assert (end.reason, end.end_sample, end.check_id, end.silence_ms) == ("max_utterance", ms(4900), c.check_id, 160)
+
+
+def test_max_utterance_drops_a_candidate_barge_in():
+    t = taker(max_utterance_ms=2000)
+    t.responding = True
+    t.on_vad("speech_started", 0, ms(96))
+    c = only(t.on_audio(ms(350)), StartCheck)
+    assert t.on_vad("early_silence", ms(400), ms(528)) == []  # waits for its words
+    out = t.on_audio(ms(2000))
+    assert out == [CancelCheck(c.check_id), DropUtterance(out[1].item_id, "max_utterance"), RestartVad()]
+
+
 def test_reset_cancels_the_live_check():
     t = taker()
     c = speak_and_pause(t, 0, 700)
@@ -233,6 +264,8 @@ def test_policy_validation():
         TurnPolicy(witness="both witnesses")
     with pytest.raises(ValueError, match="check_ms"):
         TurnPolicy(check_ms=600, end_silence_ms=500)
+    with pytest.raises(ValueError, match="max_utterance_ms"):
+        TurnPolicy(max_utterance_ms=0)
 
 
 @pytest.mark.parametrize("text, why", [

@@ -231,7 +231,7 @@ async def test_personas_voice_and_language_from_custom_parameters(tmp_path):
             assert p.stack.engine.requests[-1][1][0] == {"role": "system", "content": "You sell boots."}
             cfg = next(iter(p.server.sessions)).cfg  # the session speaks mu-law 8 kHz with the phone VAD settings
             assert cfg.input_format.type == cfg.output_format.type == "audio/pcmu"
-            assert cfg.transcription_language == "en"
+            assert cfg.transcription.language == "en"
             assert (cfg.turn_detection.threshold, cfg.turn_detection.prefix_padding_ms) == (0.4, 1000)
             await c.stop()
         for params, reason in (({"language": "de"}, "unsupported_language"), ({"persona": "x"}, "unknown_persona"),
@@ -324,3 +324,41 @@ async def test_a_drain_refuses_new_calls_and_closes_a_live_one_with_1001_after_i
             await drain
         await c.stop(send_stop=False)
         assert not p.server.sessions
+
+
+# -- the Realtime endpoint's protections hold on /twilio too (issue 13) ---------------------------------------
+async def test_twilio_rate_limit_and_media_bound():
+    # (the Host guard on /twilio: tests/test_server_guards.py)
+    async with Phone(twilio_secret="s3cret") as p, connect(p.url + "/s3cret") as ws:
+        c = ScriptedCall(ws)
+        await c.begin()
+        await c.wait(lambda: ends_echoed(c, "end:prompt") == 1)
+        await c.send(c.tw.media(b"\xff" * 1601))  # over 200 ms in one message: ignored, noted
+        await c.send(c.tw.media(b"\xff" * 1600))
+        await c.wait(lambda: p.call().stats["malformed"] == 1)
+        await c.stop()
+    async with Phone(connect_rate_per_address_per_min=2) as p:  # connection attempts per address
+        for _ in range(2):
+            async with connect(p.url) as ws:
+                await ws.send(TwilioMessages().connected())
+        with pytest.raises(websockets.InvalidStatus) as e:
+            async with connect(p.url):
+                pass
+        assert e.value.response.status_code == 429 and int(e.value.response.headers["Retry-After"]) >= 1
+        assert b"rate_limit_exceeded" in e.value.response.body
+
+
+async def test_twilio_call_gets_the_session_length_limit_and_its_language_reaches_the_asr():
+    async with Phone(["hi"], max_session_s=4.0, twilio_greeting="") as p, connect(p.url) as ws:
+        c = ScriptedCall(ws, params={"language": "en-GB"})
+        await c.begin()
+        c.say(speech())
+        await c.wait(lambda: ends_echoed(c, "end:completed") == 1)
+        kw = p.stack.asr.kw[-1]
+        assert kw["request"].language == "en" and kw["owner"] == next(iter(p.server.sessions)).cfg.id
+        await c.wait(lambda: c.closed.is_set())  # the call is kept alive by media, but not past max_session_s
+        assert (ws.close_code, ws.close_reason) == (1008, "maximum session length reached")
+        await c.stop(send_stop=False)
+        async with asyncio.timeout(10):
+            while p.server.sessions:
+                await asyncio.sleep(0.01)

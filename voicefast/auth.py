@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from urllib.parse import urlsplit
 
 KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
@@ -43,9 +44,42 @@ def origin_ok(origin: str | None, host: str | None, allowed: tuple[str, ...]) ->
     return bool(host) and netloc.lower() == host.lower()
 
 
+def host_name(host: str | None) -> str:
+    """The name part of a Host header, lower-case, without port or IPv6 brackets ("" if absent)."""
+    h = (host or "").strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else ""
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def is_loopback(name: str) -> bool:
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def host_ok(host: str | None, api_keys: tuple[str, ...], allowed_hosts: tuple[str, ...]) -> bool:
+    """DNS-rebinding guard. With API keys the key is the gate. Without, a web page could point its own hostname
+    at 127.0.0.1 and drive the server as a same-origin page; so only a loopback Host (localhost, 127.0.0.0/8,
+    ::1) or one of the configured public names is served."""
+    if api_keys:
+        return True
+    name = host_name(host)
+    return is_loopback(name) or name in {h.lower() for h in allowed_hosts}
+
+
 def choose_subprotocol(offered: list[str]) -> str | None:
-    """Accept `realtime` when offered; a browser that offered only the key subprotocol gets that echoed
-    (a browser fails the handshake if none of its offers is selected)."""
+    """`realtime` when offered, else the first offer that carries no API key: the key is never echoed back.
+    A browser that offered only the key subprotocol is refused before this (see key_only_subprotocols)."""
     if "realtime" in offered:
         return "realtime"
-    return offered[0] if offered else None
+    return next((p for p in offered if not p.startswith(KEY_SUBPROTOCOL_PREFIX)), None)
+
+
+def key_only_subprotocols(offered: list[str]) -> bool:
+    """Every offered subprotocol carries the key: selecting one would echo the key, selecting none fails a
+    browser's handshake; such a client is told to offer `realtime` too."""
+    return bool(offered) and all(p.startswith(KEY_SUBPROTOCOL_PREFIX) for p in offered)

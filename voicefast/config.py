@@ -14,6 +14,7 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()  # empty -> no auth, and only a loopback host is allowed (unless insecure)
     insecure: bool = False  # allow a non-loopback host without API keys
     allowed_origins: tuple[str, ...] = ()  # browser Origin allowlist ("*" = any); same-origin always allowed
+    allowed_hosts: tuple[str, ...] = ()  # with no API key, Host names served besides loopback (DNS-rebinding guard)
     demo_dir: str | None = None  # None -> <repo>/demo
     # Models (None -> embedded defaults)
     llm_model: str | None = None
@@ -35,9 +36,21 @@ class ServerConfig:
     max_input_buffer_s: float = 60.0  # per-session uncommitted input audio
     idle_timeout_s: float = 300.0  # no client frame for this long -> close
     max_send_queue: int = 256  # outgoing events buffered per session before the reader is deemed hopeless
+    max_send_queue_bytes: int = 4 << 20  # ... or this many bytes of them
+    max_receive_queue: int = 4  # incoming frames buffered per connection (each <= max_message_bytes)
+    max_utterance_s: float = 30.0  # continuous speech (or noise) this long ends the turn (at most max_input_buffer_s)
+    max_item_bytes: int = 100_000  # UTF-8 text of one conversation item (client-created)
+    max_conversation_items: int = 500  # items per session (server turns evict the oldest, client items get an error)
+    max_conversation_bytes: int = 1_000_000  # text of all items of a session (same policy)
+    max_pending_transcriptions: int = 2  # queued audio-item/commit transcriptions per session (more: an error)
+    inline_audio_ms: int = 200  # audio of one append processed per event-loop turn (a big append is sliced)
     # Readiness and drain (docs/deploy.md)
     drain_timeout_s: float = 120.0  # after SIGTERM, live sessions may go on this long; then each is closed (1001)
     ready_max_waiting: int = 8  # /readyz fails while more LLM requests than this wait for a batch slot
+    # Abuse limits (0 = off)
+    connect_rate_per_address_per_min: int = 120  # connection attempts per client address (HTTP 429 beyond)
+    connect_rate_per_key_per_min: int = 600  # connections per API key (HTTP 429 beyond)
+    max_session_s: float = 3600.0  # a session this old gets `session_expired` and close 1008
     # Turn-taking and output
     barge_in_min_ms: int = 300  # user speech during a response must last this long to interrupt it
     backchannel_max_ms: int = 900  # ... and interrupts whatever it says once it lasts this long ("mm-hm" does not)
@@ -123,8 +136,18 @@ class ServerConfig:
             raise ValueError(f"twilio_chunk_ms must be a multiple of 20 in [20, 1000], got {self.twilio_chunk_ms}")
         if self.twilio_public_url and not self.twilio_public_url.startswith(("wss://", "ws://")):
             raise ValueError(f"twilio_public_url must be a wss:// URL, got {self.twilio_public_url!r}")
+        for name in ("max_send_queue", "max_send_queue_bytes", "max_receive_queue", "max_item_bytes",
+                     "max_conversation_items", "max_conversation_bytes", "max_pending_transcriptions",
+                     "inline_audio_ms"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_utterance_s <= 0 or self.max_input_buffer_s <= 0:
+            raise ValueError("max_utterance_s and max_input_buffer_s must be > 0")
+        if self.max_item_bytes > self.max_conversation_bytes:
+            raise ValueError("max_item_bytes must be <= max_conversation_bytes")
         self.api_keys = tuple(k for k in self.api_keys if k)
         self.allowed_origins = tuple(o.rstrip("/") for o in self.allowed_origins if o)
+        self.allowed_hosts = tuple(h.strip().lower() for h in self.allowed_hosts if h.strip())
 
     @property
     def loopback_only(self) -> bool:

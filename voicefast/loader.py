@@ -65,8 +65,13 @@ def load_stack(opts: ServerConfig) -> Stack:
                                               silence_duration_ms=policy.end_silence_ms,
                                               early_silence_ms=policy.check_ms))
 
-    def transcriber_factory() -> StreamingTranscriber:
-        return StreamingTranscriber(asr, partial_interval_ms=max(1, opts.asr_partial_interval_ms))
+    # An utterance ends at max_utterance_s (the session's rule); the transcriber's own cap is above it (plus the
+    # longest prefix padding) so it never drops audio in practice, yet is bounded on its own.
+    max_audio_ms = int(min(opts.max_utterance_s, opts.max_input_buffer_s) * 1000) + 5000 + 1000
+
+    def transcriber_factory(submit_kw: dict | None = None) -> StreamingTranscriber:
+        return StreamingTranscriber(asr, partial_interval_ms=max(1, opts.asr_partial_interval_ms),
+                                    max_audio_ms=max(max_audio_ms, 10_000), submit_kw=submit_kw)
 
     def sampling(*, temperature: float, max_tokens: int) -> SamplingParams:
         return SamplingParams(temperature=temperature, top_p=0.9 if temperature > 0 else 1.0, max_tokens=max_tokens)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from voicefast import procstats
+
 log = logging.getLogger("voicefast.metrics")
 
 
@@ -34,7 +36,7 @@ class TurnTimings:
     check_s: float | None = None  # the (speculative) work for this turn started: check / early silence
     turn_model_s: float | None = None  # the end-of-turn model's inference (submitted -> answered)
     turn_model_end_s: float | None = None
-    turn_reason: str | None = None  # complete | max_silence | silence | commit | idle_timeout
+    turn_reason: str | None = None  # complete | max_silence | silence | max_utterance | commit | idle_timeout
     turn_silence_ms: int | None = None  # silence (input audio) after the end of speech when the turn was decided
     turn_checks: int = 0  # end-of-turn checks in this turn (one per pause)
     turn_probability: float | None = None  # the deciding check's end-of-turn probability
@@ -83,6 +85,10 @@ class ServerMetrics:
         self.engine = {name: Gauge(f"voicefast_engine_{name}", f"LLM engine {name}", registry=r)
                        for name in ("running", "waiting", "free_blocks", "total_blocks", "prefix_hit_tokens",
                                     "decode_tok_s", "steps", "step_seconds", "step_seqs")}
+        self.process = {name: Gauge(f"voicefast_process_{name}", f"this process: {name} (read at scrape time)",
+                                    registry=r)
+                        for name in ("rss_bytes", "open_fds", "threads", "event_loop_tasks", "malloc_in_use_bytes",
+                                     "malloc_free_bytes", "malloc_mmapped_bytes", "malloc_arena_bytes")}
         self._engine = None
 
     def bind_engine(self, engine) -> None:
@@ -97,6 +103,9 @@ class ServerMetrics:
                 self.stage[name].observe(max(0.0, d[key]) / 1000.0)
 
     def render(self) -> bytes:
+        for name, v in procstats.snapshot().items():
+            if name in self.process:
+                self.process[name].set(v)
         if self._engine is not None:
             try:
                 st = self._engine.stats()

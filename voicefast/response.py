@@ -19,6 +19,9 @@ from voicefast.errors import ProtocolError
 from voicefast.formats import AudioFormat
 from voicefast.metrics import TurnTimings
 from voicefast.playout import PlayoutClock
+from voicefast.session_config import max_output_tokens, resolve_voice
+
+MAX_INSTRUCTIONS_CHARS = 100_000
 
 log = logging.getLogger("voicefast.response")
 
@@ -35,7 +38,7 @@ class ResponseParams:
     speed: float = 1.0
 
     @staticmethod
-    def from_request(over: dict, c, opts, voices) -> tuple[ResponseParams, str]:
+    def from_request(over: dict, c, opts, voices: list[str]) -> tuple[ResponseParams, str]:
         """`response.create`'s `response` overrides on top of the session config `c` -> (params, instructions).
         Raises ProtocolError naming the bad field."""
         mods = over.get("output_modalities") or over.get("modalities")
@@ -45,14 +48,29 @@ class ResponseParams:
                                     param="response.output_modalities")
             mods = ["audio"] if "audio" in mods else ["text"]
         instructions = over.get("instructions", c.instructions)
-        if not isinstance(instructions, str):
-            raise ProtocolError("response.instructions must be a string", param="response.instructions")
-        max_tok = over.get("max_output_tokens", over.get("max_response_output_tokens", c.max_output_tokens))
-        if not (max_tok == "inf" or isinstance(max_tok, int) and not isinstance(max_tok, bool) and max_tok >= 1):
-            raise ProtocolError("response.max_output_tokens must be a positive integer or 'inf'",
-                                param="response.max_output_tokens")
-        voice = over.get("voice") or ((over.get("audio") or {}).get("output") or {}).get("voice") or c.voice
-        voice = voice if voice in voices else c.voice
+        if not isinstance(instructions, str) or len(instructions) > MAX_INSTRUCTIONS_CHARS:
+            raise ProtocolError(f"response.instructions must be a string of at most {MAX_INSTRUCTIONS_CHARS} "
+                                f"characters", param="response.instructions")
+        if "max_output_tokens" in over:
+            max_tok = max_output_tokens(over["max_output_tokens"], "response.max_output_tokens")
+        elif "max_response_output_tokens" in over:
+            max_tok = max_output_tokens(over["max_response_output_tokens"], "response.max_response_output_tokens")
+        else:
+            max_tok = c.max_output_tokens
+        if over.get("conversation", "auto") not in ("auto", "none"):
+            raise ProtocolError("response.conversation must be 'auto' or 'none'", param="response.conversation")
+        if over.get("input") is not None:
+            raise ProtocolError("response.input is not supported: add items with conversation.item.create",
+                                param="response.input")
+        audio = over.get("audio") or {}
+        out = audio.get("output") or {} if isinstance(audio, dict) else None
+        if not isinstance(out, dict):
+            raise ProtocolError("response.audio and response.audio.output must be objects", param="response.audio")
+        voice = c.voice
+        if over.get("voice") is not None:
+            voice = resolve_voice(over["voice"], "response.voice", voices)
+        elif out.get("voice") is not None:
+            voice = resolve_voice(out["voice"], "response.audio.output.voice", voices)
         temperature = over.get("temperature", c.temperature)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
             raise ProtocolError("response.temperature must be a number in [0, 2]", param="response.temperature")
@@ -87,6 +105,7 @@ class Response:
         self._producer: asyncio.Task | None = None
         self._llm_error: Exception | None = None
         self._emitted_text_end = 0
+        self.after: Response | None = None  # the response this one waits for (set by the session)
         self.done = asyncio.Event()
         self.task = asyncio.create_task(self._run(), name=f"response-{self.id}")
 
@@ -147,11 +166,11 @@ class Response:
             self._set_status()
         except asyncio.CancelledError:
             pass
-        except Exception as e:  # a stage failed: tell the client, keep the session
+        except Exception:  # a stage failed: tell the client (a code, no internals), keep the session
             log.error("response %s failed", self.id, exc_info=True)
             self.status = "failed"
             self.status_details = {"type": "failed", "error": {"type": "server_error", "code": "stage_failed",
-                                                               "message": f"{type(e).__name__}: {e}"}}
+                                                               "message": "a pipeline stage failed"}}
         finally:
             if self._producer is not None and not self._producer.done():
                 self._abort_engine()

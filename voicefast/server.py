@@ -20,6 +20,8 @@ from voicefast.config import ServerConfig
 from voicefast.drain import Close, Drain, SessionView, Stop
 from voicefast.errors import ProtocolError
 from voicefast.http import HttpReply, static_file
+from voicefast.intake import deliver
+from voicefast.limits import ConnectionLimits, receive_timeout
 from voicefast.metrics import ServerMetrics
 from voicefast.protocol import RealtimeProtocol
 from voicefast.readiness import Readiness, readiness
@@ -34,13 +36,16 @@ DEFAULT_DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 
 
 class Outbox:
-    """A connection's bounded queue of outgoing frames. Its own sender task drains it, so a slow reader only
-    ever fills its own queue; once full the reader is hopeless (`hopeless` is set, frames are dropped) and the
-    connection is closed instead of buffering without bound or stalling other sessions."""
+    """A connection's bounded queue of outgoing frames (at most `max_frames` of them and `max_bytes` in all). Its
+    own sender task drains it, so a slow reader only ever fills its own queue; once full the reader is hopeless
+    (`hopeless` is set, frames are dropped) and the connection is closed instead of buffering without bound or
+    stalling other sessions."""
 
-    def __init__(self, proto: RealtimeProtocol, max_frames: int):
+    def __init__(self, proto: RealtimeProtocol, max_frames: int, max_bytes: int = 1 << 62):
         self.proto = proto
         self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=max_frames)
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0  # characters of the frames in the queue (ASCII JSON: bytes)
         self.hopeless = asyncio.Event()
         self.dropped = 0
 
@@ -49,11 +54,22 @@ class Outbox:
             if self.hopeless.is_set():
                 self.dropped += 1
                 continue
+            if self.queued_bytes + len(frame) > self.max_bytes:
+                self.dropped += 1
+                self.hopeless.set()
+                continue
             try:
                 self.queue.put_nowait(frame)
             except asyncio.QueueFull:
                 self.dropped += 1
                 self.hopeless.set()
+                continue
+            self.queued_bytes += len(frame)
+
+    async def get(self) -> str:
+        frame = await self.queue.get()
+        self.queued_bytes -= len(frame)
+        return frame
 
 
 class RealtimeServer:
@@ -69,6 +85,7 @@ class RealtimeServer:
         self.drain_state = Drain(opts.drain_timeout_s)
         self._closing: set[asyncio.Task] = set()
         self.twilio = TwilioEndpoint(self)  # phone calls on /twilio: same sessions, own transport (docs/phone.md)
+        self.limits = ConnectionLimits(opts.connect_rate_per_address_per_min, opts.connect_rate_per_key_per_min)
         self._server = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -78,7 +95,8 @@ class RealtimeServer:
             process_request=self._process_request, select_subprotocol=self._select_subprotocol,
             compression=None,  # audio in base64 JSON barely compresses; deflate would only cost CPU
             # Limits: an oversized frame closes that connection with 1009; others are unaffected.
-            max_size=self.opts.max_message_bytes, max_queue=32,
+            # At most max_receive_queue frames wait per connection (then TCP backpressure): a per-session bound.
+            max_size=self.opts.max_message_bytes, max_queue=self.opts.max_receive_queue,
             ping_interval=20, ping_timeout=20, close_timeout=5)
         log.info("listening on %s", self.url)
 
@@ -105,15 +123,29 @@ class RealtimeServer:
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
+        twilio = is_twilio_path(path)
+        # DNS-rebinding guard: without a credential, only loopback or the configured names. /twilio's own
+        # credentials (its shared secret, Twilio's signature) gate it like an API key (voicefast/twilio_auth.py).
+        gates = self.opts.api_keys + ((self.opts.twilio_secret or "", self.opts.twilio_auth_token or "")
+                                      if twilio else ())
+        if not auth.host_ok(request.headers.get("Host"), tuple(g for g in gates if g), self.opts.allowed_hosts):
+            self.metrics.rejected_total.labels("host").inc()
+            return self._response(HttpReply.json({"error": {
+                "type": "invalid_request_error", "code": "host_not_allowed",
+                "message": "this server has no API key and answers only on loopback or its configured "
+                           "--allowed-hosts"}}, 403))
         if path in REALTIME_PATHS:
             return self._check_handshake(conn, request)
         if path == "/readyz":
             r = self.readiness()
             return self._response(HttpReply.json(r.body, r.http_status))
-        if is_twilio_path(path):
+        if twilio:
             if not self.drain_state.accepting:
                 self.metrics.rejected_total.labels("draining").inc()
                 return self._response(HttpReply.text("this replica is shutting down", 503))
+            refused = self._rate_address(conn)
+            if refused is not None:
+                return refused
             reply = self.twilio.check_handshake(request)
             return None if reply is None else self._response(reply)
         if path == "/healthz":
@@ -134,24 +166,44 @@ class RealtimeServer:
                            ("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff")])
         return Response(reply.status, HTTPStatus(reply.status).phrase, headers, reply.body)
 
+    def _refused(self, reason: str, status: int, code: str, message: str,
+                 retry_after_s: float | None = None) -> Response:
+        self.metrics.rejected_total.labels(reason).inc()
+        r = self._response(HttpReply.json({"error": {"type": "invalid_request_error", "code": code,
+                                                     "message": message}}, status))
+        if retry_after_s is not None:
+            r.headers["Retry-After"] = str(max(1, int(retry_after_s + 0.999)))
+        return r
+
+    def _rate_address(self, conn: ServerConnection) -> Response | None:
+        """Connection attempts per client address (either transport): None, or the 429 refusing this one."""
+        address = (conn.remote_address or ("?",))[0]
+        refusal = self.limits.check_address(str(address), time.monotonic())
+        if refusal is None:
+            return None
+        return self._refused(refusal.reason, 429, refusal.code, refusal.message, refusal.retry_after_s)
+
     def _check_handshake(self, conn: ServerConnection, request: Request) -> Response | None:
         h = request.headers
         if not self.drain_state.accepting:  # a load balancer retries this upgrade on another replica
             self.metrics.rejected_total.labels("draining").inc()
             return self._response(HttpReply.json({"error": {"type": "server_error", "code": "server_draining",
                                                             "message": "this replica is shutting down"}}, 503))
+        refused = self._rate_address(conn)
+        if refused is not None:
+            return refused
         offered = auth.offered_subprotocols(", ".join(h.get_all("Sec-WebSocket-Protocol")))
-        if not auth.key_ok(auth.presented_key(h.get("Authorization"), offered), self.opts.api_keys):
-            self.metrics.rejected_total.labels("auth").inc()
-            return self._response(HttpReply.json({"error": {"type": "invalid_request_error",
-                                                            "code": "invalid_api_key",
-                                                            "message": "missing or invalid API key"}}, 401))
+        key = auth.presented_key(h.get("Authorization"), offered)
+        if not auth.key_ok(key, self.opts.api_keys):
+            return self._refused("auth", 401, "invalid_api_key", "missing or invalid API key")
+        if auth.key_only_subprotocols(offered):
+            return self._refused("subprotocol", 400, "realtime_subprotocol_required",
+                                 "offer the 'realtime' subprotocol alongside the API-key subprotocol")
+        refusal = self.limits.check_key(key if self.opts.api_keys else None, time.monotonic())
+        if refusal is not None:
+            return self._refused(refusal.reason, 429, refusal.code, refusal.message, refusal.retry_after_s)
         if not auth.origin_ok(h.get("Origin"), h.get("Host"), self.opts.allowed_origins):
-            self.metrics.rejected_total.labels("origin").inc()
-            return self._response(HttpReply.json({"error": {"type": "invalid_request_error",
-                                                            "code": "origin_not_allowed",
-                                                            "message": f"origin {h.get('Origin')} is not allowed"}},
-                                                 403))
+            return self._refused("origin", 403, "origin_not_allowed", f"origin {h.get('Origin')} is not allowed")
         if h.get("Upgrade", "").lower() != "websocket":
             return self._response(HttpReply.text("this endpoint speaks WebSocket (OpenAI Realtime protocol)", 426))
         return None
@@ -171,7 +223,7 @@ class RealtimeServer:
                     await ws.send(f)
                 await ws.close(1008, "session limit reached")
             return
-        outbox = Outbox(proto, self.opts.max_send_queue)
+        outbox = Outbox(proto, self.opts.max_send_queue, self.opts.max_send_queue_bytes)
 
         def emit(event: dict) -> None:
             if event["type"] == "error":
@@ -184,27 +236,28 @@ class RealtimeServer:
         self.metrics.active_sessions.inc()
         self.metrics.sessions_total.inc()
         log.info("session %s opened (%s)", session.cfg.id, "beta" if beta else "GA")
-        sender = asyncio.create_task(self._sender(ws, outbox.queue), name=f"sender-{session.cfg.id}")
+        sender = asyncio.create_task(self._sender(ws, outbox), name=f"sender-{session.cfg.id}")
         watchdog = asyncio.create_task(self._watch(ws, outbox.hopeless), name=f"watch-{session.cfg.id}")
+        started = time.monotonic()
         try:
             session.start()
             while True:
+                timeout_s, why = receive_timeout(time.monotonic(), started, idle_timeout_s=self.opts.idle_timeout_s,
+                                                 max_session_s=self.opts.max_session_s)
                 try:
-                    msg = await asyncio.wait_for(ws.recv(), self.opts.idle_timeout_s)
+                    if timeout_s <= 0:
+                        raise TimeoutError
+                    msg = await asyncio.wait_for(ws.recv(), timeout_s)
                 except TimeoutError:
-                    log.info("session %s idle for %.0f s: closing", session.cfg.id, self.opts.idle_timeout_s)
-                    emit(ProtocolError("idle timeout", code="idle_timeout").to_event())
-                    await asyncio.sleep(0.05)
-                    await ws.close(1000, "idle timeout")
+                    await self._end_session(ws, session, emit, why)
                     break
                 try:
-                    session.handle(proto.receive_message(msg))
+                    await deliver(session, proto.receive_message(msg), inline_audio_ms=self.opts.inline_audio_ms)
                 except ProtocolError as e:
                     emit(e.to_event())
-                except Exception as e:  # a bug must cost one event, not the session
+                except Exception:  # a bug must cost one event, not the session; its details stay in the log
                     log.error("session %s: handling a client event failed", session.cfg.id, exc_info=True)
-                    emit(ProtocolError(f"internal error: {type(e).__name__}", code="server_error",
-                                       type="server_error").to_event())
+                    emit(ProtocolError("internal error", code="server_error", type="server_error").to_event())
         except ConnectionClosed:
             pass
         except Exception:
@@ -220,6 +273,19 @@ class RealtimeServer:
             self.unlink(session)
             self.metrics.active_sessions.dec()
             log.info("session %s closed", session.cfg.id)
+
+    async def _end_session(self, ws: ServerConnection, session: Session, emit, why: str) -> None:
+        if why == "session_expired":
+            log.info("session %s reached max_session_s %.0f s: closing", session.cfg.id, self.opts.max_session_s)
+            emit(ProtocolError(f"the session reached its maximum length of {self.opts.max_session_s:.0f} s",
+                               code="session_expired").to_event())
+            code, reason = 1008, "maximum session length reached"
+        else:
+            log.info("session %s idle for %.0f s: closing", session.cfg.id, self.opts.idle_timeout_s)
+            emit(ProtocolError("idle timeout", code="idle_timeout").to_event())
+            code, reason = 1000, "idle timeout"
+        await asyncio.sleep(0.05)
+        await ws.close(code, reason)
 
     # -- readiness and drain (voicefast/readiness.py, voicefast/drain.py) ---------------------------------
     def readiness(self) -> Readiness:
@@ -263,10 +329,10 @@ class RealtimeServer:
             await asyncio.sleep(poll_s)
 
     @staticmethod
-    async def _sender(ws: ServerConnection, outq: asyncio.Queue) -> None:
+    async def _sender(ws: ServerConnection, outbox: Outbox) -> None:
         with contextlib.suppress(ConnectionClosed):
             while True:
-                await ws.send(await outq.get())
+                await ws.send(await outbox.get())
 
     @staticmethod
     async def _watch(ws: ServerConnection, hopeless: asyncio.Event) -> None:

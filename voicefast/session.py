@@ -27,6 +27,10 @@ from voicefast.turn_work import TurnWork
 
 log = logging.getLogger("voicefast.session")
 RATE_HZ = 16_000  # internal rate of VAD and ASR
+# Room the server keeps for text that arrives after its item is added: a transcript of max_utterance_s of
+# speech, an answer of up to 4096 tokens.
+USER_TURN_RESERVE_BYTES = 4096
+RESPONSE_RESERVE_BYTES = 4 * 4096
 
 
 class Session(SessionTurns):
@@ -38,15 +42,16 @@ class Session(SessionTurns):
         self.stack, self.opts, self._send, self.beta, self.metrics = stack, opts, emit, beta, metrics
         self.cfg = (defaults or SessionConfig()).copy()
         self.cfg.id = new_id("sess")
-        self.conv = Conversation()
+        self.conv = Conversation(max_items=opts.max_conversation_items, max_bytes=opts.max_conversation_bytes)
         self.inbuf = InputBuffer()  # 16 kHz input; its sample offsets are the session's input-audio clock
         self._resampler = StreamResampler(self.cfg.input_format.rate_hz, RATE_HZ)
         self.active: Response | None = None  # the response on the wire (or about to be)
         self._past: OrderedDict[str, Response] = OrderedDict()  # item id -> response, for truncate
         self._tasks: set[asyncio.Task] = set()
         self._pending_user: set[asyncio.Task] = set()  # user-item transcriptions not finished yet
+        self._full_said = False  # input_audio_buffer_full already sent for the append being fed
         self.closed = False
-        self.work = TurnWork(transcriber_factory=stack.transcriber_factory,
+        self.work = TurnWork(transcriber_factory=self._new_transcriber if stack.transcriber_factory else None,
                              partial_interval_ms=opts.asr_partial_interval_ms, spawn=self._spawn,
                              on_partial=self._partial_transcript)
         self._vad = self.turns = None
@@ -86,9 +91,14 @@ class Session(SessionTurns):
         specs = [c.spec for c in self.work.checks.values() if c.spec is not None]
         work = self.work.tasks()
         self.work.drop_utterance(None)  # discards the held replies
-        if self.active is not None:
-            self.active.cancel("client_cancelled") if not self.active.held else self.active.discard()
-        tasks = [t for t in self._tasks] + work + [r.task for r in [self.active, *specs] if r is not None]
+        queued = []  # the active response and those it waits for (Response.after)
+        r = self.active
+        while r is not None and r not in queued:
+            queued.append(r)
+            r = r.after
+        for r in queued:
+            r.cancel("client_cancelled") if not r.held else r.discard()
+        tasks = [t for t in self._tasks] + work + [r.task for r in [*queued, *specs]]
         for t in tasks:
             t.cancel()
         if tasks:
@@ -107,7 +117,8 @@ class Session(SessionTurns):
             raise
 
     def _on_session_update(self, d: dict) -> None:
-        new = self.cfg.apply(d["session"], beta=self.beta, voices=self.stack.voice_names)
+        new = self.cfg.apply(d["session"], beta=self.beta, voices=self.stack.voice_names,
+                             languages=self.stack.asr_languages)
         old = self.cfg
         self.cfg = new
         if new.input_format != old.input_format:
@@ -133,13 +144,13 @@ class Session(SessionTurns):
         if len(audio) < RATE_HZ // 10:
             raise ProtocolError(f"buffer too small: expected at least 100ms of audio, have "
                                 f"{self.ms(len(audio))}ms", code="input_audio_buffer_commit_empty")
+        self._check_transcription_room()
         item_id = u.item_id if u else new_id("item")
         self._drop_utterance()
         end = self.in_samples
         t = TurnTimings(speech_end_s=self.inbuf.arrival_time(end), speech_end_audio_ms=self.ms(end),
                         endpoint_s=time.monotonic(), turn_reason="commit")
-        self._commit(item_id, audio, t, self._spawn(self._transcribe(audio, t, prompt=self._asr_prompt()),
-                                                    "asr-final"))
+        self._commit(item_id, audio, t, self._spawn(self._transcribe(audio, t), "asr-final"))
         self.inbuf.trim(self.in_samples)
 
     def _on_input_audio_buffer_clear(self, d: dict) -> None:
@@ -148,6 +159,8 @@ class Session(SessionTurns):
         self.emit({"type": "input_audio_buffer.cleared"})
 
     def _on_conversation_item_create(self, d: dict) -> None:
+        """All or nothing: every check (id, content, sizes, audio, position, caps, transcription room) runs
+        before the item is added; a refused item leaves no trace and its id stays free."""
         it = d["item"]
         item_id = it.get("id") or new_id("item")
         if not isinstance(item_id, str) or len(item_id) > 64:
@@ -163,17 +176,35 @@ class Session(SessionTurns):
                 texts.append(v)
         kind = "audio" if audio and it["role"] != "system" else "text"
         item = Item(item_id, it["role"], " ".join(texts), kind=kind)
+        if item.text_bytes > self.opts.max_item_bytes:
+            raise ProtocolError(f"item text is {item.text_bytes} bytes; the maximum is {self.opts.max_item_bytes}",
+                                code="conversation_item_too_large", param="item.content")
         prev = d.get("previous_item_id")
+        if prev is not None and not isinstance(prev, str):
+            raise ProtocolError("previous_item_id must be a string", code="invalid_type", param="previous_item_id")
+        x = self._decode_item_audio(audio)  # validates the audio of every role
+        transcribe = bool(audio) and item.role == "user"
+        if transcribe:
+            self._check_transcription_room()
+            item.show_transcript = self.cfg.transcription is not None
+        self.conv.check_add(item, prev)
+        self.conv.check_room(item)
+        # -- every check passed: from here on nothing raises --
         self.conv.add(item, prev)
-        if audio and item.role == "user":
-            x = self._decode_item_audio(audio)
+        if transcribe:
             task = self._spawn(self._transcribe(x, None), "asr-item")
-            self._track_pending(self._spawn(self._finish_user_item(item, task, added=True), "user-item"))
+            done = self._finish_user_item(item, task, added=True, seconds=len(x) / RATE_HZ)
+            self._track_pending(self._spawn(done, "user-item"))
         self.emit({"type": "conversation.item.added", "previous_item_id": self.conv.previous_id(item),
                    "item": item.to_dict()})
-        if not audio:
+        if not transcribe:  # a transcribed item is done when its transcript is
             self.emit({"type": "conversation.item.done", "previous_item_id": self.conv.previous_id(item),
                        "item": item.to_dict()})
+
+    def _check_transcription_room(self) -> None:
+        if len(self._pending_user) >= self.opts.max_pending_transcriptions:
+            raise ProtocolError(f"{len(self._pending_user)} transcriptions of this session are still pending; "
+                                f"wait for their completed events", code="too_many_pending_transcriptions")
 
     def _decode_item_audio(self, parts: list[dict]) -> np.ndarray:
         import base64
@@ -186,6 +217,9 @@ class Session(SessionTurns):
             a = p.get("audio")
             if a is None:
                 continue
+            if not isinstance(a, str):
+                raise ProtocolError("content audio must be a base64 string", code="invalid_type",
+                                    param="item.content.audio")
             try:
                 raw = base64.b64decode(a, validate=True)
             except (binascii.Error, ValueError, TypeError):
@@ -193,7 +227,16 @@ class Session(SessionTurns):
                                     param="item.content.audio") from None
             chunks.append(self.cfg.input_format.decode(raw))
         x = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        if len(x) > self.max_utterance_samples * self.cfg.input_format.rate_hz // RATE_HZ:
+            raise ProtocolError(f"item audio is {len(x) / self.cfg.input_format.rate_hz:.1f} s; the maximum is "
+                                f"{self.opts.max_utterance_s:g} s", code="input_audio_too_long",
+                                param="item.content.audio")
         return resample(x, self.cfg.input_format.rate_hz, RATE_HZ)
+
+    @property
+    def max_utterance_samples(self) -> int:
+        """16 kHz samples after which an utterance ends (turn detection) and beyond which item audio is refused."""
+        return int(min(self.opts.max_utterance_s, self.opts.max_input_buffer_s) * RATE_HZ)
 
     def _on_conversation_item_truncate(self, d: dict) -> None:
         item = self.conv.find(d["item_id"])
@@ -229,7 +272,14 @@ class Session(SessionTurns):
         if self.active is not None and not self.active.done.is_set():
             raise ProtocolError(f"conversation already has an active response {self.active.id}",
                                 code="conversation_already_has_active_response")
-        self._start_response(d.get("response") or {}, TurnTimings(), None, held=False)
+        over = d.get("response") or {}
+        _, instructions = ResponseParams.from_request(over, self.cfg, self.opts, self.stack.voice_names)
+        heard = over.get("conversation") != "none" and (
+            self._pending_user or any(it.text.strip() for it in self.conv.items))
+        if not instructions.strip() and not heard:  # the model would get an empty prompt
+            raise ProtocolError("nothing to respond to: no instructions and no conversation items with content",
+                                code="invalid_value", param="response")
+        self._start_response(over, TurnTimings(), None, held=False)
 
     def _on_response_cancel(self, d: dict) -> None:
         r = self.active
@@ -245,16 +295,25 @@ class Session(SessionTurns):
             self.active.cancel("client_cancelled")
         self.emit({"type": "output_audio_buffer.cleared", "response_id": self.active.id if self.active else None})
 
+    def _make_room(self, reserve_bytes: int) -> None:
+        """The server's own items always fit: the oldest items are evicted (and said so) instead."""
+        for old in self.conv.make_room(reserve_bytes):
+            self._past.pop(old.id, None)
+            self.emit({"type": "conversation.item.deleted", "item_id": old.id})
+
     def _commit(self, item_id: str, audio: np.ndarray, t: TurnTimings, asr: asyncio.Task) -> asyncio.Task | None:
+        self._make_room(USER_TURN_RESERVE_BYTES)
         prev = self.conv.previous_id()
-        item = Item(item_id, "user", kind="audio", status="completed")
+        item = Item(item_id, "user", kind="audio", status="completed",
+                    show_transcript=self.cfg.transcription is not None)
         self.conv.add(item)
         self.emit({"type": "input_audio_buffer.committed", "item_id": item_id, "previous_item_id": prev})
         self.emit({"type": "conversation.item.added", "previous_item_id": prev, "item": item.to_dict()})
+        seconds = len(audio) / RATE_HZ
         if asr.done() and not asr.cancelled() and asr.exception() is None:
-            self._user_item_transcribed(item, asr.result())  # speculation already has it: say so first
+            self._user_item_transcribed(item, asr.result(), seconds)  # speculation already has it: say so first
             return None
-        task = self._spawn(self._finish_user_item(item, asr, added=True), "user-item")
+        task = self._spawn(self._finish_user_item(item, asr, added=True, seconds=seconds), "user-item")
         self._track_pending(task)
         return task
 
@@ -262,33 +321,57 @@ class Session(SessionTurns):
         self._pending_user.add(task)
         task.add_done_callback(self._pending_user.discard)
 
-    async def _transcribe(self, x16: np.ndarray, t: TurnTimings | None, *, prompt: str | None = None) -> str:
+    def _asr_kw(self, **kw) -> dict:
+        """What every ASR job of this session carries: its owner (a fair share of the pool, a bounded queue) and
+        its transcription settings: the language, and the prompt (the conversation's context plus the client's
+        own input_audio_transcription.prompt, voicefast.asr_context)."""
+        from audio.asr import DecodeRequest
+
+        tr = self.cfg.transcription
+        request = DecodeRequest(language=tr.language if tr else None, prompt=self._asr_prompt())
+        return {"owner": self.cfg.id, "request": request, **kw}
+
+    def _new_transcriber(self):
+        """The streaming transcriber of a new utterance (partials); none while transcription is off (partials
+        are transcription events)."""
+        if self.cfg.transcription is None:
+            return None
+        return self.stack.transcriber_factory(submit_kw=self._asr_kw())
+
+    async def _transcribe(self, x16: np.ndarray, t: TurnTimings | None, *, replace: object = False) -> str:
+        """The final transcript of `x16` (a Transcript when the ASR says how sure it was of the last word).
+        `replace`: a key (the utterance's item id) under which a newer check's final replaces this one while it
+        is still queued in the session's ASR lane."""
         if t is not None:
             t.asr_start_s = time.monotonic()
-        raw = await self.stack.asr.transcribe_async(x16, prompt=prompt)
+        raw = await self.stack.asr.transcribe_async(x16, **self._asr_kw(replace=replace))
         text = raw.strip()
         if t is not None:
             t.asr_end_s = time.monotonic()
         p = getattr(raw, "last_word_probability", None)  # audio.asr.Transcript: kept for the turn's text witness
         return Transcript(text, p) if p is not None else text
 
-    async def _finish_user_item(self, item: Item, asr: asyncio.Task, *, added: bool) -> None:
+    async def _finish_user_item(self, item: Item, asr: asyncio.Task, *, added: bool, seconds: float) -> None:
         try:
             item.text = await asr
         except asyncio.CancelledError:
             raise
-        except Exception as e:
+        except Exception:  # details in the log; the client gets a code
             log.warning("transcription failed", exc_info=True)
+            if not item.show_transcript:
+                return
             self.emit({"type": "conversation.item.input_audio_transcription.failed", "item_id": item.id,
-                       "content_index": 0, "error": {"type": "server_error", "message": str(e)}})
+                       "content_index": 0, "error": {"type": "server_error", "code": "transcription_failed",
+                                                     "message": "transcription failed"}})
             return
-        self._user_item_transcribed(item, item.text)
+        self._user_item_transcribed(item, item.text, seconds)
 
-    def _user_item_transcribed(self, item: Item, text: str) -> None:
+    def _user_item_transcribed(self, item: Item, text: str, seconds: float) -> None:
         item.text = text
-        self.emit({"type": "conversation.item.input_audio_transcription.completed", "item_id": item.id,
-                   "content_index": 0, "transcript": item.text,
-                   "usage": {"type": "duration", "seconds": 0}})
+        if item.show_transcript:  # transcription off: the LLM still hears it, the client is not told
+            self.emit({"type": "conversation.item.input_audio_transcription.completed", "item_id": item.id,
+                       "content_index": 0, "transcript": item.text,
+                       "usage": {"type": "duration", "seconds": round(seconds, 3)}})
         if self.conv.find(item.id) is not None:
             self.emit({"type": "conversation.item.done", "previous_item_id": self.conv.previous_id(item),
                        "item": item.to_dict()})
@@ -296,14 +379,14 @@ class Session(SessionTurns):
     # -- responses -------------------------------------------------------------------------------------
     def _start_response(self, over: dict, t: TurnTimings, asr: asyncio.Task | None, *, held: bool,
                         answer_silence: bool = False, user_item_id: str | None = None) -> Response:
-        p, instructions = ResponseParams.from_request(over, self.cfg, self.opts, self.stack.voices)
+        p, instructions = ResponseParams.from_request(over, self.cfg, self.opts, self.stack.voice_names)
         max_tok = p.max_output_tokens
         isolated = over.get("conversation") == "none"
         previous = self.active
 
         async def messages() -> list[dict] | None:
-            if previous is not None and not previous.done.is_set() and previous is not r:
-                await previous.done.wait()
+            while r.after is not None and not r.after.done.is_set():  # re-checked: _supersede may re-point it
+                await r.after.done.wait()
             extra: list[Item] = []
             if asr is not None and held:  # speculative: the user item may not exist yet
                 text = await asr
@@ -321,19 +404,37 @@ class Session(SessionTurns):
                 if over == {} and last_user is not None and last_user.kind == "audio" and not last_user.text \
                         and not answer_silence:
                     return None  # the turn transcribed to nothing (noise): no response
-            budget = self.stack.max_model_len - (256 if max_tok == "inf" else int(max_tok))
+            # The prompt keeps at least half the context, whatever max_output_tokens asks (the reply is then cut
+            # at the context's end: status incomplete).
+            reserve = 256 if max_tok == "inf" else int(max_tok)
+            budget = self.stack.max_model_len - min(reserve, self.stack.max_model_len // 2)
             conv = self.conv if not isolated else type(self.conv)()
-            return conv.messages(instructions, count_tokens=self.stack.count_tokens, max_prompt_tokens=budget,
+            msgs = conv.messages(instructions, count_tokens=self.stack.count_tokens, max_prompt_tokens=budget,
                                  extra=extra)
+            return msgs or None  # nothing to say (the conversation emptied meanwhile): no response
 
         r = Response(stack=self.stack, params=p, emit=self.emit, messages=messages, timings=t, held=held,
                      on_start=self._response_started, on_end=self._response_ended)
+        r.after = previous if previous is not None and not previous.done.is_set() else None
         if not held:
+            self._supersede(r)
             self.active = r
         return r
 
+    @staticmethod
+    def _supersede(r: Response) -> None:
+        """If `r` would wait for a response that is itself only queued behind a running one, the newer turn
+        replaces the queued one (its user item is in the conversation, so `r` answers it too). A session so holds
+        at most one running, one queued and one speculative response: at most three engine requests and TTS
+        streams, however many turns a client ends while an answer plays (interrupt_response=false)."""
+        q = r.after
+        if q is not None and q.after is not None and not q.started and not q.done.is_set():
+            r.after = q.after
+            q.discard()
+
     def _response_started(self, r: Response) -> None:
         self.active = r
+        self._make_room(RESPONSE_RESERVE_BYTES)
         prev = self.conv.previous_id()
         self.conv.add(r.item)
         self.emit({"type": "conversation.item.added", "previous_item_id": prev, "item": r.item.to_dict()})

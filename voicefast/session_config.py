@@ -4,6 +4,7 @@ the GA shape (nested `audio.input/output`) and the beta shape (flat fields). Onl
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 
 from voicefast.errors import ProtocolError
@@ -93,22 +94,84 @@ class TurnDetection:
         return td
 
 
+# Names of OpenAI's voices: stock clients send them, and they map onto the server's default (first) voice.
+OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova", "onyx",
+                           "sage", "shimmer", "verse"})
+# Transcription model names a client may ask for: all of them run the server's ASR (its loaded Whisper).
+TRANSCRIPTION_MODELS = ("whisper", "whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
+MAX_TRANSCRIPTION_PROMPT_CHARS = 2000  # Whisper keeps the last 223 tokens of a prompt anyway
+_LANGUAGE = re.compile(r"^[a-z]{2,3}$")
+
+
+def resolve_voice(v: object, param: str, voices: list[str]) -> str:
+    """A local voice name -> itself; an OpenAI voice name -> the default (first) local voice; anything else is
+    rejected naming `param`. session.update and response.create both resolve voices here."""
+    if isinstance(v, dict):
+        v = v.get("id")
+    if not isinstance(v, str):
+        raise ProtocolError(f"{param} must be a string", param=param)
+    if v in voices or not voices:
+        return v
+    if v in OPENAI_VOICES:
+        return voices[0]
+    raise ProtocolError(f"unknown voice {v[:64]!r}: use one of {', '.join(voices)} (see /v1/voices) or an OpenAI "
+                        f"voice name, which maps to {voices[0]}", param=param)
+
+
+@dataclass(slots=True)
+class Transcription:
+    """input_audio_transcription: what the user's audio items report (`...input_audio_transcription.*` events).
+    None on the session = off: no transcription events and no transcript on items, though the server still
+    transcribes to understand the turn (the LLM hears through the ASR)."""
+
+    model: str = "whisper"
+    language: str | None = None  # None: the model's own ("en" for tiny.en; detected by a multilingual model)
+    prompt: str = ""  # words that steer the ASR's spelling (names, jargon)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "language": self.language, "prompt": self.prompt}
+
+    @staticmethod
+    def parse(value: object, base: Transcription | None, param: str,
+              languages: tuple[str, ...] | None) -> Transcription | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{param} must be an object or null", param=param)
+        t = copy.copy(base) if base is not None else Transcription()
+        if "model" in value:
+            if value["model"] not in TRANSCRIPTION_MODELS:
+                raise ProtocolError(f"{param}.model must be one of {', '.join(TRANSCRIPTION_MODELS)} (all run the "
+                                    f"server's Whisper)", param=f"{param}.model")
+            t.model = value["model"]
+        if "language" in value:
+            lang = value["language"]
+            if lang is not None and (not isinstance(lang, str) or not _LANGUAGE.match(lang)
+                                     or languages is not None and lang not in languages):
+                known = f": one of {', '.join(languages[:12])}{', ...' if len(languages) > 12 else ''}" \
+                    if languages else ""
+                raise ProtocolError(f"{param}.language must be a language code the ASR model transcribes{known}",
+                                    param=f"{param}.language")
+            t.language = lang
+        if "prompt" in value:
+            prompt = value["prompt"] if value["prompt"] is not None else ""
+            if not isinstance(prompt, str) or len(prompt) > MAX_TRANSCRIPTION_PROMPT_CHARS:
+                raise ProtocolError(f"{param}.prompt must be a string of at most {MAX_TRANSCRIPTION_PROMPT_CHARS} "
+                                    f"characters", param=f"{param}.prompt")
+            t.prompt = prompt
+        return t
+
+
 def _modalities(v: object, param: str) -> list[str]:
     if not isinstance(v, list) or not v or any(m not in ("text", "audio") for m in v):
         raise ProtocolError(f"{param} must be ['audio'] or ['text'], got {v!r}", param=param)
     return ["audio"] if "audio" in v else ["text"]
 
 
-def _max_tokens(v: object, param: str) -> int | str:
+def max_output_tokens(v: object, param: str) -> int | str:
     if v == "inf" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096):
         return v
     raise ProtocolError(f"{param} must be an integer in [1, 4096] or 'inf', got {v!r}", param=param)
-
-
-def _prompt(d: dict, old: str, param: str) -> str:
-    if "prompt" not in d or d["prompt"] is None:
-        return old if "prompt" not in d else ""
-    return _string(d["prompt"], param, 2000)
 
 
 def _string(v: object, param: str, max_len: int = 100_000) -> str:
@@ -130,15 +193,15 @@ class SessionConfig:
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
     temperature: float = 0.7
     max_output_tokens: int | str = 128
-    transcription_language: str | None = "en"
-    transcription_prompt: str = ""  # the client's own ASR prompt, added to the conversation's (voicefast.asr_context)
+    transcription: Transcription | None = field(default_factory=Transcription)
 
     def copy(self) -> SessionConfig:
         return copy.deepcopy(self)
 
-    def apply(self, s: dict, *, beta: bool, voices: list[str]) -> SessionConfig:
+    def apply(self, s: dict, *, beta: bool, voices: list[str], languages: tuple[str, ...] | None = None
+              ) -> SessionConfig:
         """Return a new config with `s` (a GA or beta `session` object) applied; raise ProtocolError on bad fields
-        (the session is then left unchanged)."""
+        (the session is then left unchanged). `languages`: what the ASR transcribes (None: not checked)."""
         if not isinstance(s, dict):
             raise ProtocolError("session must be an object", param="session")
         c = self.copy()
@@ -154,9 +217,10 @@ class SessionConfig:
         if "modalities" in s:
             c.output_modalities = _modalities(s["modalities"], "session.modalities")
         if "max_output_tokens" in s:
-            c.max_output_tokens = _max_tokens(s["max_output_tokens"], "session.max_output_tokens")
+            c.max_output_tokens = max_output_tokens(s["max_output_tokens"], "session.max_output_tokens")
         if "max_response_output_tokens" in s:
-            c.max_output_tokens = _max_tokens(s["max_response_output_tokens"], "session.max_response_output_tokens")
+            c.max_output_tokens = max_output_tokens(s["max_response_output_tokens"],
+                                                    "session.max_response_output_tokens")
         if "temperature" in s:
             v = s["temperature"]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 2.0:
@@ -168,15 +232,14 @@ class SessionConfig:
         if "output_audio_format" in s:
             c.output_format = AudioFormat.parse(s["output_audio_format"], "session.output_audio_format")
         if "voice" in s:
-            c.voice = self._voice(s["voice"], "session.voice", voices)
+            c.voice = resolve_voice(s["voice"], "session.voice", voices)
         if "speed" in s:
             c.speed = self._speed(s["speed"], "session.speed")
         if "turn_detection" in s:
             c.turn_detection = TurnDetection.parse(s["turn_detection"], c.turn_detection, "session.turn_detection")
-        if "input_audio_transcription" in s and isinstance(s["input_audio_transcription"], dict):
-            c.transcription_language = s["input_audio_transcription"].get("language", c.transcription_language)
-            c.transcription_prompt = _prompt(s["input_audio_transcription"], c.transcription_prompt,
-                                             "session.input_audio_transcription.prompt")
+        if "input_audio_transcription" in s:
+            c.transcription = Transcription.parse(s["input_audio_transcription"], c.transcription,
+                                                  "session.input_audio_transcription", languages)
         # GA nested audio config
         audio = s.get("audio")
         if audio is not None:
@@ -190,26 +253,16 @@ class SessionConfig:
             if "turn_detection" in inp:
                 c.turn_detection = TurnDetection.parse(inp["turn_detection"], c.turn_detection,
                                                        "session.audio.input.turn_detection")
-            if isinstance(inp.get("transcription"), dict):
-                c.transcription_language = inp["transcription"].get("language", c.transcription_language)
-                c.transcription_prompt = _prompt(inp["transcription"], c.transcription_prompt,
-                                                 "session.audio.input.transcription.prompt")
+            if "transcription" in inp:
+                c.transcription = Transcription.parse(inp["transcription"], c.transcription,
+                                                      "session.audio.input.transcription", languages)
             if "format" in out:
                 c.output_format = AudioFormat.parse(out["format"], "session.audio.output.format")
             if "voice" in out:
-                c.voice = self._voice(out["voice"], "session.audio.output.voice", voices)
+                c.voice = resolve_voice(out["voice"], "session.audio.output.voice", voices)
             if "speed" in out:
                 c.speed = self._speed(out["speed"], "session.audio.output.speed")
         return c
-
-    @staticmethod
-    def _voice(v: object, param: str, voices: list[str]) -> str:
-        if isinstance(v, dict):
-            v = v.get("id")
-        if not isinstance(v, str):
-            raise ProtocolError(f"{param} must be a string", param=param)
-        # OpenAI voice names (alloy, marin, ...) map onto the default voice so stock clients work unchanged.
-        return v if v in voices else (voices[0] if voices else v)
 
     @staticmethod
     def _speed(v: object, param: str) -> float:
@@ -219,22 +272,21 @@ class SessionConfig:
 
     def to_dict(self, *, beta: bool) -> dict:
         td = self.turn_detection.to_dict() if self.turn_detection else None
+        tr = self.transcription.to_dict() if self.transcription else None
         if beta:
             return {"id": self.id, "object": "realtime.session", "model": self.model, "modalities":
                     ["text", "audio"] if self.output_modalities == ["audio"] else ["text"],
                     "instructions": self.instructions, "voice": self.voice,
                     "input_audio_format": self.input_format.to_beta(),
                     "output_audio_format": self.output_format.to_beta(),
-                    "input_audio_transcription": {"model": "whisper", "language": self.transcription_language,
-                                                  "prompt": self.transcription_prompt},
+                    "input_audio_transcription": tr,
                     "turn_detection": td, "temperature": self.temperature,
                     "max_response_output_tokens": self.max_output_tokens, "speed": self.speed,
                     "tools": [], "tool_choice": "auto"}
         return {"type": "realtime", "object": "realtime.session", "id": self.id, "model": self.model,
                 "output_modalities": list(self.output_modalities), "instructions": self.instructions,
                 "audio": {"input": {"format": self.input_format.to_ga(), "turn_detection": td,
-                                    "transcription": {"model": "whisper", "language": self.transcription_language,
-                                                      "prompt": self.transcription_prompt},
+                                    "transcription": tr,
                                     "noise_reduction": None},
                           "output": {"format": self.output_format.to_ga(), "voice": self.voice,
                                      "speed": self.speed}},

@@ -17,7 +17,17 @@ from voicefast.asr_context import asr_prompt
 from voicefast.conversation import new_id
 from voicefast.errors import ProtocolError
 from voicefast.metrics import TurnTimings
-from voicefast.turns import Announce, Begin, CancelCheck, DropUtterance, EndTurn, IdleTimeout, StartCheck, TurnTaker
+from voicefast.turns import (
+    Announce,
+    Begin,
+    CancelCheck,
+    DropUtterance,
+    EndTurn,
+    IdleTimeout,
+    RestartVad,
+    StartCheck,
+    TurnTaker,
+)
 
 log = logging.getLogger("voicefast.session")
 RATE_HZ = 16_000
@@ -33,13 +43,17 @@ class SessionTurns:
         self.turns = TurnTaker(td.policy(speculative=self.opts.speculative_start,
                                          barge_in_min_ms=self.opts.barge_in_min_ms,
                                          backchannel_max_ms=self.opts.backchannel_max_ms,
-                                         witness=self.opts.turn_witness),
+                                         witness=self.opts.turn_witness,
+                                         max_utterance_ms=self.max_utterance_samples * 1000 // RATE_HZ),
                                new_id=lambda: new_id("item")) if td is not None else None
         self._vad_base = self.in_samples
 
     # -- audio in, turn detection ----------------------------------------------------------------------
-    def feed_audio(self, x: np.ndarray) -> None:
-        """float32 samples at the input format's rate."""
+    def feed_audio(self, x: np.ndarray, *, event_start: bool = True) -> None:
+        """float32 samples at the input format's rate. A big append arrives in slices (voicefast/intake.py):
+        event_start=False for all but its first, so one append is told `input_audio_buffer_full` at most once."""
+        if event_start:
+            self._full_said = False
         x16 = self._resampler.process(x)
         if not len(x16):
             return
@@ -49,8 +63,10 @@ class SessionTurns:
         if td is None:
             if self.in_samples - self.inbuf.start > cap:  # manual mode: keep the newest audio, say so
                 self.inbuf.trim(self.in_samples - cap)
-                self.emit(ProtocolError("input audio buffer is full; the oldest audio was dropped",
-                                        code="input_audio_buffer_full").to_event())
+                if not self._full_said:
+                    self._full_said = True
+                    self.emit(ProtocolError("input audio buffer is full; the oldest audio was dropped",
+                                            code="input_audio_buffer_full").to_event())
             return
         if not self.turns.in_turn:
             self.inbuf.trim(self.in_samples - self._pad_samples() - RATE_HZ // 2)
@@ -95,6 +111,10 @@ class SessionTurns:
                 self.work.drop_utterance(a.item_id)
             elif isinstance(a, IdleTimeout):
                 self._idle_timeout(a)
+            elif isinstance(a, RestartVad):
+                log.info("an utterance reached max_utterance_s (%g s): turn ended there", self.opts.max_utterance_s)
+                self._vad = self.stack.vad_factory(self.cfg.turn_detection)
+                self._vad_base = self.in_samples
 
     def _partial_transcript(self, item_id: str, delta: str) -> None:
         self.emit({"type": "conversation.item.input_audio_transcription.delta", "item_id": item_id,
@@ -109,7 +129,8 @@ class SessionTurns:
         the end-of-turn model on the same audio; a speculative reply starts on that transcript, held."""
         audio = self.inbuf.slice(a.start_sample - self._pad_samples(), a.end_sample)
         t = TurnTimings(speculative=a.speculate, check_s=time.monotonic())
-        asr = self._spawn(self._transcribe(audio, t, prompt=self._asr_prompt()), f"asr-{a.purpose}")
+        # replace: a newer check of this utterance supersedes this one's final while it is still queued
+        asr = self._spawn(self._transcribe(audio, t, replace=a.item_id), f"asr-{a.purpose}")
         c = self.work.add_check(a, asr, t)
         asr.add_done_callback(lambda task, cid=a.check_id: self._check_transcribed(cid, task))
         if a.use_model:
@@ -152,8 +173,7 @@ class SessionTurns:
         self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": self.ms(a.end_sample),
                    "item_id": a.item_id})
         audio = self.inbuf.slice(a.start_sample - self._pad_samples())
-        asr = c.asr if c is not None else self._spawn(self._transcribe(audio, t, prompt=self._asr_prompt()),
-                                                      "asr-final")
+        asr = c.asr if c is not None else self._spawn(self._transcribe(audio, t), "asr-final")
         spec = c.spec if c is not None else None
         pending = self._commit(a.item_id, audio, t, asr)
         self.inbuf.trim(self.in_samples)
@@ -164,6 +184,7 @@ class SessionTurns:
         if spec is None:
             self._start_response({}, t, None, held=False)
             return
+        self._supersede(spec)
         self.active = spec
         # The user transcript goes out before the response that answers it.
         if pending is None:
@@ -179,8 +200,7 @@ class SessionTurns:
         audio = self.inbuf.slice(a.start_sample, a.end_sample)
         t = TurnTimings(speech_end_s=time.monotonic(), speech_end_audio_ms=self.ms(a.end_sample),
                         endpoint_s=time.monotonic(), turn_reason="idle_timeout")
-        self._commit(a.item_id, audio, t, self._spawn(self._transcribe(audio, t, prompt=self._asr_prompt()),
-                                                      "asr-idle"))
+        self._commit(a.item_id, audio, t, self._spawn(self._transcribe(audio, t), "asr-idle"))
         self.inbuf.trim(self.in_samples)
         if self.cfg.turn_detection.create_response and not self._responding():
             self._start_response({}, t, None, held=False, answer_silence=True)
@@ -191,8 +211,11 @@ class SessionTurns:
         self.work.drop_utterance(None)
 
     def _asr_prompt(self) -> str | None:
+        """Whisper's prompt for this session's next decode: the client's input_audio_transcription.prompt, with
+        the conversation's context added (names from the instructions, the last reply) unless the server turned
+        that off (asr_context_prompt)."""
+        client = self.cfg.transcription.prompt if self.cfg.transcription is not None else ""
         if not self.opts.asr_context_prompt:
-            return self.cfg.transcription_prompt or None
+            return client or None
         last = next((it.text for it in reversed(self.conv.items) if it.role == "assistant" and it.text), "")
-        return asr_prompt(instructions=self.cfg.instructions, last_assistant=last,
-                          client_prompt=self.cfg.transcription_prompt) or None
+        return asr_prompt(instructions=self.cfg.instructions, last_assistant=last, client_prompt=client) or None

@@ -14,12 +14,13 @@ from audio.speech_out import SpeechOutput
 @dataclass
 class Stack:
     engine: object  # AsyncLLMEngine: generate(params, messages=, request_id=), abort(id), stats(), tokenizer
-    asr: object  # transcribe_async(x16k: float32, prompt=None) -> str
+    asr: object  # transcribe_async(x16k: float32, *, owner=, replace=, request=DecodeRequest) -> Transcript
     voices: dict[str, object]  # name -> TTS: .sample_rate_hz, .synthesize(text, speaking_rate=None) -> Iterator[f32]
     vad_factory: Callable[[object], object]  # TurnDetection -> stream with .process(x16k) -> list[VadEvent]
     chunker_factory: Callable[[], object]  # -> TextChunker (its first phrase is short: speech starts early)
     sampling_params: Callable[..., object]  # SamplingParams(temperature=, max_tokens=, ...)
-    transcriber_factory: Callable[[], object] | None = None  # streaming partials: feed(x16k); async partial()
+    # streaming partials: factory(submit_kw=...) -> .feed(x16k), async .partial(); submit_kw reaches asr.submit
+    transcriber_factory: Callable[..., object] | None = None
     turn_model: object | None = None  # end-of-turn model (semantic_vad): submit(x16k) -> Future[float probability]
     max_model_len: int = 2048
     tts_workers: int = 1
@@ -29,6 +30,11 @@ class Stack:
     @property
     def voice_names(self) -> list[str]:
         return list(self.voices)
+
+    @property
+    def asr_languages(self) -> tuple[str, ...] | None:
+        """Languages the ASR transcribes (None: not known, not checked)."""
+        return getattr(self.asr, "languages", None)
 
     def count_tokens(self, text: str) -> int:
         tok = getattr(self.engine, "tokenizer", None)

@@ -15,6 +15,9 @@ session began), so the same inputs always give the same actions and tests drive 
                 or speech longer than `backchannel_max_ms`, interrupts (speech_started, response cancelled).
   idle timeout  `idle_timeout_ms` after the last response's audio finished playing without the user speaking,
                 the session commits the silence and answers (OpenAI's input_audio_buffer.timeout_triggered).
+  max utterance an utterance (speech or noise) that lasts `max_utterance_ms` ends there as if the speaker had
+                paused (a candidate barge-in is dropped), and the VAD starts afresh: speech that goes on is a new
+                turn. The utterance's audio, its partials and its final decode so stay bounded.
 
 Inputs: on_vad(kind, sample, now), on_audio(now), on_transcript(check_id, text), on_verdict(check_id, p),
 response_audio_ends(sample), reset(). Each returns the list of actions the session must carry out, in order."""
@@ -68,6 +71,7 @@ class TurnPolicy:
     idle_timeout_ms: int | None = None
     barge_in_min_ms: int = 300  # speech during a response shorter than this is noise
     backchannel_max_ms: int = 900  # speech during a response longer than this interrupts, whatever it says
+    max_utterance_ms: int | None = None  # an utterance this long ends the turn (None: no limit)
 
     def __post_init__(self) -> None:
         if self.witness not in WITNESSES:
@@ -76,6 +80,8 @@ class TurnPolicy:
             raise ValueError(f"need 0 < check_ms <= end_silence_ms, got {self.check_ms}, {self.end_silence_ms}")
         if self.barge_in_min_ms < 0 or self.backchannel_max_ms < self.barge_in_min_ms:
             raise ValueError("need 0 <= barge_in_min_ms <= backchannel_max_ms")
+        if self.max_utterance_ms is not None and self.max_utterance_ms < 1000:
+            raise ValueError(f"max_utterance_ms must be >= 1000 (or None), got {self.max_utterance_ms}")
 
     @classmethod
     def for_mode(cls, mode: str, *, eagerness: str = "auto", silence_duration_ms: int = 500, **kw) -> TurnPolicy:
@@ -130,8 +136,9 @@ class CancelCheck:
 class EndTurn:
     """The turn is over: speech_stopped at end_sample, commit the user item, respond (create_response). The
     check's transcript and held reply, if `check_id` is set, are this turn's. reason: "silence" (server_vad
-    window), "complete" (semantic witnesses agreed), "max_silence" (semantic fallback). silence_ms: the silence
-    heard after the end of speech when the deciding observation was made (audio clock)."""
+    window), "complete" (semantic witnesses agreed), "max_silence" (semantic fallback), "max_utterance" (it lasted
+    max_utterance_ms). silence_ms: the silence heard after the end of speech when the deciding observation was
+    made (audio clock)."""
     item_id: str
     start_sample: int
     end_sample: int
@@ -145,9 +152,16 @@ class EndTurn:
 
 @dataclass(frozen=True, slots=True)
 class DropUtterance:
-    """Not a turn (noise shorter than barge_in_min_ms, or a backchannel): forget it, send nothing."""
+    """Not a turn (noise shorter than barge_in_min_ms, a backchannel, or a candidate barge-in that reached
+    max_utterance_ms): forget it, send nothing."""
     item_id: str
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RestartVad:
+    """An utterance was cut at max_utterance_ms while the VAD may still hear speech: start the VAD stream afresh,
+    so speech that goes on begins a new turn at its next onset."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +173,7 @@ class IdleTimeout:
     end_sample: int
 
 
-Action = Begin | Announce | StartCheck | CancelCheck | EndTurn | DropUtterance | IdleTimeout
+Action = Begin | Announce | StartCheck | CancelCheck | EndTurn | DropUtterance | IdleTimeout | RestartVad
 
 
 @dataclass(slots=True)
@@ -238,9 +252,12 @@ class TurnTaker:
         raise ValueError(f"unknown VAD event {kind!r}")
 
     def on_audio(self, now: int) -> list[Action]:
-        """The input clock advanced to `now` (after every chunk): barge-in guard and idle timeout."""
+        """The input clock advanced to `now` (after every chunk): max utterance, barge-in guard, idle timeout."""
         self.now = max(self.now, now)
         u = self.utt
+        cap = self.policy.max_utterance_ms
+        if u is not None and cap is not None and self.now - u.start_sample >= self._samples(cap):
+            return self._cut(u) + [RestartVad()]
         out: list[Action] = []
         if u is not None and not u.announced and u.silence_start is None:
             spoken = self.now - u.start_sample
@@ -365,6 +382,14 @@ class TurnTaker:
         end = max(u.start_sample, end_sample)
         return [EndTurn(u.item_id, u.start_sample, end, u.check_id, reason, silence_ms, self.policy.create_response,
                         u.checks if self.policy.semantic else 0, u.check)]
+
+    def _cut(self, u: _Utterance) -> list[Action]:
+        """max_utterance_ms reached: a turn ends where it is (at its pause, if it is in one), a candidate goes."""
+        if not u.announced:
+            return self._drop(u, "max_utterance")
+        if u.silence_start is not None:
+            return self._end(u, u.silence_start, "max_utterance", self._ms(self.now - u.silence_start))
+        return self._end(u, self.now, "max_utterance", 0)
 
     def _drop(self, u: _Utterance, reason: str) -> list[Action]:
         self.utt = None

@@ -18,6 +18,9 @@ MEDIA_RATE_HZ = 8000
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
 MAX_PARAMETERS = 64  # customParameters kept per call (Twilio allows far fewer in practice)
 MAX_PARAMETER_CHARS = 500
+# One media message is processed inline on the event loop (VAD, resampling): at most 200 ms of audio, like a
+# Realtime append's slice (ServerConfig.inline_audio_ms); Twilio's own are 20 ms.
+MAX_MEDIA_BYTES = 1600
 
 
 class TwilioMessageError(ValueError):
@@ -120,10 +123,14 @@ def parse_message(frame: str | bytes) -> TwilioEvent:
         payload = m.get("payload")
         if not isinstance(payload, str):
             raise TwilioMessageError("media.payload must be a base64 string")
+        if len(payload) > MAX_MEDIA_BYTES * 4 // 3 + 4:
+            raise TwilioMessageError(f"media.payload is over {MAX_MEDIA_BYTES} bytes (Twilio sends 20 ms: 160)")
         try:
             raw = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise TwilioMessageError("media.payload is not valid base64") from None
+        if len(raw) > MAX_MEDIA_BYTES:
+            raise TwilioMessageError(f"media.payload is over {MAX_MEDIA_BYTES} bytes (Twilio sends 20 ms: 160)")
         return Media(raw, str(m.get("track") or "inbound"), _int(m.get("chunk")), _int(m.get("timestamp")))
     if ev == "start":
         return _parse_start(d)

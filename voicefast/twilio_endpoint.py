@@ -24,9 +24,11 @@ from websockets.exceptions import ConnectionClosed
 from voicefast.errors import ProtocolError
 from voicefast.formats import AudioFormat
 from voicefast.http import HttpReply
+from voicefast.limits import receive_timeout
 from voicefast.personas import DEFAULT_NAME, Persona, load_personas
 from voicefast.playout import PlayoutClock
 from voicefast.session import Session
+from voicefast.session_config import Transcription
 from voicefast.twilio_auth import check_upgrade
 from voicefast.twilio_call import CallSettings, EndCall, FeedAudio, OpenSession, Say, SessionInput, StopSay, TwilioCall
 from voicefast.twilio_setup import CallSetup, Catalog
@@ -156,16 +158,21 @@ class _Connection:
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_loop(), name="twilio-sender")
         timers = asyncio.create_task(self._timer_loop(), name="twilio-timers")
+        started = time.monotonic()
         try:
             while self.call.state != "ended":
                 # Twilio sends `start` right after connecting, then media every 20 ms until `stop`.
                 waiting = self.call.state == "new"
-                limit_s = min(START_TIMEOUT_S, self.opts.idle_timeout_s) if waiting else self.opts.idle_timeout_s
+                limit_s, why = receive_timeout(time.monotonic(), started, idle_timeout_s=self.opts.idle_timeout_s,
+                                               max_session_s=self.opts.max_session_s)
+                if waiting and (why != "session_expired" or limit_s > START_TIMEOUT_S):
+                    limit_s, why = min(START_TIMEOUT_S, limit_s), "no_start"
                 try:
+                    if limit_s <= 0:
+                        raise TimeoutError
                     frame = await asyncio.wait_for(self.ws.recv(), limit_s)
                 except TimeoutError:
-                    log.info("%s: no %s for %.0f s: closing", self.name, "start" if waiting else "message", limit_s)
-                    self._close(1008 if waiting else 1000, "no start message" if waiting else "idle timeout")
+                    self._timed_out(why, limit_s)
                     break
                 note = self.call.receive(frame, time.monotonic())
                 if note is not None:
@@ -178,6 +185,17 @@ class _Connection:
             self._close(1011, "internal error")
         finally:
             await self._finish(sender, timers)
+
+    def _timed_out(self, why: str, limit_s: float) -> None:
+        if why == "session_expired":  # the same abuse limit as a Realtime session's (ServerConfig.max_session_s)
+            log.info("%s reached max_session_s %.0f s: closing", self.name, self.opts.max_session_s)
+            self._close(1008, "maximum session length reached")
+        elif why == "no_start":
+            log.info("%s: no start for %.0f s: closing", self.name, limit_s)
+            self._close(1008, "no start message")
+        else:
+            log.info("%s: no message for %.0f s: closing", self.name, limit_s)
+            self._close(1000, "idle timeout")
 
     async def _finish(self, *tasks: asyncio.Task) -> None:
         """Everything this call started ends here: prompts, the session (engine request aborted), the tasks."""
@@ -263,8 +281,9 @@ class _Connection:
             self.call.busy(now)
             return
         cfg = srv.defaults.copy()
-        cfg.instructions, cfg.voice, cfg.transcription_language = setup.persona.instructions, setup.voice, \
-            setup.language
+        cfg.instructions, cfg.voice = setup.persona.instructions, setup.voice
+        # The call's language reaches every decode (its prompt too: the server's default transcription settings).
+        cfg.transcription = dataclasses.replace(cfg.transcription or Transcription(), language=setup.language)
         cfg.input_format = cfg.output_format = PHONE_FORMAT
         if cfg.turn_detection is not None:
             cfg.turn_detection.threshold = srv.opts.twilio_vad_threshold

@@ -60,14 +60,14 @@ def _pct(xs: list[float], q: float) -> float | None:
 
 
 async def _caller(asr, utts: list[np.ndarray], rng: random.Random, t_end: float, cycle_s: float,
-                  finals: list[float], partials: list[int]) -> None:
+                  finals: list[float], partials: list[int], owner: str = "caller") -> None:
     from audio.transcriber import StreamingTranscriber
 
     await asyncio.sleep(rng.uniform(0, min(cycle_s, max(0.0, t_end - time.monotonic() - 3))))  # spread starts
     while time.monotonic() < t_end:
         x = utts[rng.randrange(len(utts))]
         t_turn = time.monotonic()
-        tr = StreamingTranscriber(asr, partial_interval_ms=800)
+        tr = StreamingTranscriber(asr, partial_interval_ms=800, submit_kw={"owner": owner})  # a session's lane
         pending: set[asyncio.Task] = set()
         t_next = time.monotonic()
         for i in range(0, len(x), CHUNK):
@@ -113,8 +113,8 @@ def measure(device: str, workers: int, threads: int, utts: list[np.ndarray], cal
 
         async def load():
             t_end = time.monotonic() + seconds
-            await asyncio.gather(*(_caller(asr, utts, random.Random(rng.random()), t_end, cycle_s, finals, partials)
-                                   for _ in range(callers)))
+            await asyncio.gather(*(_caller(asr, utts, random.Random(rng.random()), t_end, cycle_s, finals, partials,
+                                           owner=f"caller{i}") for i in range(callers)))
 
         asyncio.run(load())
         wall = time.monotonic() - t0

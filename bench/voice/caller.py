@@ -73,7 +73,7 @@ class TurnRecord:
     voice: str = "piper"
     pause_ms: int = 0
     cut: bool = False  # response.created before the true end of speech: the server cut the caller off
-    end_of_turn_reason: str | None = None  # the server's: complete | max_silence | silence
+    end_of_turn_reason: str | None = None  # the server's: complete | max_silence | silence | max_utterance
     end_of_turn_silence_ms: float | None = None  # silence heard after the end of speech when the turn was decided
     turn_model_ms: float | None = None  # the end-of-turn model's time for the deciding check
     chain_asr_ms: float | None = None  # check -> transcript

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     path = args.model
     if path is None:
-        from voicefast.assets import resolve_llm
+        from model_assets import resolve_llm
 
         path = resolve_llm().path
     model, _ = load_model(path, "cpu", _DTYPES[args.dtype], half_gemv=False if args.no_half_gemv else None)

@@ -122,6 +122,8 @@ def test_live_server_answers_fuzzed_frames_while_another_session_talks(live):
                 raise AssertionError(f"a response failed: {e}")
 
     one()
+    if fuzz.ws is not None:  # (its keepalive task must not outlive the client loop)
+        asyncio.run_coroutine_threadsafe(fuzz.ws.close(), clients).result(30)
     clients.call_soon_threadsafe(stop.set)
     statuses = victim.result(300)
     print(f"\nlive fuzz: {fuzz.stats}; concurrent turns: {statuses}")

@@ -206,8 +206,11 @@ class LocalServer:
     def __init__(self, out_dir: Path, extra_args: str = "", start_timeout_s: float = 300.0):
         self.port = _free_port()
         self.log_path = out_dir / "server.log"
+        extra = shlex.split(extra_args)
+        if "--connect-rate-per-address-per-min" not in extra:  # every simulated caller connects from 127.0.0.1:
+            extra += ["--connect-rate-per-address-per-min", "0"]  # the per-address abuse limit would refuse them
         self.cmd = [sys.executable, "-m", "voicefast", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                    *shlex.split(extra_args)]
+                    *extra]
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen | None = None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 
 from llm_engine.block_manager import BlockManager
 from llm_engine.config import EngineConfig
+from llm_engine.grammar import GrammarCompiler
 from llm_engine.kv_cache import cuda_kv_budget_bytes, num_blocks_for_memory
 from llm_engine.model_config import ModelConfig
 from llm_engine.model_runner import ModelRunner
@@ -97,6 +99,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) of recent steps
         self.num_finished = 0
+        self._grammar: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
 
     def _load(self, cfg: EngineConfig) -> tuple[torch.nn.Module, Any]:
         from llm_engine.loader import load_model
@@ -133,7 +137,21 @@ class LLMEngine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         seq = Sequence(request_id or self.new_request_id(), ids, params, stop_ids)
         self.scheduler.check_fits(seq)
+        if params.grammar is not None:  # compile (ValueError if invalid) and start the matcher
+            seq.grammar = self.grammar_compiler().new_state(params.grammar)
+            if not params.grammar.triggers and params.grammar.max_tokens is not None:
+                seq.max_tokens = params.grammar.max_tokens  # a forced grammar has its own budget
         return seq
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The grammar compiler for this engine's tokenizer, built on first use (thread-safe)."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                if self.tokenizer is None:
+                    raise ValueError("constrained decoding needs a tokenizer")
+                self._grammar = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                                sorted(self.eos_token_ids))
+            return self._grammar
 
     def add_request(self, request_id: str | None, prompt_token_ids: list[int],
                     params: SamplingParams | None = None) -> str:
@@ -190,6 +208,8 @@ class LLMEngine:
         now = time.perf_counter()
         new = self.scheduler.postprocess(batch, sampled)
         for seq in new:
+            if seq.grammar is not None and not seq.is_finished:
+                self._advance_grammar(seq)
             if seq.first_token_s is None:
                 seq.first_token_s = now
             seq.last_token_s = now
@@ -198,6 +218,18 @@ class LLMEngine:
         while self._recent and now - self._recent[0][0] > 5.0:
             self._recent.popleft()
         return outs
+
+    def _advance_grammar(self, seq: Sequence) -> None:
+        """The matcher consumes the new token (the next step's mask depends on it); a trigger starts the grammar
+        (and its own token budget); a complete grammar ends the request."""
+        g = seq.grammar
+        if g.accept(seq.token_ids[-1], seq.num_completion_tokens) and g.grammar.max_tokens is not None:
+            seq.max_tokens = seq.num_completion_tokens + g.grammar.max_tokens
+        if g.error is not None:
+            log.warning("request %s: %s", seq.request_id, g.error)
+            self.scheduler.finish(seq, "error")
+        elif g.done:
+            self.scheduler.finish(seq, "stop")
 
     def _emit(self, seq: Sequence) -> StreamOutput:
         tok = seq.token_ids[-1]
@@ -221,6 +253,9 @@ class LLMEngine:
     def _final(self, seq: Sequence, out: StreamOutput, error: str | None = None) -> StreamOutput:
         self._seqs.pop(seq.request_id, None)
         self.num_finished += 1
+        if seq.grammar is not None:  # free the matcher now (the Sequence may outlive the request)
+            error = error or seq.grammar.error
+            seq.grammar = None
         req: _Request | None = seq.user
         text = req.text if req is not None else ""
         n = seq.num_completion_tokens

@@ -93,10 +93,13 @@ class GpuModelRunner(ModelRunner):
             st[B:b, COL_SLOT] = -1
         g.staging[:b].copy_(self._h_st[:b], non_blocking=True)  # the step's one host-to-device copy
         g.replay(b)
-        if needs_filter:  # top-k / top-p rows: re-sample the graph's logits with the sorting sampler
+        # Constrained rows: the host fills their masks while the graph runs, then every row is re-sampled from the
+        # masked logits outside the graph (same seeds and steps: unconstrained rows draw the same token again).
+        masked = self.apply_grammar(batch, list(range(B)), g.logits[b])
+        if needs_filter or masked:  # top-k / top-p rows: re-sample the graph's logits with the sorting sampler
             top_k = torch.tensor([s.params.top_k for s in batch.seqs] + [0] * (b - B), device=self.device)
             top_p = torch.tensor([s.params.top_p for s in batch.seqs] + [1.0] * (b - B), device=self.device)
-            tok = SA.sample(g.logits[b], g.temperature[:b], top_k, top_p, g.seeds[:b], g.steps[:b], True)
+            tok = SA.sample(g.logits[b], g.temperature[:b], top_k, top_p, g.seeds[:b], g.steps[:b], needs_filter)
             g.tokens[:b].copy_(tok)
         self._h_tok[:B].copy_(g.tokens[:B], non_blocking=True)
         self._done.record()

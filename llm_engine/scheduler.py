@@ -14,6 +14,15 @@ from llm_engine.block_manager import BlockManager
 from llm_engine.sequence import Sequence, SequenceStatus
 
 
+def max_completion_tokens(params) -> int:
+    """The most tokens a request can ever generate: max_tokens, or a forced grammar's own budget, or (lazy
+    grammar) max_tokens before its trigger plus its budget after."""
+    g = params.grammar
+    if g is None or g.max_tokens is None:
+        return params.max_tokens
+    return params.max_tokens + g.max_tokens if g.triggers else g.max_tokens
+
+
 class EngineOverloaded(RuntimeError):
     """Too many requests are waiting; the caller should shed load or retry later."""
 
@@ -55,14 +64,15 @@ class Scheduler:
         n = len(seq)
         if n == 0:
             raise ValueError(f"request {seq.request_id!r}: empty prompt")
-        need = n + seq.params.max_tokens
+        max_tokens = max_completion_tokens(seq.params)
+        need = n + max_tokens
         if need > self.max_model_len:
             raise ValueError(f"request {seq.request_id!r}: prompt ({n} tokens) + max_tokens "
-                             f"({seq.params.max_tokens}) = {need} exceeds max_model_len={self.max_model_len}")
+                             f"({max_tokens}) = {need} exceeds max_model_len={self.max_model_len}")
         capacity = self.bm.num_blocks * self.bm.block_size
         if need > capacity:
             raise ValueError(f"request {seq.request_id!r}: prompt ({n} tokens) + max_tokens "
-                             f"({seq.params.max_tokens}) = {need} exceeds the KV cache capacity of {capacity} tokens")
+                             f"({max_tokens}) = {need} exceeds the KV cache capacity of {capacity} tokens")
 
     def add(self, seq: Sequence) -> None:
         self.check_fits(seq)
@@ -165,6 +175,6 @@ class Scheduler:
             out.append(seq)
             if tok in seq.stop_token_ids:
                 self.finish(seq, "stop")
-            elif seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+            elif seq.num_completion_tokens >= seq.max_tokens or len(seq) >= self.max_model_len:
                 self.finish(seq, "length")
         return out

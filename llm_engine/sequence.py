@@ -38,6 +38,8 @@ class Sequence:
         self.last_token_s: float | None = None
         self.num_preemptions = 0
         self.generator: Any = None  # runner-owned per-request sampling state (torch.Generator)
+        self.grammar: Any = None  # engine-owned constraint state (llm_engine.grammar.GrammarState), if any
+        self.max_tokens = params.max_tokens  # completion budget; a grammar that activates may set its own
         self.user: Any = None  # engine-owned per-request state (detokenizer, ...)
 
     def __len__(self) -> int:

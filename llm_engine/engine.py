@@ -24,6 +24,7 @@ from llm_engine.sampling_params import SamplingParams
 from llm_engine.scheduler import Scheduler
 from llm_engine.sequence import Sequence
 from llm_engine.stop_strings import StopStringMatcher
+from llm_engine.tool_format import ToolDialect, dialect_for
 
 log = logging.getLogger("llm_engine")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -142,6 +143,12 @@ class LLMEngine:
             if not params.grammar.triggers and params.grammar.max_tokens is not None:
                 seq.max_tokens = params.grammar.max_tokens  # a forced grammar has its own budget
         return seq
+
+    @property
+    def tool_dialect(self) -> ToolDialect:
+        """How this model writes tool calls, from its chat template (llm_engine.tool_format)."""
+        ct = getattr(self.tokenizer, "chat_template", None)
+        return dialect_for(getattr(ct, "source", None))
 
     def grammar_compiler(self) -> GrammarCompiler:
         """The grammar compiler for this engine's tokenizer, built on first use (thread-safe)."""

@@ -101,6 +101,7 @@ class ToolDialect:
     name = "generic"
     open_tag, close_tag, sep = "<tool_call>", "</tool_call>", ""
     parallel_ok = True
+    fillers_ok = True  # a call may follow spoken words in the same reply
 
     def triggers(self, tools: list[Tool]) -> tuple[str, ...]:
         return (self.open_tag,)
@@ -112,9 +113,10 @@ class ToolDialect:
         return f"}}{self.sep}{self.close_tag}"
 
     def grammar(self, tools: list[Tool], *, choice: str = "auto", parallel: bool = True,
-                max_tokens: int | None = None) -> Grammar:
+                max_tokens: int | None = None, fillers: tuple[str, ...] = ()) -> Grammar:
         """choice: "auto" (lazy: free text until the call opener) | "required" (a call from the first token) |
-        a tool name (that call from the first token). parallel: more than one call may follow."""
+        a tool name (that call from the first token). parallel: more than one call may follow. fillers (forced
+        only, dialects whose calls may follow text): the reply may open with one of these phrases and a space."""
         if choice not in ("auto", "required"):
             tools = [t for t in tools if t.name == choice]
             if not tools:
@@ -126,8 +128,12 @@ class ToolDialect:
         lines += [f"args_{i}: %json {json.dumps(decoding_schema(t.schema))}" for i, t in enumerate(tools)]
         calls = " | ".join(f"call_{i}" for i in range(len(tools)))
         many = parallel and self.parallel_ok
-        start = f"start: call ({_lark_str(chr(10))} call)*" if many else "start: call"
-        lark = "\n".join([start, f"call: {calls}", *lines])
+        body = f"call ({_lark_str(chr(10))} call)*" if many else "call"
+        fill = [f for f in fillers if f] if choice != "auto" and self.fillers_ok else []
+        if fill:
+            lines.append("filler: " + " | ".join(_lark_str(f + " ") for f in fill))
+            body = f"filler? {body}"
+        lark = "\n".join([f"start: {body}", f"call: {calls}", *lines])
         return Grammar(lark=lark, triggers=self.triggers(tools) if choice == "auto" else (), max_tokens=max_tokens)
 
     # ---- prompt -------------------------------------------------------------------------------------------
@@ -184,6 +190,7 @@ class HermesDialect(ToolDialect):
 class Glm4Dialect(ToolDialect):
     name = "glm4"
     parallel_ok = False  # one call per assistant turn
+    fillers_ok = False  # a call opens its assistant turn
 
     def triggers(self, tools: list[Tool]) -> tuple[str, ...]:
         return tuple(f"{t.name}\n" for t in tools)

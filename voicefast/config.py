@@ -40,6 +40,7 @@ class ServerConfig:
     tts_first_phrase_words: int = 4  # the first phrase goes to TTS after at most this many words (speech starts early)
     asr_partial_interval_ms: int = 800  # streaming partials at most this often per speaking session (0: off)
     max_output_tokens: int = 96  # default per response
+    tool_call_max_tokens: int = 256  # a tool call's own budget (forced: the whole reply; auto: from the call on)
     temperature: float = 0.3  # the small default model wanders at higher temperatures
     instructions: str | None = None  # None -> the built-in persona (voicefast/persona.py)
     # CPU budget per stage (threads)
@@ -61,6 +62,8 @@ class ServerConfig:
             raise ValueError("output_lead_ms must be >= 0 and output_frame_ms >= 10")
         if self.tts_first_phrase_words < 1:
             raise ValueError(f"tts_first_phrase_words must be >= 1, got {self.tts_first_phrase_words}")
+        if not 16 <= self.tool_call_max_tokens <= 4096:
+            raise ValueError(f"tool_call_max_tokens must be in [16, 4096], got {self.tool_call_max_tokens}")
         if self.barge_in_min_ms < 0:
             raise ValueError(f"barge_in_min_ms must be >= 0, got {self.barge_in_min_ms}")
         self.api_keys = tuple(k for k in self.api_keys if k)

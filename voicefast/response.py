@@ -19,6 +19,7 @@ from voicefast.errors import ProtocolError
 from voicefast.formats import AudioFormat
 from voicefast.metrics import TurnTimings
 from voicefast.playout import PlayoutClock
+from voicefast.tools import FILLERS, ToolSettings, call_events, new_call_item
 
 log = logging.getLogger("voicefast.response")
 
@@ -33,6 +34,8 @@ class ResponseParams:
     frame_ms: int = 100  # audio per output_audio.delta
     lead_ms: int = 300  # how far ahead of real time audio may be sent
     speed: float = 1.0
+    tools: ToolSettings | None = None  # the response's tools, tool_choice, parallel_tool_calls
+    tool_call_max_tokens: int = 256
 
     @staticmethod
     def from_request(over: dict, c, opts, voices) -> tuple[ResponseParams, str]:
@@ -56,16 +59,20 @@ class ResponseParams:
         temperature = over.get("temperature", c.temperature)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
             raise ProtocolError("response.temperature must be a number in [0, 2]", param="response.temperature")
+        tools = c.tools.apply(over, "response") if any(
+            k in over for k in ("tools", "tool_choice", "parallel_tool_calls")) else c.tools
         p = ResponseParams(modalities=mods or c.output_modalities, voice=voice, output_format=c.output_format,
                            temperature=float(temperature), max_output_tokens=max_tok,
-                           frame_ms=opts.output_frame_ms, lead_ms=opts.output_lead_ms, speed=c.speed)
+                           frame_ms=opts.output_frame_ms, lead_ms=opts.output_lead_ms, speed=c.speed, tools=tools,
+                           tool_call_max_tokens=getattr(opts, "tool_call_max_tokens", 256))
         return p, instructions
 
 
 class Response:
     def __init__(self, *, stack, params: ResponseParams, emit: Callable[[dict], None],
                  messages: Callable[[], Awaitable[list[dict] | None]], timings: TurnTimings, held: bool,
-                 on_start: Callable[[Response], None], on_end: Callable[[Response], None]):
+                 on_start: Callable[[Response], None], on_end: Callable[[Response], None],
+                 on_call: Callable[[Response, Item, bool], None] | None = None):
         self.id = new_id("resp")
         self.stack, self.p, self._emit, self._messages, self.t = stack, params, emit, messages, timings
         self.item = Item(new_id("item"), "assistant", kind="audio" if params.modalities == ["audio"] else "text",
@@ -87,6 +94,19 @@ class Response:
         self._producer: asyncio.Task | None = None
         self._llm_error: Exception | None = None
         self._emitted_text_end = 0
+        # Tool calls (voicefast.tools): the parser splits speech from calls; the message item then begins with the
+        # first spoken words (a call-only response has none); events wait in _later until response.created.
+        tools = params.tools if params.tools is not None and params.tools.active else None
+        self._parser = None
+        if tools is not None:
+            from llm_engine.tool_parser import ToolCallParser
+
+            self._parser = ToolCallParser(stack.engine.tool_dialect, tools.tools)
+        self.outputs: list[Item] = []  # output items in order: the message (once begun) and function calls
+        self.calls: list[Item] = []  # function_call items, complete or in progress
+        self.msg_begun = False
+        self._later: list[Callable[[], None]] = []
+        self._on_call = on_call
         self.done = asyncio.Event()
         self.task = asyncio.create_task(self._run(), name=f"response-{self.id}")
 
@@ -172,20 +192,24 @@ class Response:
         speech = self.speech
         try:
             max_tokens = 4096 if self.p.max_output_tokens == "inf" else int(self.p.max_output_tokens)
-            sp = self.stack.sampling_params(temperature=self.p.temperature, max_tokens=max_tokens)
+            kw, extra = self._tool_request(messages)
+            sp = self.stack.sampling_params(temperature=self.p.temperature, max_tokens=max_tokens, **kw)
             self._engine_rid = self.id
             self.t.llm_request_s = time.monotonic()
-            async for o in self.stack.engine.generate(sp, messages=messages, request_id=self.id):
+            async for o in self.stack.engine.generate(sp, messages=messages, request_id=self.id, **extra):
                 if o.text:
                     if self.t.llm_first_token_s is None:
                         self.t.llm_first_token_s = time.monotonic()
-                    self.text += o.text
-                    if speech is None:
-                        self._out.put_nowait(("text", o.text))
+                    if self._parser is None:
+                        self._say(o.text)
                     else:
-                        speech.add_text(o.text)
+                        for ev in self._parser.push(o.text):
+                            self._on_tool_event(ev)
                 if o.finished:
                     self.result = o.result
+            if self._parser is not None:
+                for ev in self._parser.finish():
+                    self._on_tool_event(ev)
             if speech is not None:
                 speech.finish()
             else:
@@ -199,14 +223,99 @@ class Response:
             else:
                 self._out.put_nowait(("error", e))
 
+    def _say(self, text: str) -> None:
+        """Speech text of the message item (its events go out in order behind response.created)."""
+        if not self.msg_begun:
+            self.msg_begun = True
+            self.outputs.append(self.item)
+            self._when_started(self._begin_message)
+        self.text += text
+        if self.speech is None:
+            self._out.put_nowait(("text", text))
+        else:
+            self.speech.add_text(text)
+
+    def _tool_request(self, messages: list[dict]) -> tuple[dict, dict]:
+        """(SamplingParams kwargs, generate kwargs) for the tools: a grammar for the call (forced: a short filler
+        may open it; auto: lazy, from the call opener on), and tools= so calls and results render in the model's
+        own syntax."""
+        tools = self.p.tools
+        has_tool_msgs = any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+        if self._parser is None:
+            return {}, ({"tools": []} if has_tool_msgs else {})
+        dialect = self.stack.engine.tool_dialect
+        g = dialect.grammar(tools.tools, choice=tools.choice, parallel=tools.parallel and tools.choice in (
+            "auto", "required"), max_tokens=self.p.tool_call_max_tokens, fillers=FILLERS if tools.forced else ())
+        return {"grammar": g}, {"tools": tools.tools}
+
+    def _on_tool_event(self, ev: tuple) -> None:
+        kind = ev[0]
+        if kind == "text":
+            if self.msg_begun or ev[1].strip():  # whitespace around calls is not speech
+                self._say(ev[1] if self.msg_begun else ev[1].lstrip())
+        elif kind == "call_start":
+            item = new_call_item(ev[2])
+            self.calls.append(item)
+            self.outputs.append(item)
+            self._when_started(lambda: self._call_added(item))
+        elif kind == "call_args":
+            item = self.calls[ev[1]]
+            item.arguments += ev[2]
+            self._when_started(lambda: self._emit_all(call_events("delta", self.id, self.outputs.index(item), item,
+                                                                  ev[2])))
+        elif kind == "call_end":
+            item = self.calls[ev[1]]
+            item.arguments, item.status = ev[3], "completed"
+            self._when_started(lambda: self._call_done(item))
+
+    def _when_started(self, fn: Callable[[], None]) -> None:
+        if self.started:
+            fn()
+        else:
+            self._later.append(fn)
+
+    def _emit_all(self, events: list[dict]) -> None:
+        for e in events:
+            self._emit(e)
+
+    def _call_added(self, item: Item) -> None:
+        self._emit_all(call_events("added", self.id, self.outputs.index(item), item))
+        if self._on_call is not None:
+            self._on_call(self, item, True)  # the session adds it to the conversation
+
+    def _call_done(self, item: Item) -> None:
+        self._emit_all(call_events("done", self.id, self.outputs.index(item), item))
+        self._emit({"type": "conversation.item.done", "item": item.to_dict()})
+
+    def _drop_unfinished_calls(self) -> None:
+        """A call cut off before its arguments were complete never stays half made: item done incomplete,
+        deleted from the conversation, left out of response.done."""
+        for item in [c for c in self.calls if c.status != "completed"]:
+            item.status = "incomplete"
+            self.calls.remove(item)
+            self._emit({"type": "response.output_item.done", "response_id": self.id,
+                        "output_index": self.outputs.index(item), "item": item.to_dict()})
+            if self._on_call is not None:
+                self._on_call(self, item, False)  # the session deletes it from the conversation
+
     def _ids(self) -> dict:
-        return {"response_id": self.id, "item_id": self.item.id, "output_index": 0, "content_index": 0}
+        return {"response_id": self.id, "item_id": self.item.id, "output_index": self.outputs.index(self.item)
+                if self.item in self.outputs else 0, "content_index": 0}
 
     def _start(self) -> None:
         self.started = True
         self._emit({"type": "response.created", "response": self.to_dict()})
-        self._emit({"type": "response.output_item.added", "response_id": self.id, "output_index": 0,
-                    "item": self.item.to_dict()})
+        if self._parser is None:  # without tools the message item begins at once, before the first token
+            self.msg_begun = True
+            self.outputs.append(self.item)
+            self._begin_message()
+        later, self._later = self._later, []
+        for fn in later:
+            fn()
+
+    def _begin_message(self) -> None:
+        self._emit({"type": "response.output_item.added", "response_id": self.id, "output_index":
+                    self.outputs.index(self.item), "item": self.item.to_dict()})
         self._on_start(self)  # the session adds self.item to the conversation and emits conversation.item.added
         part = {"type": "output_audio", "transcript": ""} if self.audio else {"type": "output_text", "text": ""}
         self._emit({"type": "response.content_part.added", **self._ids(), "part": part})
@@ -272,6 +381,16 @@ class Response:
         if self.status == "in_progress":
             self.status = "cancelled"
             self.status_details = {"type": "cancelled", "reason": "client_cancelled"}
+        self._drop_unfinished_calls()
+        if self.msg_begun:
+            self._finish_message()
+        r = self.result
+        if r is not None:
+            self.t.llm_tokens = getattr(r, "completion_tokens", 0) or 0
+            self.t.llm_tok_s = getattr(r, "decode_tok_s", None)
+        self._emit({"type": "response.done", "response": self.to_dict()})
+
+    def _finish_message(self) -> None:
         if self.status == "cancelled" and self.audio:
             # What the listener heard is what the conversation keeps (the client may refine via truncate).
             self.item.text = self.heard_text(self.played_ms())
@@ -287,14 +406,9 @@ class Response:
             self._emit({"type": "response.output_text.done", **ids, "text": self.item.text})
             part = {"type": "output_text", "text": self.item.text}
         self._emit({"type": "response.content_part.done", **ids, "part": part})
-        self._emit({"type": "response.output_item.done", "response_id": self.id, "output_index": 0,
-                    "item": self.item.to_dict()})
+        self._emit({"type": "response.output_item.done", "response_id": self.id,
+                    "output_index": self.outputs.index(self.item), "item": self.item.to_dict()})
         self._emit({"type": "conversation.item.done", "item": self.item.to_dict()})
-        r = self.result
-        if r is not None:
-            self.t.llm_tokens = getattr(r, "completion_tokens", 0) or 0
-            self.t.llm_tok_s = getattr(r, "decode_tok_s", None)
-        self._emit({"type": "response.done", "response": self.to_dict()})
 
     def to_dict(self) -> dict:
         r = self.result
@@ -305,7 +419,8 @@ class Response:
              "status_details": self.status_details, "conversation_id": None,
              "output_modalities": list(self.p.modalities), "max_output_tokens": self.p.max_output_tokens,
              "audio": {"output": {"format": self.p.output_format.to_ga(), "voice": self.p.voice}},
-             "output": [self.item.to_dict()] if self.status != "in_progress" else [],
+             "output": [it.to_dict() for it in self.outputs if it.status != "incomplete" or it is self.item]
+             if self.status != "in_progress" else [],
              "usage": {"total_tokens": inp + outp, "input_tokens": inp, "output_tokens": outp,
                        "input_token_details": {"cached_tokens": cached, "text_tokens": inp, "audio_tokens": 0},
                        "output_token_details": {"text_tokens": outp, "audio_tokens": 0}}}

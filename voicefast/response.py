@@ -365,7 +365,7 @@ class Response:
                 "type": "server_error", "code": "engine_" + r.finish_reason, "message": "LLM request ended early"}}
         else:
             self.status = "completed"
-        self.item.text = self.text
+        self.item.text = self.text if self._parser is None else self.text.rstrip()  # words before a call
 
     def _copy_tts_timings(self) -> None:
         if self.speech is not None:

@@ -53,8 +53,9 @@ def load_stack(opts: ServerConfig) -> Stack:
     def transcriber_factory() -> StreamingTranscriber:
         return StreamingTranscriber(asr, partial_interval_ms=max(1, opts.asr_partial_interval_ms))
 
-    def sampling(*, temperature: float, max_tokens: int) -> SamplingParams:
-        return SamplingParams(temperature=temperature, top_p=0.9 if temperature > 0 else 1.0, max_tokens=max_tokens)
+    def sampling(*, temperature: float, max_tokens: int, grammar=None) -> SamplingParams:
+        return SamplingParams(temperature=temperature, top_p=0.9 if temperature > 0 else 1.0, max_tokens=max_tokens,
+                              grammar=grammar)
 
     inner = engine.engine
     desc = {"vad": f"Silero VAD ({vad_model.path})", "asr": f"{asr.name} ({asr.device}, {asr.compute_type})",

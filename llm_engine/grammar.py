@@ -16,6 +16,7 @@ speculation is off for constrained requests (see SamplingParams)."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -92,7 +93,7 @@ class GrammarCompiler:
         self.vocab_size = vocab_size  # the model's logits width (may exceed the tokenizer's vocab)
         self.lltok = llg.LLTokenizer(tk.to_str(), n_vocab=vocab_size, eos_token=list(eos_token_ids))
         self.words = (vocab_size + 31) // 32  # int32 words per mask row
-        self._executor = llg.LLExecutor(num_threads=2)
+        self._executor = llg.LLExecutor(num_threads=max(1, min(8, os.cpu_count() or 1)))  # batch mask fills
         self._cache: dict[Grammar, str] = {}
         self._lock = threading.Lock()
 

@@ -7,7 +7,8 @@ side by side, plus the host time spent filling the masks.
 CPU: the embedded SmolLM2-135M (49,152-token vocabulary). CUDA: GLM-4-9B's shape with random bf16 weights and a
 synthetic byte-level BPE tokenizer of GLM-4's 151,552 tokens (bench/synthetic_tokenizer.py), through the engine's
 GPU runner (whole-step CUDA graphs; constrained rows are masked and re-sampled outside the captured step while the
-host filled their masks during the replay). Each request decodes `--steps` timed tokens after a warm-up; the
+host filled their masks during the replay). Each request decodes `--steps` timed tokens after a warm-up (in
+`--rounds` alternating free / constrained blocks, medians over rounds); the
 constrained ones follow a JSON Schema that cannot end within them (an array of >= 1,000 small objects with an
 enum, a bounded integer, a boolean and a short free string), so every timed step is masked. Reported per batch:
 median step ms free vs constrained (= ms per token of each stream), the added %, and the host mask-fill ms per
@@ -101,6 +102,10 @@ def timed_steps(eng, batch: int, constrained: bool, steps: int, warm: int, promp
             "masked_steps": len(fill_s)}
 
 
+def _median_run(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
 def correctness(eng, n: int = 4) -> dict:
     from llm_engine import SamplingParams
 
@@ -139,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default=None, help="default 1,8 on CPU, 1,64 on CUDA")
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps (default 48 CPU, 200 CUDA)")
     ap.add_argument("--warm", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="free/constrained alternations")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -154,10 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     tok_init_s = time.perf_counter() - t
     rows = []
     for b in batches:
-        free = timed_steps(eng, b, False, steps, args.warm, args.prompt_len, seed=b)
-        con = timed_steps(eng, b, True, steps, args.warm, args.prompt_len, seed=b)
+        # Free and constrained alternate over `rounds` (fresh requests each): a machine whose speed drifts
+        # affects both alike; the figure is the median over rounds.
+        runs = {False: [], True: []}
+        for r in range(args.rounds):
+            for constrained in (False, True):
+                runs[constrained].append(timed_steps(eng, b, constrained, steps // args.rounds, args.warm,
+                                                     args.prompt_len, seed=1000 * b + r))
+        free, con = (_median_run(runs[c]) for c in (False, True))
         added = 100 * (con["step_ms_median"] / free["step_ms_median"] - 1)
-        rows.append({"batch": b, "free": free, "constrained": con, "added_pct": added})
+        rows.append({"batch": b, "free": free, "constrained": con, "added_pct": added, "rounds": args.rounds})
         print(f"batch {b:3d}: free {free['step_ms_median']:.3f} ms/step, constrained {con['step_ms_median']:.3f} "
               f"ms/step ({added:+.1f}%), host mask fill {con['mask_fill_ms_per_step']:.3f} ms/step", flush=True)
     check = correctness(eng)

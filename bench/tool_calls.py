@@ -117,7 +117,7 @@ def run(n: int = 200, seed: int = 0, model: str | None = None, modes=("constrain
         wall = time.perf_counter() - t0
         valid = complete = 0
         fails = []
-        for c, tool, (ids, res) in zip(cases, tools, results, strict=True):
+        for c, tool, (_ids, res) in zip(cases, tools, results, strict=True):
             text = res.text
             if mode == "free+prefix":
                 args = first_call_args(dialect.call_prefix(tool) + text, dialect, tool)

@@ -5,21 +5,30 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from llm_engine.grammar import GrammarCompiler, GrammarState
 
 
-def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """In place: logits [S, V] float; rows [k] int64 (rows of logits to mask); bitmask [k, ceil(V / 32)] int32
-    (bit j of word w allows token 32 w + j). Disallowed tokens get -inf."""
+def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
+    """In place: logits [S, V] float; rows: the k rows of logits to mask; bitmask [k, ceil(V / 32)] int32 on
+    logits' device (bit j of word w allows token 32 w + j). Disallowed tokens get -inf."""
     k, words = bitmask.shape
-    V = logits.shape[1]
-    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)  # [32]
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(k, words * 32)[:, :V].bool()  # [k, V]
-    sub = logits.index_select(0, rows)  # [k, V]
-    sub.masked_fill_(~allowed, float("-inf"))
-    logits.index_copy_(0, rows, sub)
+    S, V = logits.shape
+    if logits.device.type == "cpu":  # numpy unpacks bits ~10x faster than shift-and-mask tensor ops
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :V]  # [k, V] uint8
+        banned = torch.from_numpy(bits == 0)  # [k, V]
+    else:
+        shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)  # [32]
+        banned = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(k, words * 32)[:, :V] == 0  # [k, V]
+    if k == S and rows == list(range(S)):  # every row is constrained: no gather
+        logits.masked_fill_(banned, float("-inf"))
+        return
+    r = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)  # [k]
+    sub = logits.index_select(0, r)  # [k, V]
+    sub.masked_fill_(banned, float("-inf"))
+    logits.index_copy_(0, r, sub)
 
 
 class MaskBuffer:
@@ -31,15 +40,13 @@ class MaskBuffer:
         self.host = torch.zeros((max_rows, words), dtype=torch.int32, pin_memory=pin)  # [B, words]
         self.np = self.host.numpy()
 
-    def masks_for(self, compiler: GrammarCompiler, states: list[GrammarState], rows: list[int]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fill the masks of `states` (active) and return (rows [k] int64, bitmask [k, words] int32) on device."""
+    def masks_for(self, compiler: GrammarCompiler, states: list[GrammarState]) -> torch.Tensor:
+        """Fill the masks of `states` (active) into rows 0..k-1 and return them [k, words] int32 on the device."""
         k = len(states)
         compiler.fill_bitmasks(states, self.np[:k])
-        r = torch.tensor(rows, dtype=torch.int64)
         if self.device.type == "cpu":
-            return r, self.host[:k]
-        return r.to(self.device, non_blocking=True), self.host[:k].to(self.device, non_blocking=True)
+            return self.host[:k]
+        return self.host[:k].to(self.device, non_blocking=True)
 
 
 def active_rows(seqs: list[Any], sample_rows: list[int]) -> tuple[list[GrammarState], list[int]]:

@@ -153,8 +153,7 @@ class ModelRunner:
             return False
         if self._masks is None:
             self._masks = MaskBuffer(len(self._temp), states[0].compiler.words, self.device)
-        r, m = self._masks.masks_for(states[0].compiler, states, rows)
-        apply_bitmask(logits, r, m)
+        apply_bitmask(logits, rows, self._masks.masks_for(states[0].compiler, states))
         return True
 
     def sample(self, inp: StepInputs, logits: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,9 @@ def test_generate_json_schema_output_validates(tmp_path):
 
     import jsonschema
 
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
-                                               "population_millions": {"type": "integer", "minimum": 0, "maximum": 100}},
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "population_millions": {"type": "integer", "minimum": 0, "maximum": 100}},
               "required": ["city", "population_millions"], "additionalProperties": False}
     f = tmp_path / "schema.json"
     f.write_text(json.dumps(schema))

@@ -59,7 +59,7 @@ def test_apply_bitmask_sets_exactly_the_disallowed_logits_to_minus_inf():
     logits = torch.randn(5, 70, generator=g)
     mask = torch.randint(-2**31, 2**31 - 1, (2, 3), generator=g, dtype=torch.int64).to(torch.int32)  # [2, 96 bits]
     out = logits.clone()
-    apply_bitmask(out, torch.tensor([1, 3]), mask)
+    apply_bitmask(out, [1, 3], mask)
     for r, row in ((1, 0), (3, 1)):
         for t in range(70):
             allowed = (int(mask[row, t // 32]) >> (t % 32)) & 1
@@ -81,14 +81,16 @@ def test_masked_sampler_equals_unmasked_whenever_the_mask_allows_its_token(tempe
         free = sample(logits, temp, *args, [torch.Generator().manual_seed(100 + trial)] * 1 + [None] * (B - 1),
                       torch.Generator().manual_seed(7), all_greedy=temperature == 0, any_top_k=False, any_top_p=False)
         masked_logits = logits.clone()
-        apply_bitmask(masked_logits, torch.arange(B), mask)
+        apply_bitmask(masked_logits, list(range(B)), mask)
         masked = sample(masked_logits, temp, *args, [torch.Generator().manual_seed(100 + trial)] + [None] * (B - 1),
                         torch.Generator().manual_seed(7), all_greedy=temperature == 0, any_top_k=False,
                         any_top_p=False)
+        def ok(b, t, mask=mask):
+            return (int(mask[b, t // 32]) >> (t % 32)) & 1
+
         for b in range(B):
-            ok = lambda t: (int(mask[b, t // 32]) >> (t % 32)) & 1  # noqa: E731
-            assert ok(int(masked[b])), "the masked sampler drew a disallowed token"
-            if ok(int(free[b])):
+            assert ok(b, int(masked[b])), "the masked sampler drew a disallowed token"
+            if ok(b, int(free[b])):
                 assert masked[b] == free[b]
                 same += 1
             else:
@@ -119,7 +121,7 @@ def test_constrained_and_free_requests_in_one_batch(tiny_model, tok):
 def test_unconstrained_random_model_output_is_not_json(tiny_model, tok):
     """The baseline for the test above: without the mask this model writes no valid instance."""
     eng = engine(tiny_model, tok)
-    for ids, res in eng.generate(prompts(4), SamplingParams(max_tokens=40)):
+    for _ids, res in eng.generate(prompts(4), SamplingParams(max_tokens=40)):
         with pytest.raises((json.JSONDecodeError, jsonschema.ValidationError)):
             jsonschema.validate(json.loads(res.text), SCHEMA)
 

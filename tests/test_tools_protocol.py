@@ -251,3 +251,21 @@ def test_generic_dialect_renders_calls_and_results():
                                 '</tool_call>'
     assert out[3] == {"role": "user", "content": "The check_order_status tool says: status is shipped. "
                                                  "Now answer my question in one sentence."}
+
+
+async def test_output_sent_while_the_filler_still_plays():
+    """docs/server.md's flow: the client answers at arguments.done, before response.done, then asks again."""
+    filler = "Let me check that for you, it will only take a moment while I look it up in our system. "
+    h, eng = tool_harness(lambda msgs: filler + CALL, modality="audio", tool_choice="required")
+    h.send("response.create")
+    args_done = await h.wait_for("response.function_call_arguments.done")  # the filler's audio is still playing
+    h.send("conversation.item.create", item={"type": "function_call_output", "call_id": args_done["call_id"],
+                                             "output": '{"status": "shipped"}'})
+    first = (await h.wait_for("response.done", timeout_s=20))["response"]
+    assert first["status"] == "completed" and [o["type"] for o in first["output"]] == ["message", "function_call"]
+    eng.reply = lambda msgs: "It has shipped."
+    h.send("response.create", response={"tool_choice": "auto"})
+    second = (await h.wait_for("response.done", 2, timeout_s=20))["response"]
+    assert second["status"] == "completed"
+    types = [it.type for it in h.session.conv.items]
+    assert types == ["message", "function_call", "function_call_output", "message"]

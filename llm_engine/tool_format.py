@@ -115,10 +115,11 @@ class ToolDialect:
     def grammar(self, tools: list[Tool], *, choice: str = "auto", parallel: bool = True,
                 max_tokens: int | None = None, fillers: tuple[str, ...] = ()) -> Grammar:
         """choice: "auto" (lazy: free text until the call opener) | "required" (a call from the first token) |
-        a tool name (that call from the first token). parallel: more than one call may follow. fillers (forced
-        only, dialects whose calls may follow text): the reply may open with one of these phrases and a space."""
-        if choice not in ("auto", "required"):
-            tools = [t for t in tools if t.name == choice]
+        a tool name (exactly one call of it, from the first token). parallel: more than one call may follow.
+        fillers (forced only, dialects whose calls may follow text): the reply may open with one of these phrases
+        and a space."""
+        if choice not in ("auto", "required"):  # a named tool: exactly one call of it
+            tools, parallel = [t for t in tools if t.name == choice], False
             if not tools:
                 raise ValueError(f"tool_choice names an unknown tool {choice!r}")
         if not tools:

@@ -269,3 +269,27 @@ async def test_output_sent_while_the_filler_still_plays():
     assert second["status"] == "completed"
     types = [it.type for it in h.session.conv.items]
     assert types == ["message", "function_call", "function_call_output", "message"]
+
+
+async def test_beta_client_gets_the_same_call_events_in_beta_shapes():
+    eng = FakeEngine(lambda msgs: CALL, token_s=0.001)
+    h = Harness(beta=True, engine=eng)
+    h.send("session.update", session={"modalities": ["text"], "tools": [ORDER_TOOL], "tool_choice": "required",
+                                      "turn_detection": None})
+    h.send("response.create")
+    await h.wait_for("response.done")
+    frames = [json.loads(f) for e in h.events for f in h.proto.events_to_send(e)]
+    types = [f["type"] for f in frames]
+    assert "conversation.item.added" not in types
+    created = [f for f in frames if f["type"] == "conversation.item.created"]
+    assert created and created[-1]["item"]["type"] == "function_call"
+    assert "response.function_call_arguments.delta" in types and "response.function_call_arguments.done" in types
+    done = [f for f in frames if f["type"] == "response.done"][0]["response"]
+    assert done["output"][0]["type"] == "function_call" and done["output"][0]["name"] == "check_order_status"
+
+
+async def test_function_call_output_needs_a_call_id():
+    h, _ = tool_harness()
+    e = errors_for(h, "conversation.item.create", item={"type": "function_call_output", "output": "x"})
+    assert e.param == "item.call_id" and e.code == "missing_required_parameter"
+    assert h.session.conv.items == []

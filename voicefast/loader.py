@@ -3,6 +3,7 @@ each with an explicit CPU thread budget so the stages do not fight over a small 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -74,6 +75,11 @@ async def warm_up(stack: Stack, instructions: str) -> None:
     system prompt lands in the engine's prefix cache (every session's first turn then reuses it)."""
     import numpy as np
 
+    inner = getattr(stack.engine, "engine", None)
+    if inner is not None and getattr(inner, "tokenizer", None) is not None:
+        # llguidance's view of the tokenizer takes ~0.5-3 s to build: do it now, off the event loop, rather than
+        # inside the first tool-using response (it would stall every session's loop).
+        await asyncio.to_thread(inner.grammar_compiler)
     sp = stack.sampling_params(temperature=0.0, max_tokens=1)
     async for _ in stack.engine.generate(sp, messages=[{"role": "system", "content": instructions},
                                                        {"role": "user", "content": "Hello"}]):

@@ -162,7 +162,7 @@ async def test_cancel_during_a_call_drops_it_cleanly():
     done = (await h.wait_for("response.done"))["response"]
     assert done["status"] == "cancelled" and done["output"] == []
     assert all(it.type != "function_call" for it in h.session.conv.items)
-    assert done["id"] in eng.aborted or eng.params  # the engine request ended
+    assert done["id"] in eng.aborted  # the engine request was aborted (its blocks freed)
     assert h.session.active is None
 
 

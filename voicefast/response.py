@@ -19,7 +19,7 @@ from voicefast.errors import ProtocolError
 from voicefast.formats import AudioFormat
 from voicefast.metrics import TurnTimings
 from voicefast.playout import PlayoutClock
-from voicefast.tools import FILLERS, ToolSettings, call_events, new_call_item
+from voicefast.tools import ResponseCalls, ToolSettings, plain_request_kwargs
 
 log = logging.getLogger("voicefast.response")
 
@@ -97,16 +97,10 @@ class Response:
         # Tool calls (voicefast.tools): the parser splits speech from calls; the message item then begins with the
         # first spoken words (a call-only response has none); events wait in _later until response.created.
         tools = params.tools if params.tools is not None and params.tools.active else None
-        self._parser = None
-        if tools is not None:
-            from llm_engine.tool_parser import ToolCallParser
-
-            self._parser = ToolCallParser(stack.engine.tool_dialect, tools.tools)
+        self.calls = ResponseCalls(self, tools, on_call) if tools is not None else None
         self.outputs: list[Item] = []  # output items in order: the message (once begun) and function calls
-        self.calls: list[Item] = []  # function_call items, complete or in progress
         self.msg_begun = False
         self._later: list[Callable[[], None]] = []
-        self._on_call = on_call
         self.done = asyncio.Event()
         self.task = asyncio.create_task(self._run(), name=f"response-{self.id}")
 
@@ -192,7 +186,7 @@ class Response:
         speech = self.speech
         try:
             max_tokens = 4096 if self.p.max_output_tokens == "inf" else int(self.p.max_output_tokens)
-            kw, extra = self._tool_request(messages)
+            kw, extra = self.calls.request_kwargs() if self.calls is not None else ({}, plain_request_kwargs(messages))
             sp = self.stack.sampling_params(temperature=self.p.temperature, max_tokens=max_tokens, **kw)
             self._engine_rid = self.id
             self.t.llm_request_s = time.monotonic()
@@ -200,16 +194,14 @@ class Response:
                 if o.text:
                     if self.t.llm_first_token_s is None:
                         self.t.llm_first_token_s = time.monotonic()
-                    if self._parser is None:
+                    if self.calls is None:
                         self._say(o.text)
                     else:
-                        for ev in self._parser.push(o.text):
-                            self._on_tool_event(ev)
+                        self.calls.push(o.text)
                 if o.finished:
                     self.result = o.result
-            if self._parser is not None:
-                for ev in self._parser.finish():
-                    self._on_tool_event(ev)
+            if self.calls is not None:
+                self.calls.finish()
             if speech is not None:
                 speech.finish()
             else:
@@ -235,68 +227,12 @@ class Response:
         else:
             self.speech.add_text(text)
 
-    def _tool_request(self, messages: list[dict]) -> tuple[dict, dict]:
-        """(SamplingParams kwargs, generate kwargs) for the tools: a grammar for the call (forced: a short filler
-        may open it; auto: lazy, from the call opener on), and tools= so calls and results render in the model's
-        own syntax."""
-        tools = self.p.tools
-        has_tool_msgs = any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
-        if self._parser is None:
-            return {}, ({"tools": []} if has_tool_msgs else {})
-        dialect = self.stack.engine.tool_dialect
-        g = dialect.grammar(tools.tools, choice=tools.choice, parallel=tools.parallel and tools.choice in (
-            "auto", "required"), max_tokens=self.p.tool_call_max_tokens, fillers=FILLERS if tools.forced else ())
-        return {"grammar": g}, {"tools": tools.tools}
-
-    def _on_tool_event(self, ev: tuple) -> None:
-        kind = ev[0]
-        if kind == "text":
-            if self.msg_begun or ev[1].strip():  # whitespace around calls is not speech
-                self._say(ev[1] if self.msg_begun else ev[1].lstrip())
-        elif kind == "call_start":
-            item = new_call_item(ev[2])
-            self.calls.append(item)
-            self.outputs.append(item)
-            self._when_started(lambda: self._call_added(item))
-        elif kind == "call_args":
-            item = self.calls[ev[1]]
-            item.arguments += ev[2]
-            self._when_started(lambda: self._emit_all(call_events("delta", self.id, self.outputs.index(item), item,
-                                                                  ev[2])))
-        elif kind == "call_end":
-            item = self.calls[ev[1]]
-            item.arguments, item.status = ev[3], "completed"
-            self._when_started(lambda: self._call_done(item))
-
     def _when_started(self, fn: Callable[[], None]) -> None:
+        """Run fn now if response.created is out, else right after it (a held response sends nothing yet)."""
         if self.started:
             fn()
         else:
             self._later.append(fn)
-
-    def _emit_all(self, events: list[dict]) -> None:
-        for e in events:
-            self._emit(e)
-
-    def _call_added(self, item: Item) -> None:
-        self._emit_all(call_events("added", self.id, self.outputs.index(item), item))
-        if self._on_call is not None:
-            self._on_call(self, item, True)  # the session adds it to the conversation
-
-    def _call_done(self, item: Item) -> None:
-        self._emit_all(call_events("done", self.id, self.outputs.index(item), item))
-        self._emit({"type": "conversation.item.done", "item": item.to_dict()})
-
-    def _drop_unfinished_calls(self) -> None:
-        """A call cut off before its arguments were complete never stays half made: item done incomplete,
-        deleted from the conversation, left out of response.done."""
-        for item in [c for c in self.calls if c.status != "completed"]:
-            item.status = "incomplete"
-            self.calls.remove(item)
-            self._emit({"type": "response.output_item.done", "response_id": self.id,
-                        "output_index": self.outputs.index(item), "item": item.to_dict()})
-            if self._on_call is not None:
-                self._on_call(self, item, False)  # the session deletes it from the conversation
 
     def _ids(self) -> dict:
         return {"response_id": self.id, "item_id": self.item.id, "output_index": self.outputs.index(self.item)
@@ -305,7 +241,7 @@ class Response:
     def _start(self) -> None:
         self.started = True
         self._emit({"type": "response.created", "response": self.to_dict()})
-        if self._parser is None:  # without tools the message item begins at once, before the first token
+        if self.calls is None:  # without tools the message item begins at once, before the first token
             self.msg_begun = True
             self.outputs.append(self.item)
             self._begin_message()
@@ -365,7 +301,7 @@ class Response:
                 "type": "server_error", "code": "engine_" + r.finish_reason, "message": "LLM request ended early"}}
         else:
             self.status = "completed"
-        self.item.text = self.text if self._parser is None else self.text.rstrip()  # words before a call
+        self.item.text = self.text if self.calls is None else self.text.rstrip()  # words before a call
 
     def _copy_tts_timings(self) -> None:
         if self.speech is not None:
@@ -381,7 +317,8 @@ class Response:
         if self.status == "in_progress":
             self.status = "cancelled"
             self.status_details = {"type": "cancelled", "reason": "client_cancelled"}
-        self._drop_unfinished_calls()
+        if self.calls is not None:
+            self.calls.drop_unfinished()
         if self.msg_begun:
             self._finish_message()
         r = self.result

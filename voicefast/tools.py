@@ -18,7 +18,9 @@ Voice policy around a call (docs/server.md "Function calling"):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from llm_engine.tool_format import NAME_RE, Tool, decoding_schema
 from voicefast.conversation import Conversation, Item, new_id
@@ -176,6 +178,84 @@ def client_tool_item(it: dict, conv: Conversation) -> Item:
 
 
 # -- one response's calls ------------------------------------------------------------------------------------
+def plain_request_kwargs(messages: list[dict]) -> dict:
+    """generate() kwargs of a response that may not call tools: past calls and results still render in the model's
+    own syntax (tools=[])."""
+    return {"tools": []} if any(m.get("tool_calls") or m.get("role") == "tool" for m in messages) else {}
+
+
+class ResponseCalls:
+    """One response's tool calls: the LLM text goes through the dialect's parser; speech goes back to the response
+    (`r._say`), calls become function_call items whose events go out (after response.created) as they parse."""
+
+    def __init__(self, r: Any, settings: ToolSettings, on_call: Callable[[Any, Item, bool], None] | None):
+        from llm_engine.tool_parser import ToolCallParser
+
+        self.r, self.settings, self.on_call = r, settings, on_call
+        self.dialect = r.stack.engine.tool_dialect
+        self.parser = ToolCallParser(self.dialect, settings.tools)
+        self.items: list[Item] = []  # function_call items, complete or in progress
+
+    def request_kwargs(self) -> tuple[dict, dict]:
+        """(SamplingParams kwargs, generate kwargs): the call's grammar (forced: a short filler may open it; auto:
+        lazy, from the call opener on) with its own budget, and tools= to render them in the model's syntax."""
+        s = self.settings
+        g = self.dialect.grammar(s.tools, choice=s.choice, parallel=s.parallel,
+                                 max_tokens=self.r.p.tool_call_max_tokens, fillers=FILLERS if s.forced else ())
+        return {"grammar": g}, {"tools": s.tools}
+
+    def push(self, text: str) -> None:
+        for ev in self.parser.push(text):
+            self._on(ev)
+
+    def finish(self) -> None:
+        for ev in self.parser.finish():
+            self._on(ev)
+
+    def _on(self, ev: tuple) -> None:
+        r, kind = self.r, ev[0]
+        if kind == "text":
+            if r.msg_begun or ev[1].strip():  # whitespace around calls is not speech
+                r._say(ev[1] if r.msg_begun else ev[1].lstrip())
+        elif kind == "call_start":
+            item = new_call_item(ev[2])
+            self.items.append(item)
+            r.outputs.append(item)
+            r._when_started(lambda: self._added(item))
+        elif kind == "call_args":
+            item = self.items[ev[1]]
+            item.arguments += ev[2]
+            r._when_started(lambda: self._send(call_events("delta", r.id, r.outputs.index(item), item, ev[2])))
+        elif kind == "call_end":
+            item = self.items[ev[1]]
+            item.arguments, item.status = ev[3], "completed"
+            r._when_started(lambda: self._done(item))
+
+    def _send(self, events: list[dict]) -> None:
+        for e in events:
+            self.r._emit(e)
+
+    def _added(self, item: Item) -> None:
+        self._send(call_events("added", self.r.id, self.r.outputs.index(item), item))
+        if self.on_call is not None:
+            self.on_call(self.r, item, True)  # the session adds it to the conversation
+
+    def _done(self, item: Item) -> None:
+        self._send(call_events("done", self.r.id, self.r.outputs.index(item), item))
+        self.r._emit({"type": "conversation.item.done", "item": item.to_dict()})
+
+    def drop_unfinished(self) -> None:
+        """A call cut off before its arguments were complete never stays half made: its item is done
+        `incomplete`, deleted from the conversation, and left out of response.done."""
+        for item in [c for c in self.items if c.status != "completed"]:
+            item.status = "incomplete"
+            self.items.remove(item)
+            self.r._emit({"type": "response.output_item.done", "response_id": self.r.id,
+                          "output_index": self.r.outputs.index(item), "item": item.to_dict()})
+            if self.on_call is not None:
+                self.on_call(self.r, item, False)  # the session deletes it from the conversation
+
+
 def call_events(kind: str, response_id: str, index: int, item: Item, delta: str = "") -> list[dict]:
     """Wire events of a function_call output item: 'added' | 'delta' | 'done' (arguments.done + item done)."""
     if kind == "added":

@@ -150,16 +150,22 @@ class GrammarState:
         """The grammar is complete (nothing but its end may follow)."""
         return self.matcher is not None and self.matcher.is_stopped()
 
-    def _start(self, prefix: bytes, num_completion_tokens: int) -> None:
+    def _start(self, prefix: bytes, num_completion_tokens: int, trigger: bytes = b"") -> None:
+        """Start the matcher on the output from the trigger on. The token that completed the trigger was sampled
+        freely and may carry whitespace the grammar does not expect right after it (`<tool_call> {`): then the
+        matcher is fed the trigger and the rest without that whitespace."""
         llg = _llg()
-        self.matcher = llg.LLMatcher(self.compiler.lltok, self._source, log_level=0)
         self.activated_at = num_completion_tokens
-        if self.matcher.is_error():
-            self.error = self.matcher.get_error()
-        elif prefix:
-            toks = self.compiler.lltok.tokenize_bytes(prefix)
-            if not self.matcher.consume_tokens(toks):
-                self.error = f"grammar rejected the text at its trigger: {self.matcher.get_error()}"
+        tail = prefix[len(trigger):]
+        for text in dict.fromkeys((prefix, trigger + tail.lstrip())):
+            self.matcher = llg.LLMatcher(self.compiler.lltok, self._source, log_level=0)
+            if self.matcher.is_error():
+                self.error = self.matcher.get_error()
+                return
+            if not text or self.matcher.consume_tokens(self.compiler.lltok.tokenize_bytes(text)):
+                self.error = None
+                return
+            self.error = f"grammar rejected the text at its trigger: {self.matcher.get_error()}"
 
     def accept(self, token_id: int, num_completion_tokens: int) -> bool:
         """Consume one sampled token. Returns True when the grammar just became active (a trigger appeared)."""
@@ -168,15 +174,15 @@ class GrammarState:
                 self.error = self.matcher.get_error() or f"token {token_id} rejected"
             return False
         self._out += self.compiler.lltok.decode_bytes([token_id])
-        best = None
+        best, trig = None, b""
         for t in self._triggers:
             i = self._out.find(t)
             if i != -1 and (best is None or i < best):
-                best = i
+                best, trig = i, t
         if best is None:
             keep = max(len(t) for t in self._triggers) - 1  # a trigger may still straddle the next token
             self._out = self._out[-keep:] if keep > 0 else b""
             return False
-        self._start(self._out[best:], num_completion_tokens)
+        self._start(self._out[best:], num_completion_tokens, trig)
         self._out = b""
         return True

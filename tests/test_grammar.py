@@ -163,6 +163,12 @@ def test_lazy_grammar_starts_at_its_trigger(tok):
         assert st.active
         st.accept(t, 0)
     assert st.done and st.error is None
+    st = comp.new_state(g)  # the free token completing the trigger also carried a space the grammar does not allow
+    st._start(b'<call> {"n"', 3, b"<call>")
+    assert st.active and st.error is None
+    for t in tok.encode(': 3}</call>'):
+        st.accept(t, 4)
+    assert st.done and st.error is None
 
 
 def test_invalid_grammars_are_rejected_at_submission(tiny_model, tok):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from fakes import FakeEngine
 from test_session import Harness
@@ -293,3 +294,24 @@ async def test_function_call_output_needs_a_call_id():
     e = errors_for(h, "conversation.item.create", item={"type": "function_call_output", "output": "x"})
     assert e.param == "item.call_id" and e.code == "missing_required_parameter"
     assert h.session.conv.items == []
+
+
+async def test_barge_in_during_a_call_cancels_and_leaves_no_half_call():
+    from fakes import silence, speech_like
+
+    words = " ".join(f"w{i}" for i in range(20))  # the arguments take ~2 s to stream: the barge-in lands inside
+    slow_call = 'Let me check. <tool_call>{"name": "check_order_status", "arguments": {"order_number": "' + words \
+        + '"}}</tool_call>'
+    eng = FakeEngine(lambda msgs: slow_call, token_s=0.1)
+    h = Harness(engine=eng)
+    h.send("session.update", session={"type": "realtime", "tools": [ORDER_TOOL], "tool_choice": "required"})
+    h.audio(np.concatenate([speech_like(500), silence(700)]))  # a spoken turn: server VAD creates the response
+    await h.wait_for("response.function_call_arguments.delta")
+    h.audio(speech_like(400))  # the caller talks over it: barge-in after the 300 ms guard
+    done = (await h.wait_for("response.done"))["response"]
+    assert done["status"] == "cancelled" and done["status_details"]["reason"] == "turn_detected"
+    assert all(o["type"] != "function_call" for o in done["output"])
+    assert done["id"] in eng.aborted
+    assert all(it.type != "function_call" for it in h.session.conv.items)
+    dropped = [e for e in h.of("response.output_item.done") if e["item"]["type"] == "function_call"]
+    assert dropped[0]["item"]["status"] == "incomplete"

@@ -25,6 +25,9 @@ BOOK_TOOL = {"type": "function", "name": "book_slot", "description": "Book a fit
                                                              "people": {"type": "integer", "minimum": 1}},
                             "required": ["day"]}}
 CALL = '<tool_call>{"name": "check_order_status", "arguments": {"order_number": "A1234"}}</tool_call>'
+# Arguments of 20 words: at 0.1 s a word they stream for ~2 s, so a cancel or barge-in lands inside the call.
+SLOW_CALL = '<tool_call>{"name": "check_order_status", "arguments": {"order_number": "' + \
+    " ".join(f"w{i}" for i in range(20)) + '"}}</tool_call>'
 
 
 @pytest.fixture
@@ -156,7 +159,7 @@ async def test_call_cut_by_its_budget_leaves_no_half_call():
 
 
 async def test_cancel_during_a_call_drops_it_cleanly():
-    h, eng = tool_harness(token_s=0.05, tool_choice="required")
+    h, eng = tool_harness(lambda msgs: SLOW_CALL, token_s=0.1, tool_choice="required")
     h.send("response.create")
     await h.wait_for("response.function_call_arguments.delta")
     h.send("response.cancel")
@@ -299,10 +302,7 @@ async def test_function_call_output_needs_a_call_id():
 async def test_barge_in_during_a_call_cancels_and_leaves_no_half_call():
     from fakes import silence, speech_like
 
-    words = " ".join(f"w{i}" for i in range(20))  # the arguments take ~2 s to stream: the barge-in lands inside
-    slow_call = 'Let me check. <tool_call>{"name": "check_order_status", "arguments": {"order_number": "' + words \
-        + '"}}</tool_call>'
-    eng = FakeEngine(lambda msgs: slow_call, token_s=0.1)
+    eng = FakeEngine(lambda msgs: "Let me check. " + SLOW_CALL, token_s=0.1)
     h = Harness(engine=eng)
     h.send("session.update", session={"type": "realtime", "tools": [ORDER_TOOL], "tool_choice": "required"})
     h.audio(np.concatenate([speech_like(500), silence(700)]))  # a spoken turn: server VAD creates the response

@@ -1,4 +1,4 @@
-"""`voicefast bench voice | engine | asr | tts`: each benchmark lives in its own module, imported lazily."""
+"""`voicefast bench voice | engine | asr | tts | tools | grammar`: each benchmark lives in its own module, imported lazily."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "engine": ("bench.engine:main", "LLM decode engine throughput and latency"),
     "asr": ("bench.audio:asr_main", "streaming ASR latency and WER"),
     "tts": ("bench.audio:tts_main", "TTS time to first audio and real-time factor"),
+    "tools": ("bench.tool_calls:main", "forced tool calls on random schemas: constrained vs free validity"),
+    "grammar": ("bench.grammar_mask:main", "cost of schema-constrained decoding per decode step"),
 }
 
 

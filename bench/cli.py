@@ -1,4 +1,5 @@
-"""`voicefast bench voice | engine | asr | tts | tools | grammar`: each benchmark lives in its own module, imported lazily."""
+"""`voicefast bench voice | engine | asr | tts | tools | grammar`: each benchmark in its own module, imported
+lazily."""
 
 from __future__ import annotations
 

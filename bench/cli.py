@@ -1,4 +1,5 @@
-"""`voicefast bench voice | engine | asr | tts | rolling`: each benchmark lives in its own module, imported lazily."""
+"""`voicefast bench voice | engine | asr | tts | rolling | tools | grammar | ...`: each benchmark lives in its own
+module, imported lazily."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "tts": ("bench.audio:tts_main", "TTS time to first audio and real-time factor"),
     "rolling": ("bench.rolling:main", "failed calls across a rolling restart of replicas behind HAProxy"),
     "phone": ("bench.phone:main", "telephone band: ASR WER 8 kHz mu-law vs wideband, VAD splits, TTS downsampling"),
+    "tools": ("bench.tool_calls:main", "forced tool calls on random schemas: constrained vs free validity"),
+    "grammar": ("bench.grammar_mask:main", "cost of schema-constrained decoding per decode step"),
 }
 
 

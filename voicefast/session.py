@@ -23,6 +23,7 @@ from voicefast.protocol import ClientEvent
 from voicefast.response import Response, ResponseParams
 from voicefast.session_config import SessionConfig
 from voicefast.session_turns import SessionTurns
+from voicefast.tools import client_tool_item, tools_prompt_tokens
 from voicefast.turn_work import TurnWork
 
 log = logging.getLogger("voicefast.session")
@@ -149,6 +150,12 @@ class Session(SessionTurns):
 
     def _on_conversation_item_create(self, d: dict) -> None:
         it = d["item"]
+        if it.get("type", "message") != "message":  # function_call / function_call_output (voicefast.tools)
+            item = client_tool_item(it, self.conv)
+            self.conv.add(item, d.get("previous_item_id"))
+            for t in ("conversation.item.added", "conversation.item.done"):
+                self.emit({"type": t, "previous_item_id": self.conv.previous_id(item), "item": item.to_dict()})
+            return
         item_id = it.get("id") or new_id("item")
         if not isinstance(item_id, str) or len(item_id) > 64:
             raise ProtocolError("item.id must be a string of at most 64 characters", param="item.id")
@@ -322,12 +329,14 @@ class Session(SessionTurns):
                         and not answer_silence:
                     return None  # the turn transcribed to nothing (noise): no response
             budget = self.stack.max_model_len - (256 if max_tok == "inf" else int(max_tok))
+            if p.tools is not None and p.tools.active:  # the tool descriptions and the call's own budget
+                budget -= p.tool_call_max_tokens + tools_prompt_tokens(p.tools.tools, self.stack.count_tokens)
             conv = self.conv if not isolated else type(self.conv)()
             return conv.messages(instructions, count_tokens=self.stack.count_tokens, max_prompt_tokens=budget,
                                  extra=extra)
 
         r = Response(stack=self.stack, params=p, emit=self.emit, messages=messages, timings=t, held=held,
-                     on_start=self._response_started, on_end=self._response_ended)
+                     on_start=self._response_started, on_end=self._response_ended, on_call=self._response_call)
         if not held:
             self.active = r
         return r
@@ -337,6 +346,16 @@ class Session(SessionTurns):
         prev = self.conv.previous_id()
         self.conv.add(r.item)
         self.emit({"type": "conversation.item.added", "previous_item_id": prev, "item": r.item.to_dict()})
+
+    def _response_call(self, r: Response, item: Item, added: bool) -> None:
+        """A function_call item of a response begins (added to the conversation) or was cut off (deleted)."""
+        if added:
+            prev = self.conv.previous_id()
+            self.conv.add(item)
+            self.emit({"type": "conversation.item.added", "previous_item_id": prev, "item": item.to_dict()})
+        elif self.conv.find(item.id) is not None:
+            self.conv.delete(item.id)
+            self.emit({"type": "conversation.item.deleted", "item_id": item.id})
 
     def _response_ended(self, r: Response) -> None:
         if self.active is r:

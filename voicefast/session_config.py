@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from voicefast.errors import ProtocolError
 from voicefast.formats import AudioFormat
+from voicefast.tools import ToolSettings
 from voicefast.turns import TurnPolicy
 
 EAGERNESS_VALUES = ("low", "medium", "high", "auto")
@@ -132,6 +133,7 @@ class SessionConfig:
     max_output_tokens: int | str = 128
     transcription_language: str | None = "en"
     transcription_prompt: str = ""  # the client's own ASR prompt, added to the conversation's (voicefast.asr_context)
+    tools: ToolSettings = field(default_factory=ToolSettings)  # tools, tool_choice, parallel_tool_calls
 
     def copy(self) -> SessionConfig:
         return copy.deepcopy(self)
@@ -157,6 +159,8 @@ class SessionConfig:
             c.max_output_tokens = _max_tokens(s["max_output_tokens"], "session.max_output_tokens")
         if "max_response_output_tokens" in s:
             c.max_output_tokens = _max_tokens(s["max_response_output_tokens"], "session.max_response_output_tokens")
+        if any(k in s for k in ("tools", "tool_choice", "parallel_tool_calls")):
+            c.tools = c.tools.apply(s, "session")
         if "temperature" in s:
             v = s["temperature"]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 2.0:
@@ -229,7 +233,7 @@ class SessionConfig:
                                                   "prompt": self.transcription_prompt},
                     "turn_detection": td, "temperature": self.temperature,
                     "max_response_output_tokens": self.max_output_tokens, "speed": self.speed,
-                    "tools": [], "tool_choice": "auto"}
+                    **self.tools.to_dict()}
         return {"type": "realtime", "object": "realtime.session", "id": self.id, "model": self.model,
                 "output_modalities": list(self.output_modalities), "instructions": self.instructions,
                 "audio": {"input": {"format": self.input_format.to_ga(), "turn_detection": td,
@@ -238,5 +242,5 @@ class SessionConfig:
                                     "noise_reduction": None},
                           "output": {"format": self.output_format.to_ga(), "voice": self.voice,
                                      "speed": self.speed}},
-                "max_output_tokens": self.max_output_tokens, "tools": [], "tool_choice": "auto",
+                "max_output_tokens": self.max_output_tokens, **self.tools.to_dict(),
                 "tracing": None, "truncation": "auto", "prompt": None, "include": None}

@@ -95,8 +95,12 @@ def test_harness_reports_the_injected_delays(tmp_path):
         # What really happened on the server, same clock: silence window (paced by the caller in real time)
         # + the server's own measured delay from the silence-completing frame to the first audio it sent.
         truth = script.silence_ms + (ft.t_first_audio_sent - ft.t_speech_end_recv) * 1000
-        assert abs(t["e2e_ms"] - truth) < 10, (t["e2e_ms"], truth)
-        assert abs(t["e2e_ms"] - injected) < 25, (t["e2e_ms"], injected)  # the sleeps themselves may overshoot
+        # Both clocks are this process's monotonic clock. The caller can only hear the reply after the server sent
+        # it and can only finish the silence after pacing it, so a harness anchored on the true end of speech never
+        # reports less than the truth (1 ms for rounding); anchored on speech_stopped it would report ~300 ms less.
+        # The excess is delivery and scheduling delay: a few ms on a quiet machine, more under load, hence 150.
+        assert truth - 1 <= t["e2e_ms"] <= truth + 150, (t["e2e_ms"], truth)
+        assert t["e2e_ms"] >= injected - 1, (t["e2e_ms"], injected)  # the sleeps may overshoot, never undershoot
         # The breakdown is the server's report, passed through untouched.
         assert (t["end_of_turn_delay_ms"], t["asr_final_ms"], t["llm_ttft_ms"], t["tts_first_audio_ms"]) == \
             (300, 40, 70, 50)

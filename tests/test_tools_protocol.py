@@ -315,3 +315,42 @@ async def test_barge_in_during_a_call_cancels_and_leaves_no_half_call():
     assert all(it.type != "function_call" for it in h.session.conv.items)
     dropped = [e for e in h.of("response.output_item.done") if e["item"]["type"] == "function_call"]
     assert dropped[0]["item"]["status"] == "incomplete"
+
+
+# ---------------------------------------------------------------- voice turns (speculative held replies)
+
+async def test_a_held_speculative_reply_that_calls_a_tool_behaves_like_a_normal_one_once_released():
+    """semantic_vad: a reply started (held) at the first pause is dropped when speech resumes, the one started at
+    the second is released at the end of the turn. The call's events come out only after release, behind the
+    user's transcript and response.created; the dropped reply leaves no call; the round trip then goes on."""
+    from fakes import FakeASR, FakeTurnModel, silence, speech_like
+    from test_session_turns import until
+
+    asr = FakeASR(["Can you check the status of", "Can you check the status of my order A1234?"])
+    h = Harness(asr=asr, turn_model=FakeTurnModel(0.97), engine=FakeEngine(lambda msgs: CALL, ttft_s=0.05),
+                opts=ServerConfig(output_lead_ms=100))
+    h.send("session.update", session={"type": "realtime", "output_modalities": ["text"], "tools": [ORDER_TOOL],
+                                      "tool_choice": "required"})
+    h.audio(np.concatenate([speech_like(700), silence(800)]))  # "... of" is unfinished: a held reply, no turn
+    await until(lambda: h.stack.engine.requests and h.session.turns.utt.check.complete is not None)
+    assert "input_audio_buffer.speech_stopped" not in h.types() and "response.created" not in h.types()
+    h.audio(np.concatenate([speech_like(900), silence(400)]))
+    done = await h.wait_for("response.done")
+    eng = h.stack.engine
+    assert len(eng.requests) == 2 and eng.requests[0][0] in eng.aborted  # the first speculation was dropped
+    assert all(eng.params[rid][0].grammar is not None for rid, _ in eng.requests)  # both were constrained
+    assert done["response"]["status"] == "completed"
+    assert done["response"]["metadata"]["voicefast_timings"]["speculative"] is True
+    (call,) = [o for o in done["response"]["output"] if o["type"] == "function_call"]
+    assert json.loads(call["arguments"]) == {"order_number": "A1234"}
+    t = h.types()
+    assert t.count("response.created") == 1 and t.count("response.output_item.added") == 1
+    assert t.index("conversation.item.input_audio_transcription.completed") < t.index("response.created") \
+        < t.index("response.output_item.added") < t.index("response.function_call_arguments.done")
+    assert [(it.role, it.type) for it in h.session.conv.items] == [("user", "message"), ("assistant", "function_call")]
+    h.send("conversation.item.create", item={"type": "function_call_output", "call_id": call["call_id"],
+                                             "output": '{"status": "shipped"}'})
+    h.send("response.create", response={"tool_choice": "none"})
+    await h.wait_for("response.done", 2)
+    assert [it.type for it in h.session.conv.items][-2:] == ["function_call_output", "message"]
+    await h.session.close()

@@ -1,5 +1,5 @@
-"""`voicefast bench voice | engine | spec | turns | wer | asr | tts | phone | rolling | soak | overload | stall`:
-each benchmark lives in its own module, imported lazily."""
+"""`voicefast bench voice | engine | spec | turns | wer | asr | tts | phone | rolling | tools | grammar | soak |
+overload | stall`: each benchmark lives in its own module, imported lazily."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "tts": ("bench.audio:tts_main", "TTS time to first audio and real-time factor"),
     "rolling": ("bench.rolling:main", "failed calls across a rolling restart of replicas behind HAProxy"),
     "phone": ("bench.phone:main", "telephone band: ASR WER 8 kHz mu-law vs wideband, VAD splits, TTS downsampling"),
+    "tools": ("bench.tool_calls:main", "forced tool calls on random schemas: constrained vs free validity"),
+    "grammar": ("bench.grammar_mask:main", "cost of schema-constrained decoding per decode step"),
     "soak": ("bench.soak:main", "long run of mixed sessions; RSS, fds, threads, tasks, KV blocks over time"),
     "overload": ("bench.overload:main", "connection storms at max_sessions; running callers' latency before/during"),
     "stall": ("bench.stall:main", "how long other sessions wait while one sends the biggest appends"),

@@ -4,6 +4,7 @@
 import { base64FromInt16, createAudioContext, int16FromBase64, Mic, MicError, Player, RATE } from "./audio.js";
 import { drawLatencyChart } from "./chart.js";
 import { RealtimeConnection } from "./realtime.js";
+import { ToolRunner, TOOLS } from "./tools.js";
 
 const $ = (id) => document.getElementById(id);
 const AUDIO_DELTA = new Set(["response.output_audio.delta", "response.audio.delta"]);
@@ -110,6 +111,8 @@ function sessionUpdate() {
     },
   };
   if (s.instructions) session.instructions = s.instructions;
+  session.tools = TOOLS; // answered by the page (tools.js); the model decides when to call them
+  session.tool_choice = "auto";
   return { type: "session.update", session };
 }
 
@@ -214,10 +217,23 @@ async function bargeIn() {
   if (el) el.classList.add("truncated");
 }
 
+// ---- tools ----
+const tools = new ToolRunner((ev) => Boolean(conn && conn.send(ev)), (name, args, answer) => {
+  vf.toolCalls.push({ name, arguments: args, answer });
+  const el = document.createElement("div");
+  el.className = "msg tool";
+  el.innerHTML = '<span class="who">tool</span><span class="text"></span>';
+  el.querySelector(".text").textContent = `${name}(${args}) → ${JSON.stringify(answer)}`;
+  $("log").appendChild(el);
+  scrollLog();
+});
+vf.toolCalls = [];
+
 // ---- server events ----
 function onEvent(ev) {
   vf.counters.eventsReceived++;
   const t = ev.type || "";
+  tools.onEvent(ev);
   if (!AUDIO_DELTA.has(t)) {
     vf.events.push(t);
     if (vf.events.length > 300) vf.events.shift();
@@ -395,6 +411,9 @@ async function loadVoices() {
 }
 
 $("instructions").addEventListener("input", () => { instructionsEdited = true; });
+$("ask-order").addEventListener("click", () => {
+  if (conn && conn.isOpen) tools.askAboutOrder($("order-number").value.trim() || "A1234");
+});
 $("talk").addEventListener("click", () => (conn || ctx ? stop() : start()));
 $("apply").addEventListener("click", () => {
   if (conn && conn.isOpen) conn.send(sessionUpdate());

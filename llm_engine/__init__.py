@@ -7,6 +7,7 @@ from __future__ import annotations
 _EXPORTS = {
     "EngineConfig": "llm_engine.config",
     "SamplingParams": "llm_engine.sampling_params",
+    "Grammar": "llm_engine.grammar",
     "EngineOverloaded": "llm_engine.scheduler",
     "LLMEngine": "llm_engine.engine",
     "AsyncLLMEngine": "llm_engine.async_engine",

@@ -88,12 +88,19 @@ class AsyncLLMEngine:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    @property
+    def tool_dialect(self) -> Any:
+        """How this model writes tool calls (llm_engine.tool_format.ToolDialect)."""
+        return self.engine.tool_dialect
+
     # ---- caller side (any thread / event loop) --------------------------------------------------------
     def generate(self, params: SamplingParams | None = None, *, messages: list[dict[str, str]] | None = None,
                  prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-                 request_id: str | None = None) -> RequestStream:
+                 request_id: str | None = None, tools: list | None = None) -> RequestStream:
         """Submit a request; returns its stream. Raises EngineOverloaded (too many waiting) or ValueError (bad
-        request) right here, before anything is queued. Call from a running event loop."""
+        request) right here, before anything is queued. Call from a running event loop. With `tools`
+        (llm_engine.tool_format.Tool), `messages` may hold tool calls and results and are rendered in the
+        model's tool dialect (`tool_dialect`)."""
         if sum(x is not None for x in (messages, prompt, prompt_token_ids)) != 1:
             raise ValueError("pass exactly one of messages=, prompt=, prompt_token_ids=")
         if self._stopping:
@@ -102,7 +109,9 @@ class AsyncLLMEngine:
             tok = self.engine.tokenizer
             if tok is None:
                 raise ValueError("this engine has no tokenizer: pass prompt_token_ids=")
-            if messages is not None:
+            if messages is not None and tools is not None:
+                prompt_token_ids = self.tool_dialect.render(tok, messages, tools)
+            elif messages is not None:
                 prompt_token_ids = tok.apply_chat_template(messages, add_generation_prompt=True)
             else:
                 prompt_token_ids = tok.encode(prompt)

@@ -8,7 +8,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "user", "assistant", "tool", "observation")  # observation: GLM-4 tool results
 
 
 class ChatTemplateError(ValueError):

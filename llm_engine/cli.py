@@ -20,6 +20,8 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                     help="auto: float32 on CPU, bfloat16 on CUDA (bfloat16 is ~2x faster on CPUs with AVX512-BF16)")
     ap.add_argument("--stats", action="store_true", help="print TTFT and decode tok/s to stderr at the end")
+    ap.add_argument("--json-schema", metavar="FILE", default=None,
+                    help="constrain the output to one JSON instance of the JSON Schema in FILE")
 
 
 def _engine(args: argparse.Namespace):
@@ -33,8 +35,17 @@ def _engine(args: argparse.Namespace):
 def _params(args: argparse.Namespace):
     from llm_engine.sampling_params import SamplingParams
 
+    schema = None
+    if args.json_schema is not None:
+        import json
+        from pathlib import Path
+
+        try:
+            schema = json.loads(Path(args.json_schema).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--json-schema {args.json_schema}: {e}") from None
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          max_tokens=args.max_tokens, seed=args.seed)
+                          max_tokens=args.max_tokens, seed=args.seed, json_schema=schema)
 
 
 def stream_text(engine, prompt_token_ids: list[int], params) -> Iterator[str | RequestResult]:

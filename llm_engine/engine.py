@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from llm_engine.block_manager import BlockManager
 from llm_engine.config import EngineConfig
+from llm_engine.grammar import GrammarCompiler
 from llm_engine.kv_cache import cuda_kv_budget_bytes, num_blocks_for_memory
 from llm_engine.model_config import ModelConfig
 from llm_engine.model_runner import ModelRunner
@@ -24,6 +26,7 @@ from llm_engine.scheduler import Scheduler
 from llm_engine.sequence import Sequence
 from llm_engine.spec_decode import SpecPolicy
 from llm_engine.stop_strings import StopStringMatcher
+from llm_engine.tool_format import ToolDialect, dialect_for
 
 log = logging.getLogger("llm_engine")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -112,6 +115,8 @@ class LLMEngine:
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) of recent steps
         self._steps, self._step_seqs, self._step_s = 0, 0, 0.0  # cumulative, over steps that ran a batch
         self.num_finished = 0
+        self._grammar: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
 
     def _load(self, cfg: EngineConfig) -> tuple[torch.nn.Module, Any]:
         from llm_engine.loader import load_model
@@ -164,7 +169,27 @@ class LLMEngine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         seq = Sequence(request_id or self.new_request_id(), ids, params, stop_ids)
         self.scheduler.check_fits(seq)
+        if params.grammar is not None:  # compile (ValueError if invalid) and start the matcher
+            seq.grammar = self.grammar_compiler().new_state(params.grammar)
+            if not params.grammar.triggers and params.grammar.max_tokens is not None:
+                seq.max_tokens = params.grammar.max_tokens  # a forced grammar has its own budget
         return seq
+
+    @property
+    def tool_dialect(self) -> ToolDialect:
+        """How this model writes tool calls, from its chat template (llm_engine.tool_format)."""
+        ct = getattr(self.tokenizer, "chat_template", None)
+        return dialect_for(getattr(ct, "source", None))
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The grammar compiler for this engine's tokenizer, built on first use (thread-safe)."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                if self.tokenizer is None:
+                    raise ValueError("constrained decoding needs a tokenizer")
+                self._grammar = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                                sorted(self.eos_token_ids))
+            return self._grammar
 
     def add_request(self, request_id: str | None, prompt_token_ids: list[int],
                     params: SamplingParams | None = None) -> str:
@@ -223,6 +248,8 @@ class LLMEngine:
         new = self.scheduler.postprocess(batch, sampled)
         n_tokens = 0
         for seq, toks in new:
+            if seq.grammar is not None and not seq.is_finished:
+                self._advance_grammar(seq, toks)
             if seq.first_token_s is None:
                 seq.first_token_s = now
             seq.last_token_s = now
@@ -235,6 +262,23 @@ class LLMEngine:
         self._step_seqs += len(batch.seqs)
         self._step_s += time.perf_counter() - t0
         return outs
+
+    def _advance_grammar(self, seq: Sequence, toks: list[int]) -> None:
+        """The matcher consumes the new tokens (the next step's mask depends on them; a constrained request is never
+        drafted, so it is one token); a trigger starts the grammar (and its own token budget); a complete grammar
+        ends the request."""
+        g = seq.grammar
+        first = seq.num_completion_tokens - len(toks) + 1  # completion count after toks[0]
+        for j, tok in enumerate(toks):
+            if g.accept(tok, first + j) and g.grammar.max_tokens is not None:
+                seq.max_tokens = first + j + g.grammar.max_tokens
+            if g.error is not None:
+                log.warning("request %s: %s", seq.request_id, g.error)
+                self.scheduler.finish(seq, "error")
+                return
+            if g.done:
+                self.scheduler.finish(seq, "stop")
+                return
 
     def _emit(self, seq: Sequence, toks: list[int]) -> StreamOutput:
         """The output for a step's new tokens of seq (several after an accepted speculative draft)."""
@@ -258,6 +302,9 @@ class LLMEngine:
     def _final(self, seq: Sequence, out: StreamOutput, error: str | None = None) -> StreamOutput:
         self._seqs.pop(seq.request_id, None)
         self.num_finished += 1
+        if seq.grammar is not None:  # free the matcher now (the Sequence may outlive the request)
+            error = error or seq.grammar.error
+            seq.grammar = None
         req: _Request | None = seq.user
         text = req.text if req is not None else ""
         n = seq.num_completion_tokens

@@ -131,11 +131,16 @@ class GpuModelRunner(ModelRunner):
         g.replay(b)
         self.num_graph_steps += 1
         self.num_graph_verify_steps += int(len(batch) < R)  # rows beyond one per sequence: drafts
-        if needs_filter:  # top-k / top-p rows: re-sample the graph's logits with the sorting sampler
-            rows = [s for s, d in zip(batch.seqs, batch.drafts, strict=True) for _ in range(1 + len(d))]
+        # Constrained rows (never drafted: one row each): the host fills their masks while the graph runs, then
+        # every row is re-sampled from the masked logits outside the graph (same seeds and steps: unconstrained
+        # rows, draft rows included, draw the same token again).
+        sample_rows = [i for i, d in enumerate(batch.drafts) for _ in range(1 + len(d))]  # [R] batch index per row
+        masked = self.apply_grammar(batch, sample_rows, g.logits[b])
+        if needs_filter or masked:  # top-k / top-p rows: re-sample the graph's logits with the sorting sampler
+            rows = [batch.seqs[i] for i in sample_rows]
             top_k = torch.tensor([s.params.top_k for s in rows] + [0] * (b - R), device=self.device)
             top_p = torch.tensor([s.params.top_p for s in rows] + [1.0] * (b - R), device=self.device)
-            tok = SA.sample(g.logits[b], g.temperature[:b], top_k, top_p, g.seeds[:b], g.steps[:b], True)
+            tok = SA.sample(g.logits[b], g.temperature[:b], top_k, top_p, g.seeds[:b], g.steps[:b], needs_filter)
             g.tokens[:b].copy_(tok)
         self._h_tok[:R].copy_(g.tokens[:R], non_blocking=True)
         self._done.record()

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from llm_engine.attn_metadata import AttnMetadata
+from llm_engine.grammar_mask import MaskBuffer, active_rows, apply_bitmask
 from llm_engine.kv_cache import KVCache, allocate_kv_cache
 from llm_engine.model_config import ModelConfig
 from llm_engine.sampler import sample
@@ -63,6 +64,7 @@ class ModelRunner:
         self._temp = np.zeros(T, np.float32)  # [T]
         self._top_k = np.zeros(T, np.int64)  # [T]
         self._top_p = np.ones(T, np.float32)  # [T]
+        self._masks: MaskBuffer | None = None  # grammar bitmasks, made on the first constrained step
 
     # ---- the step ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -74,6 +76,7 @@ class ModelRunner:
         if not inp.sample_rows:
             return [[] for _ in range(len(batch))]
         logits = self.compute_logits(hidden, inp)  # [S, V]
+        self.apply_grammar(batch, inp.sample_rows, logits)
         tokens = self.sample(inp, logits)  # [S]
         return self.to_host(batch, inp, tokens)
 
@@ -148,6 +151,17 @@ class ModelRunner:
         if hidden.shape[0] == len(inp.sample_rows):  # pure decode: every row samples, no gather
             return self.model.compute_logits(hidden)  # [S, V]
         return self.model.compute_logits(hidden.index_select(0, inp.logits_indices))  # [S, V]
+
+    def apply_grammar(self, batch: ScheduledBatch, sample_rows: list[int], logits: torch.Tensor) -> bool:
+        """Mask the logits of constrained rows (llm_engine.grammar). On CUDA the host fills the masks while the
+        queued forward runs. Returns whether any row was masked."""
+        states, rows = active_rows(batch.seqs, sample_rows)
+        if not states:
+            return False
+        if self._masks is None:
+            self._masks = MaskBuffer(len(self._temp), states[0].compiler.words, self.device)
+        apply_bitmask(logits, rows, self._masks.masks_for(states[0].compiler, states))
+        return True
 
     def sample(self, inp: StepInputs, logits: torch.Tensor) -> torch.Tensor:
         return sample(logits, inp.temperature, inp.top_k, inp.top_p, inp.generators, self.default_generator,

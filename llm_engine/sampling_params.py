@@ -1,8 +1,15 @@
-"""SamplingParams: how one request picks its tokens and when it stops."""
+"""SamplingParams: how one request picks its tokens and when it stops.
+
+Constrained decoding (`json_schema=` or `grammar=`, llm_engine.grammar): the output is masked token by token so
+it matches the grammar. Speculative decoding is OFF for constrained requests (`constrained` is True, so
+`speculate` is set False): drafts are verified against the unmasked distribution and one grammar state masks one
+row per step, so the engine decodes them one token per step."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from llm_engine.grammar import Grammar
 
 
 @dataclass(slots=True)
@@ -15,8 +22,10 @@ class SamplingParams:
     stop: tuple[str, ...] | list[str] | str = ()  # stop strings, matched on the detokenized text, not emitted
     seed: int | None = None  # per-request generator: same seed, same tokens
     ignore_eos: bool = False  # do not stop on the tokenizer's eos ids
-    speculate: bool = True  # allow speculative (prompt-lookup) decoding for this request when the engine has it on;
-    # constrained requests (a logits mask) must set False: drafts are verified against the unmasked distribution
+    speculate: bool = True  # allow speculative (prompt-lookup) decoding for this request when the engine has it
+    # on; a constrained request (grammar / json_schema) never speculates: __post_init__ sets this False for it
+    json_schema: dict | str | None = None  # constrain the output to one JSON instance of this schema
+    grammar: Grammar | None = None  # or a general (possibly lazy) grammar; not both
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -37,6 +46,19 @@ class SamplingParams:
             raise ValueError(f"speculate must be a bool, got {self.speculate!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.json_schema is not None:
+            if self.grammar is not None:
+                raise ValueError("pass json_schema= or grammar=, not both")
+            self.grammar = Grammar(json_schema=self.json_schema)
+        if self.grammar is not None and not isinstance(self.grammar, Grammar):
+            raise ValueError(f"grammar must be an llm_engine.grammar.Grammar, got {type(self.grammar).__name__}")
+        if self.grammar is not None:
+            self.speculate = False  # the drafting code (SpecPolicy.propose) reads only this
+
+    @property
+    def constrained(self) -> bool:
+        """A grammar masks this request's tokens (speculative decoding is then off for it)."""
+        return self.grammar is not None
 
     @property
     def greedy(self) -> bool:

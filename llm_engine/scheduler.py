@@ -18,6 +18,15 @@ from llm_engine.sequence import Sequence, SequenceStatus
 from llm_engine.spec_decode import SpecPolicy, accept
 
 
+def max_completion_tokens(params) -> int:
+    """The most tokens a request can ever generate: max_tokens, or a forced grammar's own budget, or (lazy
+    grammar) max_tokens before its trigger plus its budget after."""
+    g = params.grammar
+    if g is None or g.max_tokens is None:
+        return params.max_tokens
+    return params.max_tokens + g.max_tokens if g.triggers else g.max_tokens
+
+
 class EngineOverloaded(RuntimeError):
     """Too many requests are waiting; the caller should shed load or retry later."""
 
@@ -69,14 +78,15 @@ class Scheduler:
         n = len(seq)
         if n == 0:
             raise ValueError(f"request {seq.request_id!r}: empty prompt")
-        need = n + seq.params.max_tokens
+        max_tokens = max_completion_tokens(seq.params)
+        need = n + max_tokens
         if need > self.max_model_len:
             raise ValueError(f"request {seq.request_id!r}: prompt ({n} tokens) + max_tokens "
-                             f"({seq.params.max_tokens}) = {need} exceeds max_model_len={self.max_model_len}")
+                             f"({max_tokens}) = {need} exceeds max_model_len={self.max_model_len}")
         capacity = self.bm.num_blocks * self.bm.block_size
         if need > capacity:
             raise ValueError(f"request {seq.request_id!r}: prompt ({n} tokens) + max_tokens "
-                             f"({seq.params.max_tokens}) = {need} exceeds the KV cache capacity of {capacity} tokens")
+                             f"({max_tokens}) = {need} exceeds the KV cache capacity of {capacity} tokens")
 
     def add(self, seq: Sequence) -> None:
         self.check_fits(seq)
@@ -183,7 +193,7 @@ class Scheduler:
                 continue
             room = min(budget, self.spec_max_rows - rows) if i < batch.num_decodes else budget
             # positions p+1..p+k must stay < max_model_len; the step emits up to k+1 tokens
-            limit = min(room, self.max_model_len - len(seq), seq.params.max_tokens - seq.num_completion_tokens - 1)
+            limit = min(room, self.max_model_len - len(seq), seq.max_tokens - seq.num_completion_tokens - 1)
             d = self.spec.propose(seq, limit)
             free_slots = (len(seq.block_table) + self.bm.num_free_blocks) * self.bm.block_size - len(seq)
             d = d[:max(0, free_slots)]
@@ -215,7 +225,7 @@ class Scheduler:
                 new.append(tok)
                 if tok in seq.stop_token_ids:
                     reason = "stop"
-                elif seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+                elif seq.num_completion_tokens >= seq.max_tokens or len(seq) >= self.max_model_len:
                     reason = "length"
                 if reason:
                     break

@@ -39,6 +39,8 @@ class Sequence:
         self.num_preemptions = 0
         self.generator: Any = None  # runner-owned per-request sampling state (torch.Generator)
         self.spec: Any = None  # scheduler-owned drafting state (llm_engine.spec_decode.SpecState), lazily
+        self.grammar: Any = None  # engine-owned constraint state (llm_engine.grammar.GrammarState), if any
+        self.max_tokens = params.max_tokens  # completion budget; a grammar that activates may set its own
         self.user: Any = None  # engine-owned per-request state (detokenizer, ...)
 
     def __len__(self) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from audio.text_chunker import TextChunker
+from llm_engine.tool_format import ToolDialect
 from voicefast.stack import Stack
 
 
@@ -22,6 +23,7 @@ class FakeSamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     max_tokens: int = 256
+    grammar: object = None  # recorded, not enforced: the fake replies with its script
 
 
 @dataclass
@@ -72,16 +74,19 @@ class FakeEngine:
         self.total_blocks = total_blocks
         self.tokenizer = FakeTokenizer()
         self.requests: list[tuple[str, list[dict]]] = []  # (request_id, messages) in arrival order
+        self.params: dict[str, tuple] = {}  # request_id -> (sampling params, tools)
+        self.tool_dialect = ToolDialect()  # the generic (system-prompt) tool-call syntax
         self.aborted: set[str] = set()
         self._blocks: dict[str, int] = {}
         self._ids = itertools.count()
         self.max_model_len = 2048
 
-    def generate(self, params, *, messages=None, prompt=None, prompt_token_ids=None, request_id=None):
+    def generate(self, params, *, messages=None, prompt=None, prompt_token_ids=None, request_id=None, tools=None):
         if messages is not None and not messages:  # like the real engine's chat template
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         rid = request_id or f"req-{next(self._ids)}"
         self.requests.append((rid, list(messages or [])))
+        self.params[rid] = (params, tools)
         return self._stream(rid, params, messages or [])
 
     async def _stream(self, rid, params, messages):

@@ -21,7 +21,8 @@ def compute_all(bm, s):
 
 def test_modules_do_not_import_torch():
     code = ("import sys, llm_engine.block_manager, llm_engine.scheduler, llm_engine.sequence, "
-            "llm_engine.config, llm_engine.sampling_params; assert 'torch' not in sys.modules, 'torch imported'")
+            "llm_engine.config, llm_engine.sampling_params, llm_engine.grammar, llm_engine.tool_format, "
+            "llm_engine.tool_parser; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

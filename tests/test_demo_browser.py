@@ -189,6 +189,37 @@ def test_real_server_barge_in(playwright, question_wav, real_server):
         p.close()
 
 
+@pytest.mark.slow
+def test_real_server_tool_round_trip(playwright, real_server, tmp_path):
+    """The Tools panel: a forced check_order_status call, answered by the page from its table, then spoken."""
+    import json
+
+    import soundfile as sf
+
+    quiet = tmp_path / "quiet.wav"
+    sf.write(quiet, np.zeros(48_000 * 2, np.float32), 48_000)  # the microphone hears nothing: no voice turn
+    url, _ = real_server
+    p = _Page(playwright, quiet, url)
+    try:
+        p.page.click("#talk")
+        p.wait("voicefast.state === 'listening'", 60, "connected")
+        p.page.click("#ask-order")
+        p.wait("voicefast.toolCalls.length > 0", 120, "the forced tool call, answered by the page")
+        call = p.vf(".toolCalls[0]")
+        assert call["name"] == "check_order_status" and json.loads(call["arguments"])["order_number"]
+        assert call["answer"]["status"] == "shipped", call  # A1234 in the page's table
+        p.wait("voicefast.counters.responses >= 2 && voicefast.assistantTranscript.length > 0", 120,
+               "the spoken answer after function_call_output")
+        said = p.vf(".assistantTranscript").lower()
+        assert "shipped" in said or "friday" in said, said
+        p.wait("voicefast.playback && voicefast.playback.samplesPlayed > 0", 60, "the answer's audio played")
+        assert p.vf(".error") is None
+        assert p.page.locator(".msg.tool").count() == 1
+        _screenshot_not_blank(p.page, "demo_tool_call.png")
+    finally:
+        p.close()
+
+
 # ---------------------------------------------------------------- against the scripted fake server
 
 

@@ -278,7 +278,8 @@ def test_llm_engine_imports_without_voicefast_or_audio():
 
     code = ("import sys; sys.modules['voicefast'] = None; sys.modules['audio'] = None\n"
             "sys.modules['model_assets'] = None\n"
-            "import llm_engine, llm_engine.engine, llm_engine.async_engine, llm_engine.cli\n"
+            "import llm_engine, llm_engine.engine, llm_engine.async_engine, llm_engine.cli, llm_engine.grammar_mask\n"
+            "import llm_engine.tool_format, llm_engine.tool_parser\n"
             "from llm_engine import EngineConfig, LLMEngine, AsyncLLMEngine, StreamOutput, RequestResult\n"
             "try:\n    EngineConfig().model_path()\nexcept ValueError as e:\n    assert 'model_assets' in str(e)\n"
             "else:\n    raise SystemExit('expected ValueError')\n")

@@ -125,3 +125,36 @@ def _cpu_model(eng):
     m = copy.deepcopy(eng.model).to("cpu", torch.float32)
     m.cos_sin = m.cos_sin.float()
     return m
+
+
+@cuda
+def test_cuda_graph_constrained_and_free_rows_in_one_batch():
+    """Constrained rows are masked and re-sampled outside the captured step: their output is valid JSON of the
+    schema; free rows in the same batch draw exactly what they draw alone."""
+    import json
+
+    from bench.synthetic_tokenizer import build_byte_bpe
+    from llm_engine.sampling_params import SamplingParams
+    from llm_engine.tokenizer import Tokenizer
+
+    tk = build_byte_bpe(512, specials=("<|eos|>",))
+    schema = {"type": "object", "properties": {"size": {"type": "string", "enum": ["small", "large"]},
+                                               "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["size", "qty"], "additionalProperties": False}
+    free = SamplingParams(temperature=0.9, max_tokens=12, ignore_eos=True, seed=7)
+    con = SamplingParams(temperature=0.9, max_tokens=40, seed=8, json_schema=schema)
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [9] * 30]
+    results = {}
+    for eager in (False, True):
+        eng = _engine(eager)
+        eng.tokenizer = Tokenizer(tk, eos_token_ids=[tk.token_to_id("<|eos|>")])
+        eng.eos_token_ids = frozenset(eng.tokenizer.eos_token_ids)
+        alone = eng.generate([prompts[0]], free)[0][0]
+        mixed = eng.generate(prompts, [free, con, con])
+        assert mixed[0][0] == alone
+        for _, res in mixed[1:]:
+            assert res.finish_reason == "stop" and res.draft_tokens == 0, res  # constrained: never speculates
+            obj = json.loads(res.text)
+            assert obj["size"] in ("small", "large") and 1 <= obj["qty"] <= 9 and set(obj) == {"size", "qty"}
+        results[eager] = eng.runner.graphs is None
+    assert results == {False: False, True: True}  # both paths ran

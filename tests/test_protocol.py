@@ -58,7 +58,7 @@ def test_append_decodes_base64():
     ({"type": "input_audio_buffer.append", "audio": 5}, "invalid_type", "audio"),
     ({"type": "input_audio_buffer.append", "audio": "not base64!"}, "invalid_base64", "audio"),
     ({"type": "conversation.item.create"}, "missing_required_parameter", "item"),
-    ({"type": "conversation.item.create", "item": {"type": "function_call", "role": "user", "content": []}},
+    ({"type": "conversation.item.create", "item": {"type": "mcp_call", "role": "user", "content": []}},
      "unsupported_item_type", "item.type"),
     ({"type": "conversation.item.create", "item": {"role": "robot", "content": []}}, "invalid_value", "item.role"),
     ({"type": "conversation.item.create", "item": {"role": "user", "content": [{"type": "video"}]}},

@@ -274,3 +274,44 @@ async def test_backchannel_does_not_cancel_the_reply(real):
         await sender
         assert done.status in ("completed", "incomplete"), done.status_details  # not cancelled
         assert "input_audio_buffer.speech_started" not in types and "input_audio_buffer.committed" not in types
+
+
+async def test_tool_round_trip_with_the_openai_sdk(real):
+    """A forced function call through the official SDK: the arguments validate against the tool's schema, the
+    page-style client answers with function_call_output, and the spoken answer uses the result."""
+    import jsonschema
+
+    server, stack = real
+    tool = {"type": "function", "name": "check_order_status", "description": "Look up an order by its number",
+            "parameters": {"type": "object", "properties": {"order_number": {"type": "string"}},
+                           "required": ["order_number"]}}
+    async with client_for(server).realtime.connect(model="voicefast") as conn:
+        await conn.session.update(session={"type": "realtime", "output_modalities": ["audio"], "tools": [tool],
+                                           "audio": {"input": {"turn_detection": None}}})
+        await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "Where is my order A1234?"}]})
+        await conn.response.create(response={"tool_choice": {"type": "function", "name": "check_order_status"}})
+        got = {"types": [], "args": "", "done": None}
+        async with asyncio.timeout(120):
+            async for ev in conn:
+                got["types"].append(ev.type)
+                if ev.type == "error":
+                    raise AssertionError(f"error event: {ev.error}")
+                if ev.type == "response.function_call_arguments.delta":
+                    got["args"] += ev.delta
+                if ev.type == "response.done":
+                    got["done"] = ev.response
+                    break
+        assert got["done"].status == "completed", got["done"].status_details
+        call = next(o for o in got["done"].output if o.type == "function_call")
+        assert call.name == "check_order_status" and call.arguments == got["args"]
+        jsonschema.validate(json.loads(call.arguments), tool["parameters"])
+        assert "response.function_call_arguments.done" in got["types"]
+        await conn.conversation.item.create(item={"type": "function_call_output", "call_id": call.call_id,
+                                                  "output": json.dumps({"status": "shipped", "arrives": "Friday"})})
+        await conn.response.create()
+        answer = await collect_turn(conn)
+        assert answer["done"].status in ("completed", "incomplete")
+        said = answer["text"].lower()
+        assert "shipped" in said or "friday" in said, said  # the answer used the tool's result
+        assert len(answer["audio"]) > 24_000

@@ -125,6 +125,24 @@ async def test_conversation_items_and_bytes_are_capped_with_clear_errors():
     await h.session.close()
 
 
+async def test_function_call_items_are_held_to_the_same_caps():
+    h = Harness(max_item_bytes=1000, max_conversation_items=3)
+    call = {"type": "function_call", "call_id": "c1", "name": "check_order", "arguments": "{\"id\": 1}"}
+    big = {"type": "function_call", "call_id": "c0", "name": "check_order",
+           "arguments": json.dumps({"note": "x" * 2000})}
+    assert h.error("conversation.item.create", item=big).code == "conversation_item_too_large"
+    h.send("conversation.item.create", item=call)
+    out = {"type": "function_call_output", "call_id": "c1", "output": json.dumps({"status": "y" * 2000})}
+    assert h.error("conversation.item.create", item=out).code == "conversation_item_too_large"
+    assert [it.call_id for it in h.session.conv.items] == ["c1"]  # nothing of the refused ones
+    h.send("conversation.item.create", item=out | {"output": "{\"status\": \"shipped\"}"})
+    h.send("conversation.item.create", item=text_item("thanks"))
+    e = h.error("conversation.item.create", item={"type": "function_call", "call_id": "c2", "name": "f"})
+    assert e.code == "conversation_limit_reached" and len(h.session.conv.items) == 3
+    assert h.session.conv.text_bytes == len('{"id": 1}') + len('{"status": "shipped"}') + len("thanks")
+    await h.session.close()
+
+
 async def test_server_turns_evict_the_oldest_items_and_say_so():
     h = Harness(max_conversation_items=3)
     for _ in range(3):

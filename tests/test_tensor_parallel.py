@@ -150,3 +150,42 @@ def test_async_engine_with_tp2_serves_and_its_shutdown_stops_the_worker():
         aeng.shutdown()
     assert got == [want, want]
     assert not any(p.is_alive() for p in procs)
+
+
+def test_tp2_masks_a_constrained_request_on_rank_0_beside_a_speculating_one():
+    """The grammar mask runs on rank 0 only, on the gathered logits (the worker never sees it): a constrained
+    request validates and matches TP=1, a free request in the same batches speculates and matches TP=1."""
+    import json
+
+    import jsonschema
+
+    from bench.synthetic_tokenizer import build_byte_bpe
+    from llm_engine.tokenizer import Tokenizer
+
+    tk = build_byte_bpe(512, specials=("<|eos|>",))
+    tok = Tokenizer(tk, eos_token_ids=[tk.token_to_id("<|eos|>")])
+    cfg = ModelConfig(family="llama", vocab_size=520, hidden_size=48, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=12, max_position_embeddings=256)
+    schema = {"type": "object", "properties": {"size": {"type": "string", "enum": ["small", "large"]},
+                                               "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["size", "qty"], "additionalProperties": False}
+    prompts = [[300, 12] * 6, [5, 9, 200, 31]]
+    params = [SamplingParams(max_tokens=24, ignore_eos=True), SamplingParams(max_tokens=60, json_schema=schema)]
+    got = {}
+    for tp in (1, 2):
+        eng = _engine(cfg, tp, speculative_tokens=4)
+        eng.tokenizer, eng.eos_token_ids = tok, frozenset(tok.eos_token_ids)  # RandomCheckpoint has none
+        try:
+            got[tp] = eng.generate(prompts, params)
+            if tp == 1:
+                ref = eng
+        finally:
+            if tp == 2:
+                eng.close()
+    (free1, _), (con1, _) = got[1]
+    (free2, res_free2), (con2, res_con2) = got[2]
+    ok, why = greedy_agrees(prompts[0], free1, free2, lambda ids: prompt_logits(ref.runner, ids)[-1], tie_gap=1e-3)
+    assert ok, why
+    assert res_free2.draft_tokens > 0 and res_con2.draft_tokens == 0
+    assert res_con2.finish_reason == "stop" and con2 == con1
+    jsonschema.validate(json.loads(res_con2.text), schema)

@@ -65,6 +65,7 @@ class ServerConfig:
     tts_first_phrase_words: int = 2
     asr_partial_interval_ms: int = 800  # streaming partials at most this often per speaking session (0: off)
     max_output_tokens: int = 96  # default per response
+    tool_call_max_tokens: int = 256  # a tool call's own budget (forced: the whole reply; auto: from the call on)
     temperature: float = 0.3  # the small default model wanders at higher temperatures
     instructions: str | None = None  # None -> the built-in persona (voicefast/persona.py)
     # Phone calls: Twilio Media Streams at /twilio (docs/phone.md)
@@ -119,6 +120,8 @@ class ServerConfig:
             raise ValueError(f"asr_device must be 'auto', 'cpu' or 'cuda', got {self.asr_device!r}")
         if self.tensor_parallel < 1:
             raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if not 16 <= self.tool_call_max_tokens <= 4096:
+            raise ValueError(f"tool_call_max_tokens must be in [16, 4096], got {self.tool_call_max_tokens}")
         if self.barge_in_min_ms < 0:
             raise ValueError(f"barge_in_min_ms must be >= 0, got {self.barge_in_min_ms}")
         if self.backchannel_max_ms < self.barge_in_min_ms:

@@ -30,11 +30,16 @@ class Item:
     kind: str = "text"  # "text" | "audio": the content part type
     status: str = "completed"  # "in_progress" | "completed" | "incomplete"
     audio_ms: int = 0  # assistant audio duration sent so far (for truncate bounds)
+    type: str = "message"  # "message" | "function_call" | "function_call_output" (text = the output)
+    call_id: str = ""  # function_call / function_call_output
+    name: str = ""  # function_call: the tool
+    arguments: str = ""  # function_call: JSON text
     show_transcript: bool = True  # False: user audio whose transcription the session turned off (LLM still hears it)
 
     @property
     def text_bytes(self) -> int:
-        return len(self.text.encode("utf-8", "surrogatepass"))
+        """The text it holds (UTF-8), what the conversation caps count: the text or output, a call's arguments."""
+        return len(self.text.encode("utf-8", "surrogatepass")) + len(self.arguments.encode("utf-8", "surrogatepass"))
 
     def content(self) -> list[dict]:
         if self.role == "assistant":
@@ -46,8 +51,17 @@ class Item:
         return [{"type": "input_text", "text": self.text}]
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "object": "realtime.item", "type": "message", "role": self.role,
-                "status": self.status, "content": self.content()}
+        base = {"id": self.id, "object": "realtime.item", "type": self.type}
+        if self.type == "function_call":
+            return {**base, "status": self.status, "name": self.name, "call_id": self.call_id,
+                    "arguments": self.arguments}
+        if self.type == "function_call_output":
+            return {**base, "call_id": self.call_id, "output": self.text}
+        return {**base, "role": self.role, "status": self.status, "content": self.content()}
+
+    def llm_text(self) -> str:
+        """What this item costs in the prompt (function calls: the name and the arguments)."""
+        return f"{self.name} {self.arguments}" if self.type == "function_call" else self.text
 
 
 @dataclass
@@ -115,22 +129,60 @@ class Conversation:
 
     def messages(self, instructions: str, *, count_tokens: Callable[[str], int], max_prompt_tokens: int,
                  extra: list[Item] = ()) -> list[dict]:
-        """Chat messages for the next response: system prompt + the newest turns that fit the budget."""
-        # An extra item stands in for a conversation item of the same id (a speculative turn whose item was added
-        # meanwhile), else it follows the conversation.
-        by_id = {it.id: it for it in extra}
-        turns = [it for it in [*(by_id.pop(c.id, c) for c in self.items), *by_id.values()] if it.text.strip()]
+        """Chat messages for the next response: system prompt + the newest turns that fit the budget. A function
+        call and its output are one unit (kept or dropped together); calls still waiting for their output and
+        outputs whose call is gone are left out. Tool messages use llm_engine.tool_format's neutral shape. An
+        extra item stands in for a conversation item of the same id (a speculative turn whose item was added
+        meanwhile), else it follows the conversation."""
         system = [{"role": "system", "content": instructions}] if instructions else []
         budget = max_prompt_tokens - sum(count_tokens(m["content"]) + PER_MESSAGE_OVERHEAD_TOKENS for m in system)
-        kept: list[dict] = []
-        for it in reversed(turns):
-            cost = count_tokens(it.text) + PER_MESSAGE_OVERHEAD_TOKENS
+        kept: list[list[Item]] = []
+        by_id = {it.id: it for it in extra}
+        for unit in reversed(_units([*(by_id.pop(c.id, c) for c in self.items), *by_id.values()])):
+            cost = sum(count_tokens(it.llm_text()) + PER_MESSAGE_OVERHEAD_TOKENS for it in unit)
             if cost > budget and kept:
                 break
             budget -= cost
-            kept.append({"role": "system" if it.role == "system" else it.role, "content": it.text})
+            kept.append(unit)
         kept.reverse()
-        # Drop a leading assistant message: a turn starts with the user.
-        while len(kept) > 1 and kept[0]["role"] == "assistant":
+        # Drop a leading assistant turn (or call): a turn starts with the user.
+        while len(kept) > 1 and kept[0][0].role == "assistant":
             kept.pop(0)
-        return system + kept
+        return system + _to_messages([it for unit in kept for it in unit])
+
+
+def _units(items: list[Item]) -> list[list[Item]]:
+    """Items in prompt order, grouped: a function_call with its output (the output moves next to its call); calls
+    without an output and orphan outputs are dropped; empty messages are skipped."""
+    outputs = {it.call_id: it for it in items if it.type == "function_call_output"}
+    units: list[list[Item]] = []
+    for it in items:
+        if it.type == "function_call":
+            if it.call_id in outputs and it.status == "completed":
+                units.append([it, outputs[it.call_id]])
+        elif it.type == "function_call_output":
+            continue  # placed with its call (or dropped with it)
+        elif it.text.strip():
+            units.append([it])
+    return units
+
+
+def _to_messages(items: list[Item]) -> list[dict]:
+    """Neutral chat messages: consecutive calls (and the assistant words just before them) share one assistant
+    message with `tool_calls`, each followed by its result as a `tool` message."""
+    out: list[dict] = []
+    results: list[dict] = []
+    for it in items:
+        if it.type == "function_call":
+            call = {"id": it.call_id, "name": it.name, "arguments": it.arguments}
+            if out and out[-1]["role"] == "assistant":  # results wait in `results`: out[-1] is this turn's
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif it.type == "function_call_output":
+            results.append({"role": "tool", "tool_call_id": it.call_id, "name": it.name, "content": it.text})
+        else:
+            out += results
+            results = []
+            out.append({"role": it.role, "content": it.text})
+    return out + results

@@ -73,8 +73,9 @@ def load_stack(opts: ServerConfig) -> Stack:
         return StreamingTranscriber(asr, partial_interval_ms=max(1, opts.asr_partial_interval_ms),
                                     max_audio_ms=max(max_audio_ms, 10_000), submit_kw=submit_kw)
 
-    def sampling(*, temperature: float, max_tokens: int) -> SamplingParams:
-        return SamplingParams(temperature=temperature, top_p=0.9 if temperature > 0 else 1.0, max_tokens=max_tokens)
+    def sampling(*, temperature: float, max_tokens: int, grammar=None) -> SamplingParams:
+        return SamplingParams(temperature=temperature, top_p=0.9 if temperature > 0 else 1.0, max_tokens=max_tokens,
+                              grammar=grammar)
 
     inner = engine.engine
     desc = {"vad": f"Silero VAD ({vad_model.path})", "turn": f"Smart Turn ({turn_model.path})",
@@ -95,6 +96,11 @@ async def warm_up(stack: Stack, instructions: str) -> None:
     system prompt lands in the engine's prefix cache (every session's first turn then reuses it)."""
     import numpy as np
 
+    inner = getattr(stack.engine, "engine", None)
+    if inner is not None and getattr(inner, "tokenizer", None) is not None:
+        # llguidance's view of the tokenizer takes ~0.5-3 s to build: do it now, off the event loop, rather than
+        # inside the first tool-using response (it would stall every session's loop).
+        await asyncio.to_thread(inner.grammar_compiler)
     sp = stack.sampling_params(temperature=0.0, max_tokens=1)
     async for _ in stack.engine.generate(sp, messages=[{"role": "system", "content": instructions},
                                                        {"role": "user", "content": "Hello"}]):

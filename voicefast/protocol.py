@@ -93,9 +93,12 @@ class RealtimeProtocol:
 
     def _check_conversation_item_create(self, ev: ClientEvent) -> None:
         item = _req(ev.data, "item", dict, ev.event_id, ev.type)
+        if item.get("type", "message") in ("function_call", "function_call_output"):
+            return  # fields checked against the conversation (voicefast.tools.client_tool_item)
         if item.get("type", "message") != "message":
-            raise ProtocolError(f"item.type {item.get('type')!r} is not supported (only 'message')",
-                                code="unsupported_item_type", param="item.type", event_id=ev.event_id)
+            raise ProtocolError(f"item.type {item.get('type')!r} is not supported (only 'message', 'function_call' "
+                                f"and 'function_call_output')", code="unsupported_item_type", param="item.type",
+                                event_id=ev.event_id)
         if item.get("role") not in ("user", "assistant", "system"):
             raise ProtocolError("item.role must be 'user', 'assistant' or 'system'", code="invalid_value",
                                 param="item.role", event_id=ev.event_id)

@@ -20,6 +20,7 @@ from voicefast.formats import AudioFormat
 from voicefast.metrics import TurnTimings
 from voicefast.playout import PlayoutClock
 from voicefast.session_config import max_output_tokens, resolve_voice
+from voicefast.tools import ResponseCalls, ToolSettings, plain_request_kwargs
 
 MAX_INSTRUCTIONS_CHARS = 100_000
 
@@ -36,6 +37,8 @@ class ResponseParams:
     frame_ms: int = 100  # audio per output_audio.delta
     lead_ms: int = 300  # how far ahead of real time audio may be sent
     speed: float = 1.0
+    tools: ToolSettings | None = None  # the response's tools, tool_choice, parallel_tool_calls
+    tool_call_max_tokens: int = 256
 
     @staticmethod
     def from_request(over: dict, c, opts, voices: list[str]) -> tuple[ResponseParams, str]:
@@ -74,16 +77,20 @@ class ResponseParams:
         temperature = over.get("temperature", c.temperature)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
             raise ProtocolError("response.temperature must be a number in [0, 2]", param="response.temperature")
+        tools = c.tools.apply(over, "response") if any(
+            k in over for k in ("tools", "tool_choice", "parallel_tool_calls")) else c.tools
         p = ResponseParams(modalities=mods or c.output_modalities, voice=voice, output_format=c.output_format,
                            temperature=float(temperature), max_output_tokens=max_tok,
-                           frame_ms=opts.output_frame_ms, lead_ms=opts.output_lead_ms, speed=c.speed)
+                           frame_ms=opts.output_frame_ms, lead_ms=opts.output_lead_ms, speed=c.speed, tools=tools,
+                           tool_call_max_tokens=getattr(opts, "tool_call_max_tokens", 256))
         return p, instructions
 
 
 class Response:
     def __init__(self, *, stack, params: ResponseParams, emit: Callable[[dict], None],
                  messages: Callable[[], Awaitable[list[dict] | None]], timings: TurnTimings, held: bool,
-                 on_start: Callable[[Response], None], on_end: Callable[[Response], None]):
+                 on_start: Callable[[Response], None], on_end: Callable[[Response], None],
+                 on_call: Callable[[Response, Item, bool], None] | None = None):
         self.id = new_id("resp")
         self.stack, self.p, self._emit, self._messages, self.t = stack, params, emit, messages, timings
         self.item = Item(new_id("item"), "assistant", kind="audio" if params.modalities == ["audio"] else "text",
@@ -105,6 +112,13 @@ class Response:
         self._producer: asyncio.Task | None = None
         self._llm_error: Exception | None = None
         self._emitted_text_end = 0
+        # Tool calls (voicefast.tools): the parser splits speech from calls; the message item then begins with the
+        # first spoken words (a call-only response has none); events wait in _later until response.created.
+        tools = params.tools if params.tools is not None and params.tools.active else None
+        self.calls = ResponseCalls(self, tools, on_call) if tools is not None else None
+        self.outputs: list[Item] = []  # output items in order: the message (once begun) and function calls
+        self.msg_begun = False
+        self._later: list[Callable[[], None]] = []
         self.after: Response | None = None  # the response this one waits for (set by the session)
         self.done = asyncio.Event()
         self.task = asyncio.create_task(self._run(), name=f"response-{self.id}")
@@ -191,20 +205,22 @@ class Response:
         speech = self.speech
         try:
             max_tokens = 4096 if self.p.max_output_tokens == "inf" else int(self.p.max_output_tokens)
-            sp = self.stack.sampling_params(temperature=self.p.temperature, max_tokens=max_tokens)
+            kw, extra = self.calls.request_kwargs() if self.calls is not None else ({}, plain_request_kwargs(messages))
+            sp = self.stack.sampling_params(temperature=self.p.temperature, max_tokens=max_tokens, **kw)
             self._engine_rid = self.id
             self.t.llm_request_s = time.monotonic()
-            async for o in self.stack.engine.generate(sp, messages=messages, request_id=self.id):
+            async for o in self.stack.engine.generate(sp, messages=messages, request_id=self.id, **extra):
                 if o.text:
                     if self.t.llm_first_token_s is None:
                         self.t.llm_first_token_s = time.monotonic()
-                    self.text += o.text
-                    if speech is None:
-                        self._out.put_nowait(("text", o.text))
+                    if self.calls is None:
+                        self._say(o.text)
                     else:
-                        speech.add_text(o.text)
+                        self.calls.push(o.text)
                 if o.finished:
                     self.result = o.result
+            if self.calls is not None:
+                self.calls.finish()
             if speech is not None:
                 speech.finish()
             else:
@@ -218,14 +234,43 @@ class Response:
             else:
                 self._out.put_nowait(("error", e))
 
+    def _say(self, text: str) -> None:
+        """Speech text of the message item (its events go out in order behind response.created)."""
+        if not self.msg_begun:
+            self.msg_begun = True
+            self.outputs.append(self.item)
+            self._when_started(self._begin_message)
+        self.text += text
+        if self.speech is None:
+            self._out.put_nowait(("text", text))
+        else:
+            self.speech.add_text(text)
+
+    def _when_started(self, fn: Callable[[], None]) -> None:
+        """Run fn now if response.created is out, else right after it (a held response sends nothing yet)."""
+        if self.started:
+            fn()
+        else:
+            self._later.append(fn)
+
     def _ids(self) -> dict:
-        return {"response_id": self.id, "item_id": self.item.id, "output_index": 0, "content_index": 0}
+        return {"response_id": self.id, "item_id": self.item.id, "output_index": self.outputs.index(self.item)
+                if self.item in self.outputs else 0, "content_index": 0}
 
     def _start(self) -> None:
         self.started = True
         self._emit({"type": "response.created", "response": self.to_dict()})
-        self._emit({"type": "response.output_item.added", "response_id": self.id, "output_index": 0,
-                    "item": self.item.to_dict()})
+        if self.calls is None:  # without tools the message item begins at once, before the first token
+            self.msg_begun = True
+            self.outputs.append(self.item)
+            self._begin_message()
+        later, self._later = self._later, []
+        for fn in later:
+            fn()
+
+    def _begin_message(self) -> None:
+        self._emit({"type": "response.output_item.added", "response_id": self.id, "output_index":
+                    self.outputs.index(self.item), "item": self.item.to_dict()})
         self._on_start(self)  # the session adds self.item to the conversation and emits conversation.item.added
         part = {"type": "output_audio", "transcript": ""} if self.audio else {"type": "output_text", "text": ""}
         self._emit({"type": "response.content_part.added", **self._ids(), "part": part})
@@ -275,7 +320,7 @@ class Response:
                 "type": "server_error", "code": "engine_" + r.finish_reason, "message": "LLM request ended early"}}
         else:
             self.status = "completed"
-        self.item.text = self.text
+        self.item.text = self.text if self.calls is None else self.text.rstrip()  # words before a call
 
     def _copy_tts_timings(self) -> None:
         if self.speech is not None:
@@ -291,6 +336,17 @@ class Response:
         if self.status == "in_progress":
             self.status = "cancelled"
             self.status_details = {"type": "cancelled", "reason": "client_cancelled"}
+        if self.calls is not None:
+            self.calls.drop_unfinished()
+        if self.msg_begun:
+            self._finish_message()
+        r = self.result
+        if r is not None:
+            self.t.llm_tokens = getattr(r, "completion_tokens", 0) or 0
+            self.t.llm_tok_s = getattr(r, "decode_tok_s", None)
+        self._emit({"type": "response.done", "response": self.to_dict()})
+
+    def _finish_message(self) -> None:
         if self.status == "cancelled" and self.audio:
             # What the listener heard is what the conversation keeps (the client may refine via truncate).
             self.item.text = self.heard_text(self.played_ms())
@@ -306,14 +362,9 @@ class Response:
             self._emit({"type": "response.output_text.done", **ids, "text": self.item.text})
             part = {"type": "output_text", "text": self.item.text}
         self._emit({"type": "response.content_part.done", **ids, "part": part})
-        self._emit({"type": "response.output_item.done", "response_id": self.id, "output_index": 0,
-                    "item": self.item.to_dict()})
+        self._emit({"type": "response.output_item.done", "response_id": self.id,
+                    "output_index": self.outputs.index(self.item), "item": self.item.to_dict()})
         self._emit({"type": "conversation.item.done", "item": self.item.to_dict()})
-        r = self.result
-        if r is not None:
-            self.t.llm_tokens = getattr(r, "completion_tokens", 0) or 0
-            self.t.llm_tok_s = getattr(r, "decode_tok_s", None)
-        self._emit({"type": "response.done", "response": self.to_dict()})
 
     def to_dict(self) -> dict:
         r = self.result
@@ -324,7 +375,8 @@ class Response:
              "status_details": self.status_details, "conversation_id": None,
              "output_modalities": list(self.p.modalities), "max_output_tokens": self.p.max_output_tokens,
              "audio": {"output": {"format": self.p.output_format.to_ga(), "voice": self.p.voice}},
-             "output": [self.item.to_dict()] if self.status != "in_progress" else [],
+             "output": [it.to_dict() for it in self.outputs if it.status != "incomplete" or it is self.item]
+             if self.status != "in_progress" else [],
              "usage": {"total_tokens": inp + outp, "input_tokens": inp, "output_tokens": outp,
                        "input_token_details": {"cached_tokens": cached, "text_tokens": inp, "audio_tokens": 0},
                        "output_token_details": {"text_tokens": outp, "audio_tokens": 0}}}

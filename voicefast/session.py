@@ -23,6 +23,7 @@ from voicefast.protocol import ClientEvent
 from voicefast.response import Response, ResponseParams
 from voicefast.session_config import SessionConfig
 from voicefast.session_turns import SessionTurns
+from voicefast.tools import client_tool_item, tools_prompt_tokens
 from voicefast.turn_work import TurnWork
 
 log = logging.getLogger("voicefast.session")
@@ -162,6 +163,14 @@ class Session(SessionTurns):
         """All or nothing: every check (id, content, sizes, audio, position, caps, transcription room) runs
         before the item is added; a refused item leaves no trace and its id stays free."""
         it = d["item"]
+        if it.get("type", "message") != "message":  # function_call / function_call_output (voicefast.tools)
+            item = client_tool_item(it, self.conv)
+            prev = d.get("previous_item_id")
+            self._check_client_item(item, prev)
+            self.conv.add(item, prev)
+            for t in ("conversation.item.added", "conversation.item.done"):
+                self.emit({"type": t, "previous_item_id": self.conv.previous_id(item), "item": item.to_dict()})
+            return
         item_id = it.get("id") or new_id("item")
         if not isinstance(item_id, str) or len(item_id) > 64:
             raise ProtocolError("item.id must be a string of at most 64 characters", param="item.id")
@@ -176,19 +185,13 @@ class Session(SessionTurns):
                 texts.append(v)
         kind = "audio" if audio and it["role"] != "system" else "text"
         item = Item(item_id, it["role"], " ".join(texts), kind=kind)
-        if item.text_bytes > self.opts.max_item_bytes:
-            raise ProtocolError(f"item text is {item.text_bytes} bytes; the maximum is {self.opts.max_item_bytes}",
-                                code="conversation_item_too_large", param="item.content")
         prev = d.get("previous_item_id")
-        if prev is not None and not isinstance(prev, str):
-            raise ProtocolError("previous_item_id must be a string", code="invalid_type", param="previous_item_id")
         x = self._decode_item_audio(audio)  # validates the audio of every role
         transcribe = bool(audio) and item.role == "user"
         if transcribe:
             self._check_transcription_room()
             item.show_transcript = self.cfg.transcription is not None
-        self.conv.check_add(item, prev)
-        self.conv.check_room(item)
+        self._check_client_item(item, prev)
         # -- every check passed: from here on nothing raises --
         self.conv.add(item, prev)
         if transcribe:
@@ -200,6 +203,16 @@ class Session(SessionTurns):
         if not transcribe:  # a transcribed item is done when its transcript is
             self.emit({"type": "conversation.item.done", "previous_item_id": self.conv.previous_id(item),
                        "item": item.to_dict()})
+
+    def _check_client_item(self, item: Item, prev: object) -> None:
+        """A client's item fits: its size, its position and id, the conversation's caps (raises, changes nothing)."""
+        if item.text_bytes > self.opts.max_item_bytes:
+            raise ProtocolError(f"item text is {item.text_bytes} bytes; the maximum is {self.opts.max_item_bytes}",
+                                code="conversation_item_too_large", param="item.content")
+        if prev is not None and not isinstance(prev, str):
+            raise ProtocolError("previous_item_id must be a string", code="invalid_type", param="previous_item_id")
+        self.conv.check_add(item, prev)
+        self.conv.check_room(item)
 
     def _check_transcription_room(self) -> None:
         if len(self._pending_user) >= self.opts.max_pending_transcriptions:
@@ -275,7 +288,7 @@ class Session(SessionTurns):
         over = d.get("response") or {}
         _, instructions = ResponseParams.from_request(over, self.cfg, self.opts, self.stack.voice_names)
         heard = over.get("conversation") != "none" and (
-            self._pending_user or any(it.text.strip() for it in self.conv.items))
+            self._pending_user or any(it.llm_text().strip() for it in self.conv.items))
         if not instructions.strip() and not heard:  # the model would get an empty prompt
             raise ProtocolError("nothing to respond to: no instructions and no conversation items with content",
                                 code="invalid_value", param="response")
@@ -404,17 +417,20 @@ class Session(SessionTurns):
                 if over == {} and last_user is not None and last_user.kind == "audio" and not last_user.text \
                         and not answer_silence:
                     return None  # the turn transcribed to nothing (noise): no response
-            # The prompt keeps at least half the context, whatever max_output_tokens asks (the reply is then cut
-            # at the context's end: status incomplete).
-            reserve = 256 if max_tok == "inf" else int(max_tok)
+            # The prompt keeps at least half the context, whatever max_output_tokens (and a tool call's own budget)
+            # asks (the reply is then cut at the context's end: status incomplete).
+            tools = p.tools is not None and p.tools.active
+            reserve = (256 if max_tok == "inf" else int(max_tok)) + (p.tool_call_max_tokens if tools else 0)
             budget = self.stack.max_model_len - min(reserve, self.stack.max_model_len // 2)
+            if tools:  # the tool descriptions are part of the prompt
+                budget -= tools_prompt_tokens(p.tools.tools, self.stack.count_tokens)
             conv = self.conv if not isolated else type(self.conv)()
             msgs = conv.messages(instructions, count_tokens=self.stack.count_tokens, max_prompt_tokens=budget,
                                  extra=extra)
             return msgs or None  # nothing to say (the conversation emptied meanwhile): no response
 
         r = Response(stack=self.stack, params=p, emit=self.emit, messages=messages, timings=t, held=held,
-                     on_start=self._response_started, on_end=self._response_ended)
+                     on_start=self._response_started, on_end=self._response_ended, on_call=self._response_call)
         r.after = previous if previous is not None and not previous.done.is_set() else None
         if not held:
             self._supersede(r)
@@ -438,6 +454,17 @@ class Session(SessionTurns):
         prev = self.conv.previous_id()
         self.conv.add(r.item)
         self.emit({"type": "conversation.item.added", "previous_item_id": prev, "item": r.item.to_dict()})
+
+    def _response_call(self, r: Response, item: Item, added: bool) -> None:
+        """A function_call item of a response begins (added to the conversation) or was cut off (deleted)."""
+        if added:
+            self._make_room(RESPONSE_RESERVE_BYTES)
+            prev = self.conv.previous_id()
+            self.conv.add(item)
+            self.emit({"type": "conversation.item.added", "previous_item_id": prev, "item": item.to_dict()})
+        elif self.conv.find(item.id) is not None:
+            self.conv.delete(item.id)
+            self.emit({"type": "conversation.item.deleted", "item_id": item.id})
 
     def _response_ended(self, r: Response) -> None:
         if self.active is r:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from voicefast.errors import ProtocolError
 from voicefast.formats import AudioFormat
+from voicefast.tools import ToolSettings
 from voicefast.turns import TurnPolicy
 
 EAGERNESS_VALUES = ("low", "medium", "high", "auto")
@@ -194,6 +195,7 @@ class SessionConfig:
     temperature: float = 0.7
     max_output_tokens: int | str = 128
     transcription: Transcription | None = field(default_factory=Transcription)
+    tools: ToolSettings = field(default_factory=ToolSettings)  # tools, tool_choice, parallel_tool_calls
 
     def copy(self) -> SessionConfig:
         return copy.deepcopy(self)
@@ -221,6 +223,8 @@ class SessionConfig:
         if "max_response_output_tokens" in s:
             c.max_output_tokens = max_output_tokens(s["max_response_output_tokens"],
                                                     "session.max_response_output_tokens")
+        if any(k in s for k in ("tools", "tool_choice", "parallel_tool_calls")):
+            c.tools = c.tools.apply(s, "session")
         if "temperature" in s:
             v = s["temperature"]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 2.0:
@@ -282,7 +286,7 @@ class SessionConfig:
                     "input_audio_transcription": tr,
                     "turn_detection": td, "temperature": self.temperature,
                     "max_response_output_tokens": self.max_output_tokens, "speed": self.speed,
-                    "tools": [], "tool_choice": "auto"}
+                    **self.tools.to_dict()}
         return {"type": "realtime", "object": "realtime.session", "id": self.id, "model": self.model,
                 "output_modalities": list(self.output_modalities), "instructions": self.instructions,
                 "audio": {"input": {"format": self.input_format.to_ga(), "turn_detection": td,
@@ -290,5 +294,5 @@ class SessionConfig:
                                     "noise_reduction": None},
                           "output": {"format": self.output_format.to_ga(), "voice": self.voice,
                                      "speed": self.speed}},
-                "max_output_tokens": self.max_output_tokens, "tools": [], "tool_choice": "auto",
+                "max_output_tokens": self.max_output_tokens, **self.tools.to_dict(),
                 "tracing": None, "truncation": "auto", "prompt": None, "include": None}

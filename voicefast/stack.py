@@ -18,7 +18,7 @@ class Stack:
     voices: dict[str, object]  # name -> TTS: .sample_rate_hz, .synthesize(text, speaking_rate=None) -> Iterator[f32]
     vad_factory: Callable[[object], object]  # TurnDetection -> stream with .process(x16k) -> list[VadEvent]
     chunker_factory: Callable[[], object]  # -> TextChunker (its first phrase is short: speech starts early)
-    sampling_params: Callable[..., object]  # SamplingParams(temperature=, max_tokens=, ...)
+    sampling_params: Callable[..., object]  # SamplingParams(temperature=, max_tokens=, grammar=None)
     # streaming partials: factory(submit_kw=...) -> .feed(x16k), async .partial(); submit_kw reaches asr.submit
     transcriber_factory: Callable[..., object] | None = None
     turn_model: object | None = None  # end-of-turn model (semantic_vad): submit(x16k) -> Future[float probability]

@@ -96,7 +96,9 @@ export class ToolRunner {
         this.send({ type: "conversation.item.create", item: { type: "function_call_output", ...p } });
       }
       this.chain++;
-      this.send({ type: "response.create", response: { tool_choice: this.chain >= 3 ? "none" : "auto" } });
+      // temperature 0: the answer is read off the results (a small model sampling freely wanders off them)
+      this.send({ type: "response.create",
+        response: { tool_choice: this.chain >= 3 ? "none" : "auto", temperature: 0 } });
     }
   }
 

@@ -43,6 +43,9 @@ class GpuModelRunner(ModelRunner):
         # Pinned host staging of the graph inputs (layout: llm_engine.cuda_graphs), numpy views for cheap writes.
         self._h_st = torch.zeros((B, STAGING_COLS + mb), dtype=torch.int64, pin_memory=True)  # [B, 7 + max_blocks]
         self._h_tok = torch.zeros(B, dtype=torch.int64, pin_memory=True)  # [B] sampled tokens back
+        # per-row top-k / top-p of a graph step that re-samples with the filter, uploaded without a host wait
+        self._h_top_k = torch.zeros(B, dtype=torch.int64, pin_memory=True)  # [B]
+        self._h_top_p = torch.ones(B, dtype=torch.float32, pin_memory=True)  # [B]
         self._n_st = self._h_st.numpy()
         self._n_st_f = self._n_st.view(np.float64)
         self._done = torch.cuda.Event()
@@ -137,9 +140,15 @@ class GpuModelRunner(ModelRunner):
         sample_rows = [i for i, d in enumerate(batch.drafts) for _ in range(1 + len(d))]  # [R] batch index per row
         masked = self.apply_grammar(batch, sample_rows, g.logits[b])
         if needs_filter or masked:  # top-k / top-p rows: re-sample the graph's logits with the sorting sampler
-            rows = [batch.seqs[i] for i in sample_rows]
-            top_k = torch.tensor([s.params.top_k for s in rows] + [0] * (b - R), device=self.device)
-            top_p = torch.tensor([s.params.top_p for s in rows] + [1.0] * (b - R), device=self.device)
+            top_k = top_p = None  # (unused without the filter)
+            if needs_filter:  # pinned + non_blocking: a torch.tensor(..., device=) here would wait for the replay
+                rows = [batch.seqs[i] for i in sample_rows]
+                nk, npp = self._h_top_k.numpy(), self._h_top_p.numpy()
+                nk[:b], npp[:b] = 0, 1.0
+                nk[:R] = [s.params.top_k for s in rows]
+                npp[:R] = [s.params.top_p for s in rows]
+                top_k = self._h_top_k[:b].to(self.device, non_blocking=True)
+                top_p = self._h_top_p[:b].to(self.device, non_blocking=True)
             tok = SA.sample(g.logits[b], g.temperature[:b], top_k, top_p, g.seeds[:b], g.steps[:b], needs_filter)
             g.tokens[:b].copy_(tok)
         self._h_tok[:R].copy_(g.tokens[:R], non_blocking=True)

@@ -110,7 +110,10 @@ def real_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     with open(log, "wb") as f:
-        cmd = [sys.executable, "-m", "voicefast", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        # Greedy replies (the page sends no temperature): the 135M model's spoken answers are then the same on
+        # every run; at the default 0.3 it words the tool answer differently (and sometimes off topic) run to run.
+        cmd = [sys.executable, "-m", "voicefast", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--temperature", "0"]
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     try:
         deadline = time.monotonic() + 240

@@ -84,6 +84,33 @@ def test_cuda_graph_padded_bucket_and_seeded_sampling():
     assert all(len(v) == 12 and all(0 <= t < 512 for t in v) for v in a.values())
 
 
+@cuda
+def test_cuda_graph_top_k_rows_beside_free_rows_use_their_own_filter():
+    """A graph step that re-samples with the top-k / top-p filter gets each row's own values (uploaded from pinned
+    buffers): top_k = 1 at temperature 1 gives the greedy rows' tokens, and a free row in the same padded bucket
+    samples what it samples when the step needs no filter (float32: no exact ties among the logits)."""
+    from llm_engine.sampling_params import SamplingParams
+
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [9] * 30]  # 3 sequences: the 4-bucket graph with a padding row
+    eng = _engine(False, dtype=torch.float32, speculative_tokens=0)
+    free = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=3)
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    top1 = SamplingParams(temperature=1.0, top_k=1, top_p=0.5, max_tokens=12, ignore_eos=True, seed=4)
+    runs = []
+    for first in (greedy, top1):  # without, then with the filter re-sample after the replay
+        steps = eng.runner.num_graph_steps
+        got = {}
+        for i, (p, sp) in enumerate(zip(prompts, [first, first, free], strict=True)):
+            eng.add_request(f"r{i}", p, sp)
+            got[f"r{i}"] = []
+        while eng.has_unfinished():
+            for o in eng.step():
+                got[o.request_id].extend(o.token_ids)
+        assert eng.runner.num_graph_steps - steps >= 10  # decoded through the graph
+        runs.append(got)
+    assert runs[1] == runs[0] and all(len(v) == 12 for v in runs[0].values())
+
+
 def _patterned(n, seed):
     g = torch.Generator().manual_seed(seed)
     out = []

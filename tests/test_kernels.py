@@ -200,10 +200,65 @@ def test_gemv_matches_reference(M, N, K, bias, silu):
     with pytest.raises(ValueError, match="small-batch"):
         GV.gemv(torch.zeros(17, K), w)
     # the decode-sized dispatch takes whichever candidate was chosen for the shape
-    GV.set_choice(N, K, GV.m_class(M), silu, (8, 32, 4, 1))
+    GV.set_choice(N, K, GV.m_bucket(M), silu, (8, 32, 4, 1))
     assert _rel(GV.linear(x.to(DEV), w.to(DEV), None if b is None else b.to(DEV), silu).cpu(), ref) < DOT_TOL
-    GV.set_choice(N, K, GV.m_class(M), silu, GV.TORCH)
+    GV.set_choice(N, K, GV.m_bucket(M), silu, GV.TORCH)
     assert _rel(GV.linear(x, w, b, silu), ref) < 1e-5
+
+
+def test_gemv_choice_is_made_per_row_bucket_and_timed_at_its_row_count(monkeypatch):
+    """pick: one choice per decode-graph bucket (1, 2, 4, 8, 16 rows), each timed once with x of the bucket's row
+    count (the graph pads a batch to its bucket); a candidate whose timing fails is skipped. The timer here is
+    scripted (the default one, graph_ms, needs CUDA: test below)."""
+    from llm_engine.kernels import gemv as GV
+
+    monkeypatch.setattr(GV, "_CHOSEN", {})
+    c1, c2 = (8, 32, 4, 1), (4, 16, 2, 2)
+    monkeypatch.setattr(GV, "CANDIDATES", {1: [GV.TORCH, c1], 16: [GV.TORCH, c1, c2]})
+    g = torch.Generator().manual_seed(11)
+    N, K = 24, 64
+    w = torch.randn(N, K, generator=g).to(DEV)
+    costs = {1: [2.0, 1.0], 2: [1.0, 3.0, 2.0], 4: [3.0, 1.0, None], 8: [2.0, 3.0, 1.0], 16: [None, 2.0, 3.0]}
+    timed: list[int] = []
+
+    def timer(fn):
+        out = fn()  # the candidate over its rotated weight copies
+        rows = out[0].shape[0]
+        assert all(tuple(o.shape) == (rows, N) for o in out)
+        ms = costs[rows][timed.count(rows)]
+        timed.append(rows)
+        if ms is None:
+            raise RuntimeError("does not fit")  # skipped
+        return ms
+
+    want = {1: c1, 2: GV.TORCH, 4: c1, 8: c2, 16: c1}
+    for M in (1, 2, 3, 4, 5, 8, 9, 16):
+        x = torch.randn(M, K, generator=g).to(DEV)
+        assert GV.pick(x, w, None, False, timer=timer) == want[GV.m_bucket(M)], M
+    assert timed == [1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 16, 16, 16]  # each bucket once, at its own row count
+    assert GV.chosen()[f"N={N} K={K} M<=8 silu=False"] == c2
+    x = torch.randn(6, K, generator=g)
+    assert _rel(GV.linear(x.to(DEV), w).cpu(), GV.reference_gemv(x, w.cpu())) < DOT_TOL  # runs bucket 8's c2
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="rows"):
+            GV.m_bucket(bad)
+
+
+@pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")
+def test_gemv_graph_timer_and_pick_on_the_gpu(monkeypatch):
+    from llm_engine.kernels import gemv as GV
+
+    monkeypatch.setattr(GV, "_CHOSEN", {})
+    a = torch.randn(64, 64, device="cuda")
+    ms = GV.graph_ms(lambda: a @ a)
+    assert 0 < ms < 10 and not torch.cuda.is_current_stream_capturing()
+    w = torch.randn(576, 1536, device="cuda", dtype=torch.bfloat16) * 0.02
+    for M in (1, 8):
+        x = torch.randn(M, 2 * 1536, device="cuda", dtype=torch.bfloat16)
+        assert GV.pick(x, w, None, True) in GV.CANDIDATES[GV.m_class(M)]
+        ref = GV.reference_gemv(x.float(), w.float(), None, True)
+        assert _rel(GV.linear(x, w, None, True), ref) < 1e-2
+    assert set(GV.chosen()) == {"N=576 K=1536 M<=1 silu=True", "N=576 K=1536 M<=8 silu=True"}
 
 
 def test_norm_add_rms_norm_matches_two_unfused_steps():

@@ -189,3 +189,20 @@ async def test_create_response_false_commits_without_answering():
     await asyncio.sleep(0.1)
     assert "response.created" not in h.types() and h.stack.engine.requests == []
     await h.session.close()
+
+
+async def test_held_reply_that_spoke_before_its_release_begins_its_message_once():
+    # The model says "not done" at the check, so the turn ends at high's 500 ms maximum silence: the speculative
+    # reply made its first words while held, and its release must begin the message item once (twice was
+    # "item id ... already exists": stage_failed, no reply).
+    h = Harness(turn_model=FakeTurnModel(0.05), td=TurnDetection(type="semantic_vad", eagerness="high"),
+                engine=FakeEngine(ttft_s=0.0, token_s=0.001))
+    h.audio(np.concatenate([speech_like(600), silence(700)]))
+    done = await h.wait_for("response.done")
+    assert done["response"]["status"] == "completed", done["response"].get("status_details")
+    t = timings(done)
+    assert t["speculative"] is True and t["end_of_turn_reason"] == "max_silence"
+    assistant = [e for e in h.of("conversation.item.added") if e["item"]["role"] == "assistant"]
+    assert len(assistant) == 1 and len(h.of("response.output_item.added")) == 1
+    assert len(h.of("response.content_part.added")) == 1
+    await h.session.close()

@@ -260,7 +260,8 @@ class Response:
     def _start(self) -> None:
         self.started = True
         self._emit({"type": "response.created", "response": self.to_dict()})
-        if self.calls is None:  # without tools the message item begins at once, before the first token
+        if self.calls is None and not self.msg_begun:  # without tools the message item begins at once, before the
+            # first token (a held response's producer may already have begun it through _say: it runs in _later)
             self.msg_begun = True
             self.outputs.append(self.item)
             self._begin_message()

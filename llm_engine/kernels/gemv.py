@@ -7,11 +7,18 @@ Why: at decode sizes a linear is a pure weight stream, and cuBLAS reaches only ~
 (a few: hundreds of programs per projection) for all M rows and streams them once in BLOCK_K-wide, 16-byte
 vectorized tiles; M = 1 accumulates with FMAs, 2..16 rows with one padded tl.dot per tile.
 
-Whether this kernel or cuBLAS (plus the separate SiLU·mul kernel) runs is decided per (N, K, M-class, fused
-gate) by timing every candidate once on the device, outside CUDA-graph capture, with the weights rotated over
-copies larger than L2 (`pick`); cuBLAS stays whenever it wins. `reference_gemv` defines the maths."""
+Whether this kernel or cuBLAS (plus the separate SiLU·mul kernel) runs is decided per (N, K, row bucket, fused
+gate) by timing every candidate once on the device, with the weights rotated over copies larger than L2 (`pick`);
+cuBLAS stays whenever it wins. The row buckets are the decode graphs' batch buckets (1, 2, 4, 8, 16 rows), each
+timed at its own row count, and the timing replays the candidate from a CUDA graph (`graph_ms`), as the decode
+step runs it: timed eagerly, a tiny weight's kernel costs what its Python launch costs, and a one-launch Triton
+kernel beat cuBLAS + the SiLU·mul kernel by launch overhead alone (SmolLM2's down_proj at 8 rows: picked at
+24.8 µs in a graph against 5.8 µs). `reference_gemv` defines the maths."""
 
 from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +71,15 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, sx, sw, so,
 
 
 def m_class(M: int) -> int:
+    """The kernel's row tile: 1 (FMA path) or 16 (one padded tl.dot)."""
     return 1 if M == 1 else 16
+
+
+def m_bucket(M: int) -> int:
+    """The row count a choice is made (and timed) for: M's decode-graph batch bucket, 1, 2, 4, 8 or 16."""
+    if not 1 <= M <= MAX_ROWS:
+        raise ValueError(f"gemv serves 1..{MAX_ROWS} rows, got {M}")
+    return triton.next_power_of_2(M)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
@@ -112,11 +127,12 @@ _CHOSEN: dict[tuple, object] = {}
 
 
 def chosen() -> dict[str, object]:
-    return {f"N={k[0]} K={k[1]} Mtile={k[2]} silu={k[3]}": v for k, v in _CHOSEN.items()}
+    return {f"N={k[0]} K={k[1]} M<={k[2]} silu={k[3]}": v for k, v in _CHOSEN.items()}
 
 
-def set_choice(N: int, K: int, mc: int, silu_mul: bool, choice) -> None:
-    _CHOSEN[(N, K, mc, silu_mul)] = choice
+def set_choice(N: int, K: int, bucket: int, silu_mul: bool, choice) -> None:
+    """Fix the choice for rows in `bucket` (m_bucket) of this shape."""
+    _CHOSEN[(N, K, bucket, silu_mul)] = choice
 
 
 def _torch_path(x, w, bias, silu_mul):
@@ -127,22 +143,58 @@ def _torch_path(x, w, bias, silu_mul):
     return F.linear(x, w, bias)
 
 
-def pick(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool):
-    """The fastest candidate for this shape, timed once on random weights rotated past L2 (never while a CUDA
-    graph is being captured: then the first candidate, cuBLAS, unless a choice was made before)."""
+def graph_ms(fn: Callable[[], object], reps: int = 10, rounds: int = 7) -> float:
+    """Device ms of one fn() call, replayed from a CUDA graph of `reps` calls (median over `rounds` replays): no host
+    launch cost, as inside the decode graphs. Captured on a side stream in thread-local mode, so CUDA work of other
+    threads (the ASR beside the engine) is neither disturbed nor an error."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compiles outside the capture
+        side.synchronize()
+        g = torch.cuda.CUDAGraph()
+        g.capture_begin(capture_error_mode="thread_local")
+        try:
+            for _ in range(reps):
+                fn()
+        finally:
+            g.capture_end()
+        g.replay()
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
+        for a, b in ev:
+            a.record(side)
+            g.replay()
+            b.record(side)
+        side.synchronize()
+    torch.cuda.current_stream().wait_stream(side)
+    del g
+    return statistics.median(a.elapsed_time(b) for a, b in ev) / reps
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def pick(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
+         timer: Callable[[Callable[[], object]], float] | None = None):
+    """The fastest candidate for this shape and x's row bucket (m_bucket), timed once at the bucket's row count on
+    random weights rotated past L2, by `timer` (default graph_ms: device time in a CUDA graph). Never while a CUDA
+    graph is being captured: then cuBLAS, unless a choice was made before."""
     N, K = w.shape
-    key = (N, K, m_class(x.shape[0]), silu_mul)
+    mb = m_bucket(x.shape[0])
+    key = (N, K, mb, silu_mul)
     got = _CHOSEN.get(key)
     if got is not None:
         return got
-    if torch.cuda.is_current_stream_capturing():
+    if _capturing():
         return TORCH
+    timer = timer or graph_ms
     l2 = 60 * 2**20
     copies = max(1, min(8, -(-3 * l2 // (N * K * w.element_size()))))
     ws = [torch.randn_like(w) * 0.02 for _ in range(copies)]
-    xs = torch.randn_like(x)
+    xs = torch.randn((mb, x.shape[1]), dtype=x.dtype, device=x.device)  # the bucket's rows, as the graph runs it
     best, best_ms = TORCH, float("inf")
-    for cand in CANDIDATES[key[2]]:
+    for cand in CANDIDATES[m_class(mb)]:
         if cand == TORCH:
             def fn(ws=ws):
                 return [_torch_path(xs, wi, bias, silu_mul) for wi in ws]
@@ -150,7 +202,7 @@ def pick(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu_mul: 
             def fn(c=cand, ws=ws):
                 return [gemv(xs, wi, bias, silu_mul, c) for wi in ws]
         try:
-            ms = triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median")
+            ms = timer(fn)
         except Exception:  # a candidate that does not compile or fit is skipped
             continue
         if ms < best_ms:

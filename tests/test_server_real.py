@@ -290,7 +290,10 @@ async def test_tool_round_trip_with_the_openai_sdk(real):
                                            "audio": {"input": {"turn_detection": None}}})
         await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
             {"type": "input_text", "text": "Where is my order A1234?"}]})
-        await conn.response.create(response={"tool_choice": {"type": "function", "name": "check_order_status"}})
+        # Greedy (temperature 0) both times: what a 135M model sampling at 0.3 says depends on the server's random
+        # state, i.e. on every reply sampled before in the module (it flaked in CI: '... "check_order_status_fri.').
+        await conn.response.create(response={"tool_choice": {"type": "function", "name": "check_order_status"},
+                                             "temperature": 0})
         got = {"types": [], "args": "", "done": None}
         async with asyncio.timeout(120):
             async for ev in conn:
@@ -309,7 +312,7 @@ async def test_tool_round_trip_with_the_openai_sdk(real):
         assert "response.function_call_arguments.done" in got["types"]
         await conn.conversation.item.create(item={"type": "function_call_output", "call_id": call.call_id,
                                                   "output": json.dumps({"status": "shipped", "arrives": "Friday"})})
-        await conn.response.create()
+        await conn.response.create(response={"temperature": 0})
         answer = await collect_turn(conn)
         assert answer["done"].status in ("completed", "incomplete")
         said = answer["text"].lower()

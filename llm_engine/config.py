@@ -31,7 +31,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of free memory the weights + KV pool may use
     seed: int = 0  # seed for unseeded random sampling
     tensor_parallel: int = 1  # ranks (GPUs of this host; gloo processes on CPU) the model is split over
-    tp_one_shot_max_bytes: int = 512 * 1024  # CUDA TP: all-reduces up to this size take the one-shot kernel; 0 = NCCL
+    # CUDA TP: all-reduces up to this size take the one-shot kernel (0 = NCCL for all). 256 KiB: on 2xH200 (264a9f4)
+    # ours took 8.5 us at 128 KiB vs NCCL 16.9 us, but 23.5 vs 21.6 us at 512 KiB (bench/tp_allreduce.py)
+    tp_one_shot_max_bytes: int = 256 * 1024
     # Speculative decoding (llm_engine.spec_decode): prompt-lookup drafts verified in one forward pass; exact.
     # drafts per decode step at most; 0 = off (SamplingParams.speculate: per request). None: 4 on CUDA (a verify of
     # a few rows costs about one decode step there), 1 on CPU (2 rows still take the fp16 GEMV; 3+ rows cost ~2x)

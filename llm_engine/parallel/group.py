@@ -81,7 +81,7 @@ class TPGroup:
         return box[0]
 
     # -- one-shot all-reduce over peer-to-peer buffers (CUDA) ------------------------------------------
-    def enable_custom_all_reduce(self, max_bytes: int = 512 * 1024, open_regions=None) -> bool:
+    def enable_custom_all_reduce(self, max_bytes: int = 256 * 1024, open_regions=None) -> bool:
         """Every rank calls this (collective); all ranks reach the same verdict and never raise: False (NCCL for
         every size, `custom_reason` says why) where a precondition is missing or the set-up or its self-test
         fails (llm_engine/parallel/one_shot_setup.py). open_regions: tests only (CPU stand-ins for CUDA IPC)."""

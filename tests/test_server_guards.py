@@ -8,14 +8,13 @@ import json
 
 import pytest
 import websockets
-from fakes import FakeEngine, make_stack
+from fakes import FakeEngine
+from test_server import Running as ServerRunning
 from websockets.asyncio.client import connect
 
 from voicefast import auth
-from voicefast.config import ServerConfig
 from voicefast.limits import ConnectionLimits, RateLimiter, receive_timeout
-from voicefast.server import Outbox, RealtimeServer
-from voicefast.session_config import SessionConfig
+from voicefast.server import Outbox
 
 pytestmark = pytest.mark.anyio
 
@@ -25,19 +24,8 @@ def anyio_backend():
     return "asyncio"
 
 
-class Running:
-    def __init__(self, stack_kw: dict | None = None, **opts):
-        self.stack = make_stack(**(stack_kw or {}))
-        self.server = RealtimeServer(self.stack, ServerConfig(host="127.0.0.1", port=0, output_lead_ms=100, **opts),
-                                     defaults=SessionConfig(instructions="Test persona.", voice="fake"))
-
-    async def __aenter__(self):
-        await self.server.start()
-        self.ws_url = f"ws://127.0.0.1:{self.server.port}/v1/realtime"
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.server.close()
+class Running(ServerRunning):
+    """test_server's running server, plus raw HTTP requests with exactly the headers given."""
 
     async def raw(self, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         """One HTTP/1.1 request with exactly these headers (Host included): (status, headers, body)."""

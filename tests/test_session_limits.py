@@ -10,14 +10,12 @@ import json
 
 import numpy as np
 import pytest
-from fakes import FakeASR, FakeEngine, make_stack, silence, speech_like
+from fakes import FakeASR, FakeEngine, silence, speech_like
+from test_session import Harness as SessionHarness
 
 from voicefast.config import ServerConfig
 from voicefast.errors import ProtocolError
 from voicefast.formats import AudioFormat
-from voicefast.protocol import RealtimeProtocol
-from voicefast.session import Session
-from voicefast.session_config import SessionConfig
 
 pytestmark = pytest.mark.anyio
 
@@ -27,38 +25,17 @@ def anyio_backend():
     return "asyncio"
 
 
-class Harness:
+class Harness(SessionHarness):
+    """test_session's harness, ServerConfig fields as keyword arguments, plus error()."""
+
     def __init__(self, *, beta: bool = False, **kw):
         opts = {"output_lead_ms": 100, **{k: kw.pop(k) for k in list(kw) if hasattr(ServerConfig, k)}}
-        self.events: list[dict] = []
-        self.stack = make_stack(**kw)
-        self.proto = RealtimeProtocol(beta=beta)
-        self.session = Session(self.stack, ServerConfig(**opts), emit=self.events.append, beta=beta,
-                               defaults=SessionConfig(instructions="You are a test.", voice="fake"))
-        self.session.start()
-
-    def send(self, type: str, **data) -> None:
-        self.session.handle(self.proto.receive_message(json.dumps({"type": type, **data})))
+        super().__init__(beta=beta, opts=ServerConfig(**opts), **kw)
 
     def error(self, type: str, **data) -> ProtocolError:
         with pytest.raises(ProtocolError) as e:
             self.send(type, **data)
         return e.value
-
-    def audio(self, x: np.ndarray, chunk_ms: int = 20) -> None:
-        n = 24_000 * chunk_ms // 1000
-        for i in range(0, len(x), n):
-            self.send("input_audio_buffer.append", audio=b64(x[i:i + n]))
-
-    def of(self, t: str) -> list[dict]:
-        return [e for e in self.events if e["type"] == t]
-
-    async def wait_for(self, t: str, n: int = 1, timeout_s: float = 10.0) -> dict:
-        async def poll():
-            while len(self.of(t)) < n:
-                await asyncio.sleep(0.005)
-        await asyncio.wait_for(poll(), timeout_s)
-        return self.of(t)[n - 1]
 
     def manual(self) -> None:
         self.send("session.update", session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})

@@ -153,7 +153,9 @@ def _setup_rank(rank, world, port, names, blind_rank, q):
     on = group.enable_custom_all_reduce(BUF, open_regions=open_regions)
     x = torch.randn(4096, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)  # [4096]
     y = group.all_reduce(x.clone())  # the one-shot kernel when on, gloo when not
-    q.put((rank, on, group.custom_reason, y.float()))
+    # numpy pickles by value; a torch tensor goes through the queue as a shared-memory fd that the parent fetches
+    # from this process, which may have exited by then (CI: ConnectionResetError in rebuild_storage_fd)
+    q.put((rank, on, group.custom_reason, y.float().numpy()))
     group.close()
 
 
@@ -172,7 +174,7 @@ def _run_setup(blind_rank):
     try:
         for p in procs:
             p.start()
-        got = {r: rest for r, *rest in (q.get(timeout=300) for _ in procs)}
+        got = {r: (on, reason, torch.from_numpy(y)) for r, on, reason, y in (q.get(timeout=300) for _ in procs)}
         for p in procs:
             p.join(60)
         # each program's generation on each rank: how many one-shot calls ran

@@ -13,6 +13,7 @@ import threading
 import pytest
 from fuzz_events import frames
 from hypothesis import HealthCheck, given, settings
+from real_server import running_real_server
 from speech import load_wav, speech_wav
 from websockets.asyncio.client import connect
 
@@ -24,30 +25,17 @@ LIVE_CASES = 300
 
 @pytest.fixture(scope="module")
 def live():
-    from voicefast.loader import load_stack, warm_up
-    from voicefast.persona import DEFAULT_INSTRUCTIONS
-    from voicefast.server import RealtimeServer, session_defaults
-
     opts = ServerConfig(host="127.0.0.1", port=0, max_output_tokens=8, max_message_bytes=256 * 1024,
                         torch_threads=1, asr_cpu_threads=1, connect_rate_per_address_per_min=0)
-    stack = load_stack(opts)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="live-server", daemon=True)
-    thread.start()
-    server = RealtimeServer(stack, opts, defaults=session_defaults(opts, DEFAULT_INSTRUCTIONS, stack.voice_names[0]))
-    asyncio.run_coroutine_threadsafe(warm_up(stack, DEFAULT_INSTRUCTIONS), loop).result(300)
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
-    clients = asyncio.new_event_loop()
-    cthread = threading.Thread(target=clients.run_forever, name="live-clients", daemon=True)
-    cthread.start()
-    yield f"ws://127.0.0.1:{server.port}/v1/realtime", clients
-    for lp, th in ((clients, cthread), (loop, thread)):
-        if lp is loop:
-            asyncio.run_coroutine_threadsafe(server.close(), loop).result(30)
-        lp.call_soon_threadsafe(lp.stop)
-        th.join(10)
-    stack.shutdown()
-    stack.asr.close()
+    with running_real_server(opts, "live-server") as (server, _, _):
+        clients = asyncio.new_event_loop()
+        cthread = threading.Thread(target=clients.run_forever, name="live-clients", daemon=True)
+        cthread.start()
+        try:
+            yield f"ws://127.0.0.1:{server.port}/v1/realtime", clients
+        finally:
+            clients.call_soon_threadsafe(clients.stop)
+            cthread.join(10)
 
 
 class FuzzConnection:

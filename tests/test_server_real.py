@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import threading
 
 import numpy as np
 import pytest
 import websockets
 from openai import AsyncOpenAI
+from real_server import running_real_server
 from speech import load_wav, speech_wav
 from websockets.asyncio.client import connect
 
@@ -27,25 +27,10 @@ def anyio_backend():
 
 @pytest.fixture(scope="module")
 def real():
-    from voicefast.loader import load_stack, warm_up
-    from voicefast.persona import DEFAULT_INSTRUCTIONS
-    from voicefast.server import RealtimeServer, session_defaults
-
     opts = ServerConfig(host="127.0.0.1", port=0, max_output_tokens=24, max_message_bytes=256 * 1024,
                         torch_threads=2, asr_cpu_threads=1)
-    stack = load_stack(opts)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="real-server", daemon=True)
-    thread.start()
-    server = RealtimeServer(stack, opts, defaults=session_defaults(opts, DEFAULT_INSTRUCTIONS, stack.voice_names[0]))
-    asyncio.run_coroutine_threadsafe(warm_up(stack, DEFAULT_INSTRUCTIONS), loop).result(300)
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
-    yield server, stack
-    asyncio.run_coroutine_threadsafe(server.close(), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    stack.shutdown()
-    stack.asr.close()
+    with running_real_server(opts, "real-server") as (server, stack, _):
+        yield server, stack
 
 
 def question_chunks(text: str, chunk_ms: int = 40, trail_ms: int = 900) -> list[str]:  # 24 kHz PCM16, base64

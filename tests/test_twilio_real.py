@@ -6,9 +6,9 @@ truncation to the last mark), the barge-in answered, keypad digits, stop."""
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
+from real_server import running_real_server
 from speech import load_wav, speech_wav
 from twilio_client import ScriptedCall, to_ulaw_frames
 from websockets.asyncio.client import connect
@@ -26,25 +26,10 @@ def anyio_backend():
 
 @pytest.fixture(scope="module")
 def phone():
-    from voicefast.loader import load_stack, warm_up
-    from voicefast.persona import DEFAULT_INSTRUCTIONS
-    from voicefast.server import RealtimeServer, session_defaults
-
     opts = ServerConfig(host="127.0.0.1", port=0, max_output_tokens=32, temperature=0.0, torch_threads=2,
                         asr_cpu_threads=1, barge_in_min_ms=200, twilio_reprompt_after_s=0.0)
-    stack = load_stack(opts)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="real-phone-server", daemon=True)
-    thread.start()
-    server = RealtimeServer(stack, opts, defaults=session_defaults(opts, DEFAULT_INSTRUCTIONS, stack.voice_names[0]))
-    asyncio.run_coroutine_threadsafe(warm_up(stack, DEFAULT_INSTRUCTIONS), loop).result(300)
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
-    yield server, stack
-    asyncio.run_coroutine_threadsafe(server.close(), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    stack.shutdown()
-    stack.asr.close()
+    with running_real_server(opts, "real-phone-server") as (server, stack, _):
+        yield server, stack
 
 
 def question(text: str) -> list[bytes]:

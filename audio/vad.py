@@ -208,6 +208,10 @@ class VadStream:
         """Samples the VAD has judged (whole windows); at most WINDOW_SAMPLES-1 behind the input."""
         return self.machine.samples_seen
 
+    def judges(self, n_samples: int) -> bool:
+        """Whether feeding n_samples more completes a window (runs the model) rather than only buffering."""
+        return self._frames.pending + n_samples >= WINDOW_SAMPLES
+
     def process(self, x16k: np.ndarray) -> list[VadEvent]:
         x = np.asarray(x16k, dtype=np.float32).reshape(-1)
         if not np.all(np.isfinite(x)):

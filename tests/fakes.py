@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -247,8 +248,14 @@ class FakeVad:
     _silent_ms: int = 0
     _silence_start: int = 0
     _early: bool = False
+    judged_on: set = field(default_factory=set)  # names of the threads that ran a judging process()
+
+    def judges(self, n_samples: int) -> bool:
+        return len(self._rest) + n_samples >= self.frame
 
     def process(self, x: np.ndarray) -> list[VadEvent]:
+        if len(self._rest) + len(x) >= self.frame:
+            self.judged_on.add(threading.current_thread().name)
         x = np.concatenate([self._rest, x])
         out = []
         n = len(x) // self.frame * self.frame
@@ -287,9 +294,10 @@ def _fake_vad(td) -> FakeVad:
     return FakeVad(silence_ms=td.silence_duration_ms, early_ms=min(200, td.silence_duration_ms // 2))
 
 
-def make_stack(*, engine=None, asr=None, tts=None, partials: bool = True, turn_model=None, **kw) -> Stack:
+def make_stack(*, engine=None, asr=None, tts=None, partials: bool = True, turn_model=None, vad_factory=None,
+               **kw) -> Stack:
     return Stack(engine=engine or FakeEngine(), asr=asr or FakeASR(), voices={"fake": tts or FakeTTS()},
-                 vad_factory=_fake_vad, turn_model=turn_model or FakeTurnModel(),
+                 vad_factory=vad_factory or _fake_vad, turn_model=turn_model or FakeTurnModel(),
                  chunker_factory=TextChunker, sampling_params=FakeSamplingParams,
                  transcriber_factory=FakeTranscriber if partials else None, **kw)
 

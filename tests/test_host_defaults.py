@@ -32,6 +32,7 @@ def test_a_16_core_gpu_host_is_sized_for_64_callers():
     assert d["max_sessions"] == 64 and d["max_num_seqs"] == 64 and d["max_waiting"] >= 2 * 64
     assert d["torch_threads"] == 1  # the engine thread only replays CUDA graphs
     assert (d["asr_workers"], d["asr_cpu_threads"], d["tts_workers"]) == (6, 2, 4)  # the measured best ASR pool
+    assert d["vad_threads"] == 2  # the VAD model off the event loop (27 % of it at 64 callers when inline)
     assert _cores_used(d, "cuda") <= 16  # ASR + TTS pools + event loop + engine thread fit the cores
 
 
@@ -109,3 +110,15 @@ def test_serve_resolves_flags_env_then_host_defaults():
 def test_detect_host_on_this_machine():
     facts = detect_host("cpu")  # device cpu: no GPU probe
     assert facts.cpu_cores == cpu_cores() >= 1 and facts.gpus == 0
+
+
+def test_vad_threads_zero_runs_the_vad_on_the_loop_and_negative_is_rejected():
+    from fakes import make_stack
+
+    assert ServerConfig(vad_threads=0).vad_threads == 0
+    with pytest.raises(ValueError, match="vad_threads"):
+        ServerConfig(vad_threads=-1)
+    assert make_stack(vad_threads=0).vad_executor is None
+    pool = make_stack(vad_threads=2).vad_executor
+    assert pool is not None and pool._max_workers == 2
+    pool.shutdown()

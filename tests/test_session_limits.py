@@ -308,8 +308,13 @@ async def test_a_big_append_is_fed_in_slices_with_the_loop_turning_between():
     h.send("session.update", session={"type": "realtime", "audio": {"input": {"turn_detection": {
         "type": "server_vad", "create_response": False}}}})
     fed: list[int] = []
-    real_feed = h.session.feed_audio
-    h.session.feed_audio = lambda x, **kw: (fed.append(len(x)), real_feed(x, **kw))[1]
+    real_feed = h.session.feed_audio_async
+
+    async def feed(x, **kw):
+        fed.append(len(x))
+        await real_feed(x, **kw)
+
+    h.session.feed_audio_async = feed
     turns = 0
 
     async def ticker():  # another session's work: it runs whenever the loop turns

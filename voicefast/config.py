@@ -93,7 +93,7 @@ class ServerConfig:
     asr_workers: int = 1  # concurrent ASR decodes (finals before partials; voicefast.host sizes it per host)
     tts_threads: int = 1
     tts_workers: int = 1  # concurrent Piper syntheses shared by every session
-    vad_threads: int = 1
+    vad_threads: int = 1  # threads running the Silero VAD off the event loop (0: on the event loop)
     # Logging
     log_level: str = "info"
 
@@ -112,7 +112,9 @@ class ServerConfig:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.ready_max_waiting < 0:
             raise ValueError(f"ready_max_waiting must be >= 0, got {self.ready_max_waiting}")
-        for name in ("torch_threads", "asr_cpu_threads", "asr_workers", "tts_threads", "tts_workers", "vad_threads",
+        if self.vad_threads < 0:
+            raise ValueError(f"vad_threads must be >= 0 (0: the VAD runs on the event loop), got {self.vad_threads}")
+        for name in ("torch_threads", "asr_cpu_threads", "asr_workers", "tts_threads", "tts_workers",
                      "max_num_seqs", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

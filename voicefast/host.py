@@ -75,7 +75,7 @@ def host_defaults(cpu_cores: int, llm_device: str, asr_device: str) -> dict[str,
             asr_workers = max(1, asr_cores * 3 // (2 * asr_cpu_threads))
         tts_workers = max(1, round(free * 0.3))
     return {"torch_threads": torch_threads, "asr_cpu_threads": asr_cpu_threads, "asr_workers": asr_workers,
-            "tts_threads": 1, "tts_workers": tts_workers, "vad_threads": 1, "max_sessions": max_sessions,
+            "tts_threads": 1, "tts_workers": tts_workers, "vad_threads": max(1, c // 8), "max_sessions": max_sessions,
             "max_num_seqs": max_num_seqs, "max_waiting": max(64, 2 * max_sessions)}
 
 

@@ -1,6 +1,7 @@
 """Client events into a session without stalling the event loop: the server/session boundary.
 
-Every session shares one event loop, and the VAD and resampling of input audio run on it. One append may carry
+Every session shares one event loop, and the resampling of input audio runs on it (the VAD model on the stack's
+VAD threads when it has them: Session.feed_audio_async). One append may carry
 up to max_message_bytes of audio (2 MiB: ~44 s of 24 kHz PCM16, ~4 min of G.711); processed at once, that would
 stall every other session for its whole duration. So an append is decoded (and validated) whole, then fed in
 slices of `inline_audio_ms` with a turn of the event loop between them: the worst stall another session sees is
@@ -32,4 +33,4 @@ async def deliver(session, ev: ClientEvent, *, inline_audio_ms: int) -> None:
             await asyncio.sleep(0)  # let other sessions run between slices
             if session.closed:
                 return
-        session.feed_audio(x[i:i + step], event_start=i == 0)
+        await session.feed_audio_async(x[i:i + step], event_start=i == 0)

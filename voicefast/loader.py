@@ -88,7 +88,8 @@ def load_stack(opts: ServerConfig) -> Stack:
                  sampling_params=sampling,
                  transcriber_factory=transcriber_factory if opts.asr_partial_interval_ms > 0 else None,
                  turn_model=turn_model,
-                 max_model_len=inner.max_model_len, tts_workers=opts.tts_workers, description=desc)
+                 max_model_len=inner.max_model_len, tts_workers=opts.tts_workers,
+                 vad_threads=opts.vad_threads, description=desc)
 
 
 async def warm_up(stack: Stack, instructions: str) -> None:

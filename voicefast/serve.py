@@ -43,6 +43,8 @@ _HELP = {
     "asr_device": "where Whisper runs: auto (CUDA if CTranslate2 can use it: a GPU and CUDA 12 cuBLAS), cpu, cuda",
     "asr_workers": "concurrent ASR decodes (default: sized for this host, voicefast/host.py)",
     "tts_workers": "concurrent Piper syntheses (default: sized for this host)",
+    "vad_threads": "threads running the Silero VAD off the event loop; 0 runs it on the loop (default: sized for "
+                   "this host)",
     "max_sessions": "concurrent sessions (default: sized for this host: 4 per core with the LLM on a GPU)",
     "max_num_seqs": "LLM sequences in one batch (default: max_sessions on a GPU, 16 on a CPU)",
 }

@@ -52,11 +52,36 @@ class SessionTurns:
     def feed_audio(self, x: np.ndarray, *, event_start: bool = True) -> None:
         """float32 samples at the input format's rate. A big append arrives in slices (voicefast/intake.py):
         event_start=False for all but its first, so one append is told `input_audio_buffer_full` at most once."""
+        x16 = self._take_audio(x, event_start)
+        if x16 is not None:
+            self._judge_audio(self._vad.process(x16))
+
+    async def feed_audio_async(self, x: np.ndarray, *, event_start: bool = True) -> None:
+        """feed_audio with the VAD model run on the stack's VAD threads while the event loop serves other
+        sessions (the model is most of a session's per-chunk work: ~60-140 us per 32 ms window). Same result as
+        feed_audio: the caller (the connection's reader) awaits this before it takes the session's next message,
+        so the VAD stream sees the audio in order, and nothing else touches the stream meanwhile. A chunk that
+        completes no VAD window is judged inline."""
+        x16 = self._take_audio(x, event_start)
+        if x16 is None:
+            return
+        vad, pool = self._vad, self.stack.vad_executor
+        if pool is None or not vad.judges(len(x16)):
+            self._judge_audio(vad.process(x16))
+            return
+        events = await asyncio.wrap_future(pool.submit(vad.process, x16))
+        if self.closed or vad is not self._vad:  # closed, or the turn detection was replaced meanwhile
+            return
+        self._judge_audio(events)
+
+    def _take_audio(self, x: np.ndarray, event_start: bool) -> np.ndarray | None:
+        """Resample into the input buffer, trim it, feed the streaming partials. Returns the 16 kHz samples the VAD
+        must judge (None: nothing new, or no turn detection)."""
         if event_start:
             self._full_said = False
         x16 = self._resampler.process(x)
         if not len(x16):
-            return
+            return None
         cap = int(self.opts.max_input_buffer_s * RATE_HZ)
         self.inbuf.append(x16, time.monotonic())
         td = self.cfg.turn_detection
@@ -67,14 +92,18 @@ class SessionTurns:
                     self._full_said = True
                     self.emit(ProtocolError("input audio buffer is full; the oldest audio was dropped",
                                             code="input_audio_buffer_full").to_event())
-            return
+            return None
         if not self.turns.in_turn:
             self.inbuf.trim(self.in_samples - self._pad_samples() - RATE_HZ // 2)
         elif self.in_samples - self.inbuf.start > cap:
             self.inbuf.trim(self.in_samples - cap)
         if self.work.utt is not None:
             self.work.feed_partials(x16, speaking=self.turns.speaking)
-        for ev in self._vad.process(x16):
+        return x16
+
+    def _judge_audio(self, events: list) -> None:
+        """The VAD's events for the audio just taken, then the turn module's audio clock."""
+        for ev in events:
             self.turns.responding = self._responding()  # an event may have just started or ended a reply
             self._apply(self.turns.on_vad(ev.kind, self._vad_base + ev.sample, self.in_samples))
         self.turns.responding = self._responding()

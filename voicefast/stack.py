@@ -24,8 +24,10 @@ class Stack:
     turn_model: object | None = None  # end-of-turn model (semantic_vad): submit(x16k) -> Future[float probability]
     max_model_len: int = 2048
     tts_workers: int = 1
+    vad_threads: int = 0  # threads running the VAD model off the event loop (0: on the event loop)
     description: dict[str, str] = field(default_factory=dict)  # stage -> what is loaded (for logs/healthz)
     _tts_pool: ThreadPoolExecutor | None = None
+    _vad_pool: ThreadPoolExecutor | None = None
 
     @property
     def voice_names(self) -> list[str]:
@@ -48,6 +50,14 @@ class Stack:
         if self._tts_pool is None:
             self._tts_pool = ThreadPoolExecutor(self.tts_workers, thread_name_prefix="voicefast-tts")
         return self._tts_pool
+
+    @property
+    def vad_executor(self) -> ThreadPoolExecutor | None:
+        """The VAD pool (`vad_threads` threads, shared by every session; onnxruntime releases the GIL while the
+        model runs), started on first use; None when the VAD runs on the event loop."""
+        if self._vad_pool is None and self.vad_threads > 0:
+            self._vad_pool = ThreadPoolExecutor(self.vad_threads, thread_name_prefix="voicefast-vad")
+        return self._vad_pool
 
     def speech_output(self, voice: str, out_rate_hz: int, frame_ms: int, speed: float = 1.0,
                       *, pad_last_frame: bool = False) -> SpeechOutput:

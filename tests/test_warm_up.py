@@ -2,6 +2,7 @@
 the plan driven through the real CPU LLMEngine with a tiny random model: every class reaches the step path, and
 nothing is left behind (requests, KV blocks, prefix-cache entries, counters, the sampler's RNG)."""
 
+import random
 import threading
 from collections import Counter
 
@@ -176,3 +177,35 @@ def test_async_engine_runs_the_warm_up_on_the_engine_thread(tiny_model):
         assert aeng.stats().steps == 0 and aeng.stats().free_blocks == aeng.stats().total_blocks
     finally:
         aeng.shutdown()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_requests_after_the_warm_up_compile_no_kernel(tmp_path, monkeypatch):
+    """On the GPU (bench/gpu_suite.py's pytest stage, or by hand): after warm_up(), requests of lengths, groups,
+    prefix hits and sampling settings the plan never used compile no Triton kernel variant (a fresh
+    TRITON_CACHE_DIR stays empty: variants compiled in this process come from the in-memory cache)."""
+    cfg = ModelConfig(family="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
+                      num_heads=8, num_kv_heads=2, head_dim=64, max_position_embeddings=1024)
+    model = init_random_weights(build_model(cfg, "cpu", torch.float32), seed=0).to("cuda", torch.bfloat16)
+    model.cos_sin = model.cos_sin.float()
+    eng = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=16, num_kv_blocks=1024,
+                                 max_model_len=1024), model=model)
+    stats0 = eng.stats()
+    report = eng.warm_up()
+    assert report is not None and report.errors == 0 and report.steps > 0
+    assert eng.stats() == stats0 and eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    rng = random.Random(5)
+
+    def prompt(n):
+        return [rng.randrange(3, 512) for _ in range(n)]
+    sampled = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=6, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=6, ignore_eos=True)
+    long = prompt(333)
+    for p in (prompt(21), prompt(77), long, prompt(600), prompt(10)):
+        eng.generate([p], sampled)
+    eng.generate([prompt(n) for n in (5, 12, 40, 90, 3, 61)], [sampled, greedy] * 3)
+    eng.generate([long[:320] + prompt(14), long[:320] + prompt(27)], sampled)
+    compiled = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("*/*.json")
+                      if not p.name.startswith("__grp__"))
+    assert compiled == []

@@ -5,6 +5,7 @@ outputs come back with loop.call_soon_threadsafe, one call per event loop per st
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -138,6 +139,18 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def warm_up(self) -> Any:
+        """LLMEngine.warm_up (a no-op off CUDA) run on the engine thread, which owns the engine; blocks until it is
+        done (call it through asyncio.to_thread). Requests submitted meanwhile wait for it; with requests already in
+        flight it raises RuntimeError (the warm-up needs an idle engine)."""
+        if self._stopping:
+            raise RuntimeError("AsyncLLMEngine is shut down")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._cmds.append(("call", (self.engine.warm_up, fut)))
+        self._wake.set()
+        return fut.result()
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopping = True
         self._wake.set()
@@ -167,6 +180,8 @@ class AsyncLLMEngine:
                 for kind, arg in cmds:
                     if kind == "add":
                         self._add(*arg)
+                    elif kind == "call":
+                        self._call(*arg)
                     else:
                         eng.abort(arg)
                 if self._stopping:
@@ -190,6 +205,13 @@ class AsyncLLMEngine:
             self._post(loop, [(queue, e)])
             return
         self._sinks[seq.request_id] = (loop, queue)
+
+    @staticmethod
+    def _call(fn: Any, fut: concurrent.futures.Future) -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # the caller re-raises it
+            fut.set_exception(e)
 
     def _deliver(self, outs: list[StreamOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}

@@ -153,6 +153,20 @@ class BlockManager:
             else:
                 self._free_plain.append(bid)
 
+    def drop_cached(self, keep: set[int] | frozenset[int] = frozenset()) -> int:
+        """Forget the cached content of every free block whose hash is not in `keep`: it becomes a plain free block
+        (blocks in use keep theirs). LLMEngine.warm_up drops what its synthetic prompts registered. Returns how
+        many blocks were dropped."""
+        dropped = [bid for bid in self._free_cached if self.blocks[bid].hash not in keep]
+        for bid in dropped:
+            del self._free_cached[bid]
+            blk = self.blocks[bid]
+            if self.hash_to_block.get(blk.hash) == bid:
+                del self.hash_to_block[blk.hash]
+            blk.hash, blk.tokens = None, ()
+            self._free_plain.append(bid)
+        return len(dropped)
+
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks (tail first, so a prefix outlives its suffix in the LRU)."""
         for bid in reversed(seq.block_table):

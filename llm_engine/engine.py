@@ -27,6 +27,7 @@ from llm_engine.sequence import Sequence
 from llm_engine.spec_decode import SpecPolicy
 from llm_engine.stop_strings import StopStringMatcher
 from llm_engine.tool_format import ToolDialect, dialect_for
+from llm_engine.warm_up import WarmUpReport, run_warm_up, warm_up_plan
 
 log = logging.getLogger("llm_engine")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -320,6 +321,25 @@ class LLMEngine:
             draft_tokens=seq.spec.num_drafted if seq.spec else 0,
             accepted_draft_tokens=seq.spec.num_accepted if seq.spec else 0)
         return out
+
+    # ---- warm-up -----------------------------------------------------------------------------------
+    def warm_up(self, *, force: bool = False) -> WarmUpReport | None:
+        """Run synthetic requests through the real step path (llm_engine.warm_up) so that every Triton kernel
+        specialization, cuBLAS / SDPA shape class and lazily loaded CUDA module a server meets is ready before its
+        first caller: a few seconds at start-up instead of ~1 s stalls on first use. CUDA only: on CPU (nothing is
+        compiled there) it returns None at once, unless force=True (tests). Leaves no trace: every warm-up request
+        finished, every KV block free, its prefix-cache entries dropped, stats() counters as before. Needs an idle
+        engine (RuntimeError otherwise). Logs at INFO how long it took and how many steps ran."""
+        if self.device.type != "cuda" and not force:
+            return None
+        plan = warm_up_plan(self.model_config.vocab_size, self.config.max_num_seqs, self.max_model_len,
+                            self.config.kv_block_size, max_num_batched_tokens=self.config.max_num_batched_tokens,
+                            num_kv_blocks=self.block_manager.num_blocks, avoid_token_ids=self.eos_token_ids,
+                            seed=self.config.seed)
+        report = run_warm_up(self, plan, log)
+        log.info("engine warm-up: %d requests in %d steps, %.2f s%s", report.requests, report.steps, report.seconds,
+                 f" ({report.errors} failed)" if report.errors else "")
+        return report
 
     # ---- introspection -----------------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -165,3 +165,32 @@ def test_double_free_is_detected():
     a.block_table = table
     with pytest.raises(RuntimeError):
         bm.free(a)
+
+
+def test_drop_cached_forgets_only_free_blocks_outside_keep():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    old = seq([1, 2, 3, 4, 5], "old")
+    bm.allocate(old)
+    compute_all(bm, old)
+    bm.free(old)  # 2 cached free blocks
+    keep = set(bm.hash_to_block)
+    new, held = seq([7, 8, 9], "new"), seq([10, 11, 12], "held")
+    for s in (new, held):
+        bm.allocate(s)
+        compute_all(bm, s)
+    bm.free(new)  # its full block is cached and free; held's is in use
+    assert bm.num_cached_free_blocks == 3
+    assert bm.drop_cached(keep) == 1
+    assert bm.num_cached_free_blocks == 2 and bm.num_free_blocks == 8 - len(held.block_table)
+    assert set(bm.hash_to_block) == keep | {bm.blocks[held.block_table[0]].hash}
+    again = seq([7, 8, 9], "again")  # the dropped content no longer hits; the kept one does
+    bm.allocate(again)
+    assert again.num_cached_tokens == 0
+    bm.free(again)
+    twin = seq([1, 2, 3, 4, 6], "twin")
+    bm.allocate(twin)
+    assert twin.num_cached_tokens == 4
+    bm.free(twin)
+    bm.free(held)
+    assert bm.drop_cached() == 3 and bm.num_cached_free_blocks == 0 and bm.hash_to_block == {}
+    assert bm.num_free_blocks == 8

@@ -94,7 +94,9 @@ def load_stack(opts: ServerConfig) -> Stack:
 
 async def warm_up(stack: Stack, instructions: str) -> None:
     """One tiny request per stage so the first caller does not pay for lazy initialisation, and the persona's
-    system prompt lands in the engine's prefix cache (every session's first turn then reuses it)."""
+    system prompt lands in the engine's prefix cache (every session's first turn then reuses it). On CUDA the
+    engine first runs its own warm-up (LLMEngine.warm_up: every kernel specialization compiled; it leaves nothing
+    behind, so the persona request after it is what stays cached)."""
     import numpy as np
 
     inner = getattr(stack.engine, "engine", None)
@@ -102,6 +104,12 @@ async def warm_up(stack: Stack, instructions: str) -> None:
         # llguidance's view of the tokenizer takes ~0.5-3 s to build: do it now, off the event loop, rather than
         # inside the first tool-using response (it would stall every session's loop).
         await asyncio.to_thread(inner.grammar_compiler)
+    engine_warm_up = getattr(stack.engine, "warm_up", None)
+    if engine_warm_up is not None:  # CUDA: compile every kernel specialization now, not in the first callers' steps
+        try:
+            await asyncio.to_thread(engine_warm_up)
+        except RuntimeError as e:  # a caller's request got in first (the warm-up needs an idle engine)
+            log.warning("engine warm-up skipped: %s", e)
     sp = stack.sampling_params(temperature=0.0, max_tokens=1)
     async for _ in stack.engine.generate(sp, messages=[{"role": "system", "content": instructions},
                                                        {"role": "user", "content": "Hello"}]):

@@ -1,7 +1,8 @@
 """Which engine steps stall on first use, and why (issue 14: the first turn of a session waited 0.5-2 s for its
 first token on the H200 while later turns took ~60 ms).
 
-Builds the engine as `voicefast serve` does (embedded SmolLM2 unless --model, the server's warm-up request),
+Builds the engine as `voicefast serve` does (embedded SmolLM2 unless --model; its own warm-up, LLMEngine.warm_up,
+which --no-warm-up skips to show what it saves; the server's warm-up request),
 then replays what callers do — one persona + user turn at a time with the server's sampling (temperature 0.3,
 top-p 0.9), then 8, 16 and 32 turns at once — twice. Every step slower than --slow-ms is printed with what it
 ran (sequences, prefill tokens) and the Triton kernels compiled during it (new entries in a fresh
@@ -27,7 +28,9 @@ QUESTIONS = ["Hi.", "What time do you open on Saturday?", "Can I book a table fo
 
 
 def _cache_entries(d: Path) -> set[str]:
-    return {p.name for p in d.glob("*/*.json") if not p.name.startswith("__grp__")}
+    """One entry per compiled kernel variant: `<hash dir>/<kernel>.json` (each specialization of a kernel gets its
+    own hash directory holding the same file name, so the name alone would count a kernel once)."""
+    return {str(p.relative_to(d)) for p in d.glob("*/*.json") if not p.name.startswith("__grp__")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,11 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     eng = LLMEngine(EngineConfig(model=a.model, device=a.device, max_num_seqs=64, max_model_len=4096))
     load_s = time.perf_counter() - t0
     warm = getattr(eng, "warm_up", None)
-    warm_s = None
+    warm_s = warm_report = None
     if warm is not None and not a.no_warm_up:
         t1 = time.perf_counter()
-        warm()
+        report = warm()
         warm_s = time.perf_counter() - t1
+        if report is not None:
+            warm_report = {"requests": report.requests, "steps": report.steps, "errors": report.errors,
+                           "compiled": len(_cache_entries(cache))}
+            print(f"[first_use] engine warm-up: {warm_s:.2f} s, {warm_report}", flush=True)
     tok = eng.tokenizer
     system = {"role": "system", "content": DEFAULT_INSTRUCTIONS}
     steps: list[dict] = []
@@ -102,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run(f"pass {rep}: {n} at once", prompts, sp))
     for r in results:
         print(f"[first_use] {r['phase']}: TTFT min/max {r['ttft_ms_min']}/{r['ttft_ms_max']} ms")
-    Path(a.out).write_text(json.dumps({"load_s": load_s, "warm_up_s": warm_s, "results": results, "slow_steps": steps,
-                                       "compiled_total": sorted(seen)}, indent=1))
+    Path(a.out).write_text(json.dumps({"load_s": load_s, "warm_up_s": warm_s, "warm_up": warm_report,
+                                       "results": results, "slow_steps": steps, "compiled_total": sorted(seen)},
+                                      indent=1))
     print(f"[first_use] load {load_s:.1f} s, warm-up {warm_s} s, {len(seen)} kernels compiled in all", flush=True)
     return 0
 

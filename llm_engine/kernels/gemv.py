@@ -28,7 +28,10 @@ import triton.language as tl
 MAX_ROWS = 16
 
 
-@triton.jit
+# M (the row count) is not specialized: it only masks rows, never the contiguous (K / N) dimension that loads and
+# stores vectorize over, so knowing M == 1 or M % 16 == 0 cannot speed the kernel up, while each such class of a
+# prefill's token count would compile another variant on first use (a ~1 s stall).
+@triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, sx, sw, so,
                  HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):

@@ -27,7 +27,7 @@ def _u4_to_f32(q):
     return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M only masks rows (see kernels/gemv.py): no variant per M class
 def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sx, sw, so,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -60,7 +60,7 @@ def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sx, sw, so,
              mask=(rm < M)[:, None] & nm[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M only masks rows (see kernels/gemv.py): no variant per M class
 def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, sx, sw, ss, so,
                     HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     GROUPS_PER_STEP: tl.constexpr):

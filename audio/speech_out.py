@@ -1,16 +1,16 @@
 """SpeechOutput: the assistant's text deltas in, paced-size audio frames out, with an audio-ms -> text map.
 
-Phrases from the TextChunker are synthesized one after another in a worker thread (the next phrase is
-synthesized while the previous one's frames are consumed), resampled by one continuous StreamResampler (no
-clicks at phrase joins) and cut into `frame_ms` frames (the last one zero-padded, or left short with
-`pad_last_frame=False`). Synthesis runs on `executor` (the loop's default one if None); `start()` begins it
-before anyone reads frames() (a held response synthesizes ahead), at most `max_queued_ms` of frames (plus one phrase)
-ahead of the reader. For every phrase the map records which output samples
-speak which characters of the full text (proportionally within a phrase), so after a barge-in the server can
-cut the assistant's text to what was heard: text_offset_at_ms(played_ms, whole_words=True). cancel() stops
-synthesis after the current Piper sentence and drops every queued frame; aclose() also waits for the producer
-task. `first_phrase_s` / `first_audio_s` (time.monotonic) mark when the first phrase went to the synthesizer and
-when its first audio came back."""
+Phrases from the TextChunker are synthesized one after another in a worker thread (the next phrase is synthesized
+while the previous one's frames are consumed), resampled by one continuous StreamResampler (no clicks at phrase
+joins) and cut into `frame_ms` frames (the last one zero-padded, or left short with `pad_last_frame=False`).
+Synthesis runs on `executor` (the loop's default one if None; with an audio.tts_pool DeadlinePool each phrase is
+dated by deadline_s(), so a first phrase goes before other responses' later ones); `start()` begins it before anyone
+reads frames() (a held response synthesizes ahead), at most `max_queued_ms` of frames (plus one phrase) ahead of the
+reader. For every phrase the map records which output samples speak which characters of the full text
+(proportionally within a phrase), so after a barge-in the server can cut the assistant's text to what was heard:
+text_offset_at_ms(played_ms, whole_words=True). cancel() stops synthesis after the current Piper sentence and drops
+every queued frame; aclose() also waits for the producer task. `first_phrase_s` / `first_audio_s` (time.monotonic)
+mark when the first phrase went to the synthesizer and when its first audio came back."""
 
 from __future__ import annotations
 
@@ -162,10 +162,14 @@ class SpeechOutput:
                     break
                 if self.first_phrase_s is None:
                     self.first_phrase_s = time.monotonic()
-                audio = await loop.run_in_executor(self.executor, self._synthesize, phrase.text)
+                submit_by = getattr(self.executor, "submit_by", None)
+                if submit_by is not None:  # a deadline pool (audio.tts_pool): the phrase the listener needs first
+                    audio, out = await asyncio.wrap_future(submit_by(self.deadline_s(), self._synthesize, phrase.text))
+                else:
+                    audio, out = await loop.run_in_executor(self.executor, self._synthesize, phrase.text)
                 if self.cancelled:
                     break
-                for frame in self._frames_for(audio, phrase):
+                for frame in self._frames_for(audio, out, phrase):
                     self._out.put_nowait(frame)
                 self.max_queued_frames_seen = max(self.max_queued_frames_seen, self._out.qsize())
             if not self.cancelled:
@@ -178,9 +182,21 @@ class SpeechOutput:
         finally:
             self._out.put_nowait(None)
 
-    def _synthesize(self, text: str) -> np.ndarray:
+    def deadline_s(self) -> float:
+        """When the listener needs the next phrase (time.monotonic): now for the first one; later, when the audio
+        synthesized so far has played out, counted from when the first audio came back (playback starts about
+        then; the transport paces it at real time)."""
+        now = time.monotonic()
+        if self.first_audio_s is None or self._in_total == 0:
+            return now
+        return max(now, self.first_audio_s + self.ms_synthesized / 1000.0)
+
+    def _synthesize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """On the worker: the phrase's audio at the TTS rate and resampled to the output rate (the resampler is
+        this output's alone and phrases go one at a time, so its state needs no lock; it keeps the event loop
+        free of the 22.05 -> 24 kHz work)."""
         if self.cancelled:
-            return np.zeros(0, np.float32)
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
         chunks = []
         for chunk in self.tts.synthesize(text, self.speaking_rate):
             if self.first_audio_s is None:
@@ -188,15 +204,16 @@ class SpeechOutput:
             chunks.append(chunk)
             if self.cancelled:  # stop between Piper sentences
                 break
-        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        return audio, self._resampler.process(audio)
 
-    def _frames_for(self, audio: np.ndarray, phrase: Phrase) -> list[AudioFrame]:
+    def _frames_for(self, audio: np.ndarray, out: np.ndarray, phrase: Phrase) -> list[AudioFrame]:
         if len(audio):
             span = _Span(self._in_total, self._in_total + len(audio), phrase.start, phrase.end)
             self._spans.append(span)
             self._span_ends.append(span.in_end)
             self._in_total = span.in_end
-        return self._emit(self._framer.push(self._resampler.process(audio)))
+        return self._emit(self._framer.push(out))
 
     def _tail_frames(self) -> list[AudioFrame]:
         frames = self._framer.push(self._resampler.flush())

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from audio.speech_out import SpeechOutput
+from audio.tts_pool import DeadlinePool
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Stack:
     tts_workers: int = 1
     vad_threads: int = 0  # threads running the VAD model off the event loop (0: on the event loop)
     description: dict[str, str] = field(default_factory=dict)  # stage -> what is loaded (for logs/healthz)
-    _tts_pool: ThreadPoolExecutor | None = None
+    _tts_pool: DeadlinePool | None = None
     _vad_pool: ThreadPoolExecutor | None = None
 
     @property
@@ -45,10 +46,11 @@ class Stack:
         return len(tok.encode(text))
 
     @property
-    def tts_executor(self) -> ThreadPoolExecutor:
-        """The TTS worker pool (`tts_workers` threads, shared by every session), started on first use."""
+    def tts_executor(self) -> DeadlinePool:
+        """The TTS worker pool (`tts_workers` threads, shared by every session, earliest deadline first: a
+        response's first phrase before other responses' later ones), started on first use."""
         if self._tts_pool is None:
-            self._tts_pool = ThreadPoolExecutor(self.tts_workers, thread_name_prefix="voicefast-tts")
+            self._tts_pool = DeadlinePool(self.tts_workers, name="voicefast-tts")
         return self._tts_pool
 
     @property

@@ -122,3 +122,4 @@ def test_vad_threads_zero_runs_the_vad_on_the_loop_and_negative_is_rejected():
     pool = make_stack(vad_threads=2).vad_executor
     assert pool is not None and pool._max_workers == 2
     pool.shutdown()
+

@@ -12,6 +12,8 @@ from dataclasses import fields
 
 from voicefast.config import ServerConfig, env_overrides
 
+log = logging.getLogger("voicefast.serve")
+
 _HELP = {
     "host": "interface to bind (no API keys -> loopback only unless --insecure)",
     "port": "TCP port (0: any free port)",
@@ -98,7 +100,7 @@ def resolve_config(argv: list[str], environ=None, detect=None):
 
 
 async def _run(opts: ServerConfig, host_report=None) -> int:
-    from voicefast.loader import load_stack, warm_up
+    from voicefast.loader import freeze_heap, load_stack, warm_up
     from voicefast.persona import DEFAULT_INSTRUCTIONS
     from voicefast.server import RealtimeServer, session_defaults
 
@@ -109,6 +111,8 @@ async def _run(opts: ServerConfig, host_report=None) -> int:
     server.models_loaded = False  # /readyz says "loading" until the warm-up is done
     await server.start()
     await warm_up(stack, opts.instructions or DEFAULT_INSTRUCTIONS)
+    frozen = freeze_heap()
+    log.info("start-up heap frozen: %d objects out of the garbage collector's full passes", frozen)
     server.models_loaded = True
     for stage, what in stack.description.items():
         print(f"  {stage.upper():4} {what}")

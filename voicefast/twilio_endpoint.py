@@ -150,6 +150,7 @@ class _Connection:
         self.session: Session | None = None
         self.outq: asyncio.Queue[str] = asyncio.Queue(maxsize=self.opts.max_send_queue)
         self.wake = asyncio.Event()
+        self._drain_lock = asyncio.Lock()
         self.prompt_tasks: dict[str, asyncio.Task] = {}
         self.closing: asyncio.Task | None = None
         self.notes = 0
@@ -177,7 +178,7 @@ class _Connection:
                 note = self.call.receive(frame, time.monotonic())
                 if note is not None:
                     self._note(note)
-                self._drain()
+                await self._drain()
         except ConnectionClosed:
             pass
         except Exception:
@@ -233,27 +234,40 @@ class _Connection:
                 self._close(1008, "peer too slow reading")
                 return
 
-    def _drain(self, *, wake: bool = True) -> None:
-        while True:
-            self._flush_messages()
-            acts = self.call.actions()
-            if not acts:
-                break
-            for a in acts:
-                self._act(a)
+    async def _drain(self, *, wake: bool = True) -> None:
+        """Carry out the call's actions in order. The reader, the timers and the prompts all drain; the lock keeps
+        one drain at a time, so a session input never overtakes audio whose VAD is still running on the pool."""
+        async with self._drain_lock:
+            while True:
+                self._flush_messages()
+                acts = self.call.actions()
+                if not acts:
+                    break
+                for a in acts:
+                    if isinstance(a, FeedAudio) and self.session is not None:
+                        await self._feed(a)
+                    else:
+                        self._act(a)
         if wake:
             self.wake.set()  # deadlines may have moved
 
+    async def _feed(self, a: FeedAudio) -> None:
+        try:
+            await self.session.feed_audio_async(a.x)
+        except ProtocolError as e:
+            log.debug("%s: audio refused by the session: %s", self.name, e.message)
+        except Exception:  # a bug must cost one input, not the call (as on /v1/realtime)
+            log.error("%s: the session failed on %s", self.name, type(a).__name__, exc_info=True)
+
     def _act(self, a) -> None:
         s = self.session
-        if isinstance(a, FeedAudio | SessionInput):
-            if s is None:
+        if isinstance(a, FeedAudio | SessionInput):  # (audio for a live session goes through _feed)
+            if s is None or isinstance(a, FeedAudio):
                 return
             try:
-                s.feed_audio(a.x) if isinstance(a, FeedAudio) else s.handle(a.event)
+                s.handle(a.event)
             except ProtocolError as e:  # e.g. a cancel that lost the race with the response's end
-                what = a.event.type if isinstance(a, SessionInput) else "audio"
-                log.debug("%s: %s refused by the session: %s", self.name, what, e.message)
+                log.debug("%s: %s refused by the session: %s", self.name, a.event.type, e.message)
             except Exception:  # a bug must cost one input, not the call (as on /v1/realtime)
                 log.error("%s: the session failed on %s", self.name, type(a).__name__, exc_info=True)
         elif isinstance(a, Say):
@@ -328,7 +342,7 @@ class _Connection:
             self.wake.clear()
             try:
                 self.call.tick(time.monotonic())
-                self._drain(wake=False)
+                await self._drain(wake=False)
             except Exception:  # the call's timers and session inputs must not die silently
                 log.error("%s: timer step failed", self.name, exc_info=True)
                 self._close(1011, "internal error")
@@ -353,7 +367,7 @@ class _Connection:
             log.error("%s: prompt %r failed", self.name, say.text[:40], exc_info=True)
         self.prompt_tasks.pop(say.prompt_id, None)
         self.call.prompt_done(say.prompt_id, time.monotonic())
-        self._drain()
+        await self._drain()
 
     def _close(self, code: int, reason: str) -> None:
         """End the call: queued frames go out first (briefly), then the socket closes; the reader then stops."""

@@ -58,5 +58,8 @@ class PinnedUpload:
             self._copied = self._copied or torch.cuda.Event()
             self._copied.record()
         self.num_copies += 1
-        return {name: self._dev[o:o + nbytes].view(_torch_dtype(a.dtype)).view(a.shape)
-                for name, a, o, nbytes in layout}
+        out = {}
+        for name, a, o, nbytes in layout:
+            t = self._dev[o:o + nbytes].view(_torch_dtype(a.dtype))  # [a.size]
+            out[name] = t if a.ndim == 1 else t.view(a.shape)
+        return out

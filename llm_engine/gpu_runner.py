@@ -25,6 +25,7 @@ from llm_engine.cuda_graphs import (
 )
 from llm_engine.kernels import sampling as SA
 from llm_engine.model_runner import ModelRunner
+from llm_engine.pinned_upload import PinnedUpload
 from llm_engine.scheduler import ScheduledBatch
 
 log = logging.getLogger("llm_engine")
@@ -49,6 +50,8 @@ class GpuModelRunner(ModelRunner):
         self._n_st = self._h_st.numpy()
         self._n_st_f = self._n_st.view(np.float64)
         self._done = torch.cuda.Event()
+        self._uploader = PinnedUpload(self.device)  # eager steps' inputs: one pinned host-to-device copy
+        self._step_seeds: list[int] = []
         self.num_graph_steps = 0  # decode steps replayed through a graph (a speculative verify included)
         self.num_graph_verify_steps = 0  # of which carried drafts
         if not self.enforce_eager:
@@ -82,14 +85,23 @@ class GpuModelRunner(ModelRunner):
         if inp.all_greedy:
             return logits.argmax(dim=-1)
         steps = inp.positions.index_select(0, inp.logits_indices)  # [S] position of each sampled row
-        seeds = torch.tensor(inp.seeds, dtype=torch.int64).to(self.device, non_blocking=True)  # [S]
+        seeds = inp.seed_tensor  # [S] uploaded with the step's inputs (a copy here would wait for the forward)
+        if seeds is None:
+            seeds = torch.tensor(inp.seeds, dtype=torch.int64).to(self.device)  # [S]
         return SA.sample(logits, inp.temperature, inp.top_k, inp.top_p, seeds, steps,
                          inp.any_top_k or inp.any_top_p)
 
     def prepare_inputs(self, batch: ScheduledBatch):
         inp = super().prepare_inputs(batch)
-        inp.seeds = [self._seed_of(batch.seqs[r]) for r in inp.sample_rows]
+        inp.seeds = self._step_seeds
         return inp
+
+    def _extra_host_inputs(self, batch: ScheduledBatch, sample_rows: list[int]) -> dict[str, np.ndarray]:
+        self._step_seeds = [self._seed_of(batch.seqs[r]) for r in sample_rows]
+        return {"seeds": np.array(self._step_seeds, dtype=np.int64)}  # [S]
+
+    def _upload(self, host: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return self._uploader.upload(host)
 
     def _seed_of(self, seq) -> int:
         if seq.params.seed is not None:

@@ -33,6 +33,7 @@ class StepInputs:
     any_top_k: bool
     any_top_p: bool
     seeds: list[int] | None = None  # per sampled row (GpuModelRunner: the Philox key of its sampler)
+    seed_tensor: torch.Tensor | None = None  # [S] int64 the same seeds on the device (GpuModelRunner)
 
 
 class ModelRunner:
@@ -128,21 +129,33 @@ class ModelRunner:
         for i, seq in enumerate(batch.seqs):  # zero stale entries past each table (padding = block 0)
             tables[i, len(seq.block_table):width] = 0
         S = len(sample_rows)
+        temps = self._temp[:S]
+        host = {"qsl": self._qsl[:B + 1], "seq_lens": self._seq_lens[:B], "tables": tables[:B, :width],
+                "slots": slots[:t], "ids": ids[:t], "pos": pos[:t], "logit_idx": self._logit_idx[:S],
+                "temp": temps, "top_k": self._top_k[:S], "top_p": self._top_p[:S]}
+        host.update(self._extra_host_inputs(batch, sample_rows))
+        dev = self._upload(host)
         meta = AttnMetadata(
-            query_start_loc=self._tensor(self._qsl[:B + 1]),
-            seq_lens=self._tensor(self._seq_lens[:B]),
-            block_tables=self._tensor(tables[:B, :width]),
-            slot_mapping=self._tensor(slots[:t]),
+            query_start_loc=dev["qsl"], seq_lens=dev["seq_lens"], block_tables=dev["tables"],
+            slot_mapping=dev["slots"],
             max_query_len=max(qlens), max_seq_len=max(slens), is_decode=max(qlens) == 1,
             query_lens_cpu=qlens, seq_lens_cpu=slens)
-        temps = self._temp[:S]
         return StepInputs(
-            input_ids=self._tensor(ids[:t]), positions=self._tensor(pos[:t]), meta=meta,
-            logits_indices=self._tensor(self._logit_idx[:S]), sample_rows=sample_rows,
-            temperature=self._tensor(temps), top_k=self._tensor(self._top_k[:S]),
-            top_p=self._tensor(self._top_p[:S]), generators=gens,
+            input_ids=dev["ids"], positions=dev["pos"], meta=meta,
+            logits_indices=dev["logit_idx"], sample_rows=sample_rows,
+            temperature=dev["temp"], top_k=dev["top_k"],
+            top_p=dev["top_p"], generators=gens,
             all_greedy=bool((temps == 0).all()), any_top_k=bool((self._top_k[:S] > 0).any()),
-            any_top_p=bool((self._top_p[:S] < 1).any()))
+            any_top_p=bool((self._top_p[:S] < 1).any()), seed_tensor=dev.get("seeds"))
+
+    def _extra_host_inputs(self, batch: ScheduledBatch, sample_rows: list[int]) -> dict[str, np.ndarray]:
+        """More host arrays a subclass wants on the device with the step's inputs (GpuModelRunner: the seeds)."""
+        return {}
+
+    def _upload(self, host: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """The step's host arrays as tensors on self.device: zero-copy views on CPU; GpuModelRunner packs them
+        into one pinned buffer and copies once."""
+        return {k: self._tensor(a) for k, a in host.items()}
 
     def forward(self, inp: StepInputs) -> torch.Tensor:
         return self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)  # [T, H]

@@ -6,6 +6,9 @@ Shapes: T = tokens this step, B = sequences, Hq/Hkv = query/kv heads, D = head_d
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -26,11 +29,31 @@ def _kernels():
     return rms_norm, rotary_kv, decode_attention, silu_and_mul
 
 
+_KERNELS_ON_CPU = [False]
+
+
+@contextmanager
+def kernels_on_cpu() -> Iterator[None]:
+    """Inside: CPU tensors take the CUDA path's Triton kernels too (run them under TRITON_INTERPRET=1), so tests and
+    bench/prefill_ops.py exercise and count exactly what a GPU step runs, on a machine without one. Not for serving:
+    interpreted kernels are slow."""
+    prev = _KERNELS_ON_CPU[0]
+    _KERNELS_ON_CPU[0] = True
+    try:
+        yield
+    finally:
+        _KERNELS_ON_CPU[0] = prev
+
+
+def _kern(x: torch.Tensor) -> bool:
+    return x.is_cuda or _KERNELS_ON_CPU[0]
+
+
 # ---------------------------------------------------------------- norms
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, H] -> weight * x / rms(x)  [T, H] (no +1 on the weight)."""
-    if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1:
+    if _kern(x) and x.dim() == 2 and x.stride(-1) == 1:
         return _kernels()[0].rms_norm(x, weight, eps)
     return F.rms_norm(x, weight.shape, weight, eps)
 
@@ -39,7 +62,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused residual add + RMSNorm: new_residual = x + residual (x itself when residual is None);
     returns (rms_norm(new_residual) [T, H], new_residual [T, H]). Inputs are not modified."""
-    if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1):
+    if _kern(x) and x.dim() == 2 and x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1):
         return _kernels()[0].add_rms_norm(x, residual, weight, eps)
     if residual is not None:
         x = x + residual
@@ -50,7 +73,7 @@ def norm_add_rms_norm(x: torch.Tensor, pre_weight: torch.Tensor, residual: torch
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """GLM-4's sandwich step in one pass: new_residual = rms_norm(x) * pre_weight + residual; returns
     (rms_norm(new_residual) * weight, new_residual). Same maths as rms_norm then add_rms_norm."""
-    if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and residual.stride(-1) == 1:
+    if _kern(x) and x.dim() == 2 and x.stride(-1) == 1 and residual.stride(-1) == 1:
         return _kernels()[0].norm_add_rms_norm(x, pre_weight, residual, weight, eps)
     return add_rms_norm(rms_norm(x, pre_weight, eps), residual, weight, eps)
 
@@ -93,7 +116,7 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     v [T, Hkv, D] into the paged caches k_cache/v_cache [num_blocks, block_size, Hkv, D] at flat slot
     slot_mapping [T] (slots < 0 are skipped). cos_sin [max_pos, rot_dim] float32 holds cos | sin halves;
     positions [T] index it. interleaved: GPT-J adjacent pairs, else NeoX halves. Returns (q, k)."""
-    if q.is_cuda and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1:
+    if _kern(q) and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1:
         return _kernels()[1].rotary_store_kv(q, k, v, positions, cos_sin, rot_dim, interleaved, k_cache, v_cache,
                                              slot_mapping)
     cs = cos_sin.index_select(0, positions)  # [T, rot_dim]
@@ -164,10 +187,20 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     Sequence i owns query rows [qsl[i], qsl[i+1]): the LAST query_len_i positions of its seq_len_i keys, which
     are read through block_tables[i]. Query j of the sequence (absolute position seq_len - query_len + j)
-    sees keys 0..that position. Covers decode (query_len 1), prefill and chunked prefill over a cached prefix."""
-    if meta.is_decode and q.is_cuda:  # Triton: GQA-grouped split-K over the paged cache, device metadata only
+    sees keys 0..that position. Covers decode (query_len 1), prefill and chunked prefill over a cached prefix.
+    On the kernel path a step with any prefill row runs kernels/prefill_attention.py (one launch) unless
+    VOICEFAST_PREFILL_ATTN=sdpa asks for the per-sequence SDPA loop below (the CPU path, and the old CUDA path)."""
+    if meta.is_decode and _kern(q):  # Triton: GQA-grouped split-K over the paged cache, device metadata only
         return _kernels()[2].decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
                                               max_seq_len=meta.max_seq_len)
+    if _kern(q) and q.stride(-1) == 1:
+        from llm_engine.kernels import prefill_attention_backend
+
+        if prefill_attention_backend() == "triton":  # one varlen launch for every sequence, KV read in place
+            from llm_engine.kernels.prefill_attention import prefill_attention
+
+            return prefill_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                     scale, meta.max_query_len)
     if meta.is_decode:
         return _decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)  # [T, Hq, D]
@@ -271,7 +304,7 @@ def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU gate: x [T, 2I] = [gate | up] -> silu(gate) * up  [T, I]."""
-    if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1:
+    if _kern(x) and x.dim() == 2 and x.stride(-1) == 1:
         return _kernels()[3].silu_and_mul(x)
     inter = x.shape[-1] // 2
     return F.silu(x[..., :inter]) * x[..., inter:]

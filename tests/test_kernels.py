@@ -120,23 +120,59 @@ def test_decode_attention_matches_reference(B, Hq, Hkv, D, seq_lens, splits):
     assert torch.equal(again, out)
 
 
-def test_prefill_attention_matches_models_reference():
-    ops = pytest.importorskip("llm_engine.ops")
+def _prefill_case(g, Hq, Hkv, D, bs, qlens, slens, width_pad=2):
+    """q as a strided view of a fused qkv output; pages scattered over the pool; tables padded past each need."""
     from llm_engine.attn_metadata import AttnMetadata
 
-    g = torch.Generator().manual_seed(3)
-    Hq, Hkv, D, bs, nb = 4, 2, 16, 4, 16
-    qlens, slens = [3, 5], [7, 5]  # a chunk over a cached prefix, and a fresh prompt
-    q = torch.randn(sum(qlens), Hq, D, generator=g)
+    B, T = len(qlens), sum(qlens)
+    width = max(-(-n // bs) for n in slens) + width_pad
+    nb = B * width + 3
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=g)
+    q = qkv[:, :Hq * D].view(T, Hq, D)  # [T, Hq, D] strided like the model's
     kc, vc = torch.randn(nb, bs, Hkv, D, generator=g), torch.randn(nb, bs, Hkv, D, generator=g)
-    bt = torch.randperm(nb, generator=g)[:8].reshape(2, 4).int()
-    meta = AttnMetadata(query_start_loc=torch.tensor([0, 3, 8], dtype=torch.int32),
-                        seq_lens=torch.tensor(slens, dtype=torch.int32), block_tables=bt,
-                        slot_mapping=torch.zeros(8, dtype=torch.int64), max_query_len=5, max_seq_len=7,
-                        is_decode=False, query_lens_cpu=qlens, seq_lens_cpu=slens)
+    bt = torch.randperm(nb, generator=g)[:B * width].reshape(B, width).int()  # [B, width]
+    qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+    meta = AttnMetadata(query_start_loc=qsl, seq_lens=torch.tensor(slens, dtype=torch.int32), block_tables=bt,
+                        slot_mapping=torch.zeros(T, dtype=torch.int64), max_query_len=max(qlens),
+                        max_seq_len=max(slens), is_decode=False, query_lens_cpu=list(qlens), seq_lens_cpu=list(slens))
+    return q, kc, vc, meta
+
+
+# (Hq, Hkv, D, block_size, query_lens, seq_lens): GQA 1/3/4/16, head dims 64 and 128, block sizes 1..32; fresh
+# prompts (L == n), cached-prefix chunks (L < n), one-token rows (a decode beside prefills) and a 1-token prompt
+PREFILL_CASES = [(2, 2, 64, 4, [1, 5, 16], [1, 9, 40]),
+                 (6, 2, 64, 16, [7, 1, 30], [7, 20, 50]),
+                 (4, 1, 128, 8, [3, 70], [35, 70]),
+                 (9, 3, 64, 1, [4, 2], [4, 6]),
+                 (6, 2, 128, 32, [24, 1, 9], [200, 33, 9]),
+                 (16, 1, 64, 16, [5], [21])]
+
+
+@pytest.mark.parametrize("Hq,Hkv,D,bs,qlens,slens", PREFILL_CASES)
+def test_prefill_attention_kernel_matches_reference(Hq, Hkv, D, bs, qlens, slens):
+    ops = pytest.importorskip("llm_engine.ops")
+    g = torch.Generator().manual_seed(Hq * 1000 + D + bs + sum(slens))
+    q, kc, vc, meta = _prefill_case(g, Hq, Hkv, D, bs, qlens, slens)
     ref = ops.reference_paged_attention(q, kc, vc, meta, D**-0.5)
-    out = PA.prefill_attention(q, kc, vc, bt, qlens, slens, D**-0.5)
-    assert _rel(out, ref) < 1e-5
+    out = torch.full((q.shape[0], Hq, D), float("nan")).to(DEV)  # poisoned: every element must be written
+    PA.prefill_attention(q.to(DEV), kc.to(DEV), vc.to(DEV), meta.query_start_loc.to(DEV),
+                         meta.seq_lens.to(DEV), meta.block_tables.to(DEV), D**-0.5, meta.max_query_len, out=out)
+    assert not out.isnan().any()
+    assert _rel(out.cpu(), ref) < DOT_TOL
+    old = PA.sdpa_prefill_attention(q, kc, vc, meta.block_tables, meta.query_lens_cpu, meta.seq_lens_cpu, D**-0.5)
+    assert _rel(old, ref) < 1e-5  # the old path computes the same function
+    # a grid sized for a longer chunk than any present (a bound, not the exact max) changes nothing
+    again = PA.prefill_attention(q.to(DEV), kc.to(DEV), vc.to(DEV), meta.query_start_loc.to(DEV),
+                                 meta.seq_lens.to(DEV), meta.block_tables.to(DEV), D**-0.5, meta.max_query_len + 40)
+    assert torch.equal(again.cpu(), out.cpu())
+
+
+def test_prefill_attention_rejects_bad_shapes():
+    q = torch.randn(3, 5, 16)
+    kc = vc = torch.randn(4, 4, 2, 16)
+    with pytest.raises(ValueError, match="do not group"):
+        PA.prefill_attention(q, kc, vc, torch.tensor([0, 3], dtype=torch.int32), torch.tensor([3]),
+                             torch.zeros(1, 2, dtype=torch.int32), 0.25, 3)
 
 
 def test_greedy_sampling_is_argmax_and_seeded_sampling_is_reproducible():

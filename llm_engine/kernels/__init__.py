@@ -16,3 +16,22 @@ def gemv_enabled() -> bool:
 
 def set_gemv_enabled(on: bool) -> None:
     _GEMV[0] = bool(on)
+
+
+PREFILL_ATTN_BACKENDS = ("triton", "sdpa")
+_PREFILL = [os.environ.get("VOICEFAST_PREFILL_ATTN", "triton") or "triton"]
+
+
+def prefill_attention_backend() -> str:
+    """How CUDA steps with prefill rows attend: "triton" (kernels/prefill_attention.py, one launch per layer for all
+    sequences; the default) or "sdpa" (torch SDPA per sequence over gathered KV: the old path, kept for A/B runs).
+    Set by VOICEFAST_PREFILL_ATTN or set_prefill_attention_backend; any other value is an error."""
+    if _PREFILL[0] not in PREFILL_ATTN_BACKENDS:
+        raise ValueError(f"VOICEFAST_PREFILL_ATTN must be one of {PREFILL_ATTN_BACKENDS}, got {_PREFILL[0]!r}")
+    return _PREFILL[0]
+
+
+def set_prefill_attention_backend(name: str) -> None:
+    if name not in PREFILL_ATTN_BACKENDS:
+        raise ValueError(f"prefill attention backend must be one of {PREFILL_ATTN_BACKENDS}, got {name!r}")
+    _PREFILL[0] = name

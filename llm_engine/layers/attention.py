@@ -26,9 +26,8 @@ class Attention(nn.Module):
                 meta: AttnMetadata, cos_sin: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q + 2kv]
-        q = qkv[:, :self.q_size].view(T, self.num_heads, self.head_dim)  # [T, Hq, D] view
-        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        # q [T, Hq, D], k / v [T, Hkv, D]: views into qkv (two torch calls, not six: eager steps pay per call)
+        q, k, v = qkv.view(T, -1, self.head_dim).split([self.num_heads, self.num_kv_heads, self.num_kv_heads], 1)
         q, k = ops.rotary_store_kv(q, k, v, positions, cos_sin, self.rot_dim, True, k_cache, v_cache,
                                    meta.slot_mapping)
         o = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]

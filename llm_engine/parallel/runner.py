@@ -31,10 +31,11 @@ def leader_runner_class(base: type, leader) -> type:
             if getattr(self, "graphs", None) is not None:
                 self.graphs = _PublishingGraphs(self.graphs, self)
 
-        def _tensor(self, a: np.ndarray) -> torch.Tensor:
-            t = super()._tensor(a)
-            self._made[id(t)] = a
-            return t
+        def _upload(self, host: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            dev = super()._upload(host)
+            for name, t in dev.items():
+                self._made[id(t)] = host[name]
+            return dev
 
         def prepare_inputs(self, batch):
             self._made = {}

@@ -7,7 +7,7 @@
     STOP                                                       -> the worker exits
 
 GRAPH is the hot path (every decode step): raw int64 rows, no pickle. EAGER is generic over StepInputs and its
-AttnMetadata: every tensor field must have been made by `ModelRunner._tensor` from a host array (the rank-0
+AttnMetadata: every tensor field must have been made by `ModelRunner._upload` from a host array (the rank-0
 runner records them, `pack_inputs`), other fields travel as they are, per-request torch generators as None
 (workers never sample: rank 0 samples from the gathered logits)."""
 
@@ -56,7 +56,7 @@ def pack_inputs(value, arrays: dict[int, np.ndarray]):
     if isinstance(value, torch.Tensor):
         a = arrays.get(id(value))
         if a is None:
-            raise RuntimeError("tensor-parallel step: a StepInputs tensor was not made by ModelRunner._tensor, so it "
+            raise RuntimeError("tensor-parallel step: a StepInputs tensor was not made by ModelRunner._upload, so it "
                                "cannot be sent to the worker ranks")
         return _Array(np.array(a))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

@@ -19,12 +19,15 @@ def set_gemv_enabled(on: bool) -> None:
 
 
 PREFILL_ATTN_BACKENDS = ("triton", "sdpa")
-_PREFILL = [os.environ.get("VOICEFAST_PREFILL_ATTN", "triton") or "triton"]
+# The default stays "sdpa" until the kernel has run compiled on a GPU (bench/prefill_gpu.py's A/B on an H200: its
+# speed and its logits against the SDPA loop); it is verified on the CPU under TRITON_INTERPRET=1 only.
+_PREFILL = [os.environ.get("VOICEFAST_PREFILL_ATTN", "sdpa") or "sdpa"]
 
 
 def prefill_attention_backend() -> str:
     """How CUDA steps with prefill rows attend: "triton" (kernels/prefill_attention.py, one launch per layer for all
-    sequences; the default) or "sdpa" (torch SDPA per sequence over gathered KV: the old path, kept for A/B runs).
+    sequences) or "sdpa" (torch SDPA per sequence over gathered KV: the old path, the default until the kernel is
+    verified on a GPU).
     Set by VOICEFAST_PREFILL_ATTN or set_prefill_attention_backend; any other value is an error."""
     if _PREFILL[0] not in PREFILL_ATTN_BACKENDS:
         raise ValueError(f"VOICEFAST_PREFILL_ATTN must be one of {PREFILL_ATTN_BACKENDS}, got {_PREFILL[0]!r}")

@@ -4,12 +4,9 @@ embedded SmolLM2-135M for golden output, batching, prefix caching, chunking, pre
 import random
 
 import pytest
-import torch
+from tiny_llm import tiny_llama
 
 from llm_engine import EngineConfig, LLMEngine, SamplingParams
-from llm_engine.model_config import ModelConfig
-from llm_engine.models import build_model
-from llm_engine.models.weights import init_random_weights
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 SYSTEM = ("You are the customer-service assistant of Maple Street Books. Opening hours: Monday to Friday 9 am to "
@@ -26,10 +23,7 @@ GOLDEN_TEXT = "I'm happy to assist you with any questions or requests. However, 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch.set_num_threads(2)
-    cfg = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
-    return init_random_weights(build_model(cfg), seed=0, std=0.5)
+    return tiny_llama()
 
 
 def tiny_engine(model, **kw):

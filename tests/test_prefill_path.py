@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from tiny_llm import tiny_llama
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
@@ -16,9 +17,6 @@ pytest.importorskip("triton")
 
 from llm_engine import EngineConfig, LLMEngine, SamplingParams, ops  # noqa: E402
 from llm_engine.kernels import prefill_attention_backend, set_prefill_attention_backend  # noqa: E402
-from llm_engine.model_config import ModelConfig  # noqa: E402
-from llm_engine.models import build_model  # noqa: E402
-from llm_engine.models.weights import init_random_weights  # noqa: E402
 from llm_engine.pinned_upload import PinnedUpload  # noqa: E402
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="interprets the kernels on CPU tensors")
@@ -26,10 +24,7 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="interprets the 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(2)
-    cfg = ModelConfig(family="llama", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
-                      num_heads=6, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
-    return init_random_weights(build_model(cfg), seed=3, std=0.3)
+    return tiny_llama(vocab_size=96, intermediate_size=96, num_heads=6, seed=3, std=0.3)
 
 
 def _engine(model):

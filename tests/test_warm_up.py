@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from tiny_llm import tiny_llama
 
 from llm_engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
 from llm_engine.model_config import ModelConfig
@@ -20,10 +21,7 @@ GPU_LIKE = dict(vocab_size=49152, max_num_seqs=64, max_model_len=4096, block_siz
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch.set_num_threads(2)
-    cfg = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
-    return init_random_weights(build_model(cfg), seed=0, std=0.5)
+    return tiny_llama()
 
 
 def tiny_engine(model, **kw):

@@ -13,23 +13,63 @@ import heapq
 import itertools
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 
 log = logging.getLogger("voicefast.audio")
 
 
+class _Queue:
+    """What the workers share: the heap and its condition. The workers hold this, never the pool, so a pool nobody
+    references is collected and its workers end (as concurrent.futures' pools do)."""
+
+    def __init__(self):
+        self.heap: list[tuple[float, int, Future, Callable, tuple]] = []  # (deadline_s, seq, fut, fn, args)
+        self.cv = threading.Condition()
+        self.closed = False
+
+    def close(self, cancel_futures: bool = False) -> None:
+        with self.cv:
+            self.closed = True
+            if cancel_futures:
+                for _, _, fut, _, _ in self.heap:
+                    fut.cancel()
+                self.heap.clear()
+            self.cv.notify_all()
+
+
+def _work(q: _Queue) -> None:
+    while True:
+        with q.cv:
+            while not q.heap and not q.closed:
+                q.cv.wait()
+            if not q.heap:  # closed and drained
+                return
+            _, _, fut, fn, args = heapq.heappop(q.heap)
+        if not fut.set_running_or_notify_cancel():
+            continue  # cancelled while queued
+        result = None
+        try:
+            result = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - delivered to whoever waits on the future
+            fut.set_exception(e)
+        else:
+            fut.set_result(result)
+        fut = fn = args = result = None  # drop the finished job's references while waiting for the next
+
+
 class DeadlinePool:
     def __init__(self, workers: int = 1, *, name: str = "voicefast-tts"):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self._heap: list[tuple[float, int, Future, Callable, tuple]] = []  # (deadline_s, seq, fut, fn, args)
+        self._q = _Queue()
         self._seq = itertools.count()
-        self._cv = threading.Condition()
-        self._closed = False
-        self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True) for i in range(workers)]
+        self._threads = [threading.Thread(target=_work, args=(self._q,), name=f"{name}_{i}", daemon=True)
+                         for i in range(workers)]
         for t in self._threads:
             t.start()
+        weakref.finalize(self, self._q.close)  # unreferenced: the workers finish what is queued and end
 
     @property
     def workers(self) -> int:
@@ -38,11 +78,12 @@ class DeadlinePool:
     def submit_by(self, deadline_s: float, fn: Callable, *args) -> Future:
         """Run fn(*args) on a worker; earlier deadline_s (any monotonic clock, e.g. time.monotonic()) first."""
         fut: Future = Future()
-        with self._cv:
-            if self._closed:
+        q = self._q
+        with q.cv:
+            if q.closed:
                 raise RuntimeError("DeadlinePool is shut down")
-            heapq.heappush(self._heap, (float(deadline_s), next(self._seq), fut, fn, args))
-            self._cv.notify()
+            heapq.heappush(q.heap, (float(deadline_s), next(self._seq), fut, fn, args))
+            q.cv.notify()
         return fut
 
     def submit(self, fn: Callable, *args) -> Future:
@@ -50,35 +91,12 @@ class DeadlinePool:
         return self.submit_by(float("inf"), fn, *args)
 
     def queued(self) -> int:
-        with self._cv:
-            return len(self._heap)
-
-    def _work(self) -> None:
-        while True:
-            with self._cv:
-                while not self._heap and not self._closed:
-                    self._cv.wait()
-                if not self._heap:  # closed and drained
-                    return
-                _, _, fut, fn, args = heapq.heappop(self._heap)
-            if not fut.set_running_or_notify_cancel():
-                continue  # cancelled while queued
-            try:
-                result = fn(*args)
-            except BaseException as e:  # noqa: BLE001 - delivered to whoever waits on the future
-                fut.set_exception(e)
-            else:
-                fut.set_result(result)
+        with self._q.cv:
+            return len(self._q.heap)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking jobs; queued jobs still run unless cancel_futures (then they are cancelled)."""
-        with self._cv:
-            self._closed = True
-            if cancel_futures:
-                for _, _, fut, _, _ in self._heap:
-                    fut.cancel()
-                self._heap.clear()
-            self._cv.notify_all()
+        self._q.close(cancel_futures)
         if wait:
             for t in self._threads:
                 t.join()

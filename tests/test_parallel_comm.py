@@ -161,7 +161,7 @@ def test_step_messages_round_trip_a_real_runners_inputs():
     rows = np.arange(12, dtype=np.int64).reshape(3, 4)
     kind, (b, got) = steps.decode(memoryview(steps.encode_graph(3, rows)))
     assert kind == steps.GRAPH and b == 3 and np.array_equal(got, rows)
-    with pytest.raises(RuntimeError, match="not made by ModelRunner._tensor"):
+    with pytest.raises(RuntimeError, match="not made by ModelRunner._upload"):
         steps.pack_inputs(inp, {})
 
 

@@ -97,3 +97,16 @@ def test_speech_output_dates_its_first_phrase_now_and_later_ones_by_the_audio_ah
     for i, (d, _) in enumerate(later):
         assert d >= so.first_audio_s + sum(ahead_ms[:i + 1]) / 1000.0 - 1e-6
     assert np.isfinite([d for d, _ in seen]).all()
+
+
+def test_a_pool_nobody_references_ends_its_workers():
+    import gc
+
+    pool = DeadlinePool(2, name="test-deadline-gc")
+    assert pool.submit_by(0.0, lambda: 7).result(5) == 7
+    threads = list(pool._threads)
+    del pool
+    gc.collect()
+    for t in threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in threads)

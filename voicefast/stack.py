@@ -73,6 +73,8 @@ class Stack:
     def shutdown(self) -> None:
         if self._tts_pool is not None:
             self._tts_pool.shutdown(wait=False, cancel_futures=True)
+        if self._vad_pool is not None:
+            self._vad_pool.shutdown(wait=False, cancel_futures=True)
         close = getattr(self.turn_model, "close", None)
         if close is not None:
             close()

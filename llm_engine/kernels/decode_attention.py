@@ -16,6 +16,17 @@ import triton
 import triton.language as tl
 
 
+def gqa_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, who: str) -> int:
+    """Query heads per KV head for q [..., Hq, D] over caches [num_blocks, block_size, Hkv, D]; checks the head dim
+    is contiguous everywhere (the attention kernels load it as one vector)."""
+    n_q, n_kv = q.shape[-2], k_cache.shape[2]
+    if n_q % n_kv:
+        raise ValueError(f"{n_q} query heads do not group over {n_kv} KV heads")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError(f"{who} wants the head dim contiguous")
+    return n_q // n_kv
+
+
 @triton.jit
 def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, seq_lens_ptr, bt_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                         scale, page_size,
@@ -116,12 +127,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     split_tokens: keys per split-K program (a multiple of 64 and a power of two; default by batch shape).
     Returns out [B, Hq, D]. Rows with seq_len 0 give zeros."""
     B, n_q, D = q.shape
-    n_kv = k_cache.shape[2]
-    if n_q % n_kv:
-        raise ValueError(f"{n_q} query heads do not group over {n_kv} KV heads")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("decode_attention wants the head dim contiguous")
-    G = n_q // n_kv
+    G = gqa_group(q, k_cache, v_cache, "decode_attention")
+    n_kv = n_q // G
     block_n = 64 if D <= 128 else 32
     bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * k_cache.shape[1]
     split = split_tokens or pick_split_tokens(B, n_kv)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llm_engine.kernels.decode_attention import gqa_group
+
 
 @triton.jit(do_not_specialize=["s_bt"])
 def _prefill_attn_kernel(q_ptr, kc_ptr, vc_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_ptr, scale, page_size,
@@ -89,12 +91,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     int32; block_tables [B, >= max blocks] int32; max_query_len >= every query length (host int). Returns
     out [T, Hq, D] (every row of every sequence written)."""
     T, n_q, D = q.shape
-    n_kv = k_cache.shape[2]
-    if n_q % n_kv:
-        raise ValueError(f"{n_q} query heads do not group over {n_kv} KV heads")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("prefill_attention wants the head dim contiguous")
-    G = n_q // n_kv
+    G = gqa_group(q, k_cache, v_cache, "prefill_attention")
+    n_kv = n_q // G
     B = seq_lens.shape[0]
     if out is None:
         out = torch.empty((T, n_q, D), dtype=q.dtype, device=q.device)  # [T, Hq, D]

@@ -43,6 +43,10 @@ PREFIX_SUFFIXES = (1, 2, 9, 16, 17, 40)  # suffix lengths after a cached prefix
 SPLIT_KEYS = 64  # keys per split of the eager decode attention for one sequence (kernels/decode_attention.py)
 
 
+class EngineBusy(RuntimeError):
+    """The warm-up was asked for while requests are in flight (it needs an idle engine)."""
+
+
 def _params() -> list[SamplingParams]:
     """The sampling classes, cycled over the requests: greedy (the argmax path) and sampled ones (the Gumbel kernel
     alone, and after the top-p / top-k sort). ignore_eos: every request runs its MAX_TOKENS."""
@@ -215,7 +219,7 @@ def run_warm_up(eng: LLMEngine, plan: list[WarmUpRequest], log=None) -> WarmUpRe
     which then evicts the oldest like any request does). A request the engine refuses is skipped and a step failure
     counted, both logged through `log` (a logging.Logger); neither stops the warm-up."""
     if eng.has_unfinished():
-        raise RuntimeError("warm-up needs an idle engine (requests are in flight)")
+        raise EngineBusy("warm-up needs an idle engine (requests are in flight)")
     t0 = time.perf_counter()
     saved = _Counters(eng)
     bm = eng.block_manager

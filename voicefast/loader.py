@@ -106,9 +106,11 @@ async def warm_up(stack: Stack, instructions: str) -> None:
         await asyncio.to_thread(inner.grammar_compiler)
     engine_warm_up = getattr(stack.engine, "warm_up", None)
     if engine_warm_up is not None:  # CUDA: compile every kernel specialization now, not in the first callers' steps
+        from llm_engine.warm_up import EngineBusy
+
         try:
             await asyncio.to_thread(engine_warm_up)
-        except RuntimeError as e:  # a caller's request got in first (the warm-up needs an idle engine)
+        except EngineBusy as e:  # a caller's request got in first; any other failure (CUDA, a bug) stops start-up
             log.warning("engine warm-up skipped: %s", e)
     sp = stack.sampling_params(temperature=0.0, max_tokens=1)
     async for _ in stack.engine.generate(sp, messages=[{"role": "system", "content": instructions},

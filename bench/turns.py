@@ -7,7 +7,8 @@ each witness rule (audio model alone, transcript alone, both). Because the decis
 this measures exactly what the server would decide:
 
   cut rate        paused utterances whose turn ended before the true end of speech (a premature reply)
-  first check     complete questions whose turn ended at the first check (else: at the maximum silence)
+  first check     complete questions whose turn ended at the first check after the true end of speech (not at a
+                  later one or the maximum silence; checks at pauses inside the question do not count)
   decided after   ms of silence after the end of speech when the turn ended (input audio clock), p50 / p90
   model ms        the end-of-turn model's wall time per check (features + ONNX, one thread), p50 / p90
 
@@ -35,20 +36,12 @@ PAD_MS = 300  # prefix padding, as the server keeps it
 
 
 @dataclass
-class Check:
-    probability: float
-    text: str
-    last_word_probability: float | None
-    model_ms: float
-    asr_ms: float
-
-
-@dataclass
 class Outcome:
     cut: bool  # the turn ended before the true end of speech
-    first_check: bool
+    first_check: bool  # ended "complete" at the first check taken after the true end of speech
     decided_after_ms: float | None  # silence after the true end when the turn ended
     checks: int = 0
+    checks_after_end: int = 0  # checks taken after the true end of speech (the others were at pauses inside it)
     why: list[str] = field(default_factory=list)
 
 
@@ -78,35 +71,49 @@ class Judge:
 
         self.model = SmartTurnModel(resolve_turn().path)
         self.asr = WhisperASR(cpu_threads=asr_threads)
-        self._cache: dict[tuple[int, int], Check] = {}
+        self._probability: dict[tuple[int, int], tuple[float, float]] = {}  # -> (p, model ms)
+        self._text: dict[tuple[int, int], tuple[str, float | None, float]] = {}  # -> (text, last word p, asr ms)
 
-    def check(self, key: int, audio: np.ndarray) -> Check:
+    def probability(self, key: int, audio: np.ndarray) -> float:
         ck = (key, len(audio))
-        if ck not in self._cache:
+        if ck not in self._probability:
             t0 = time.perf_counter()
             p = self.model.predict(audio)
-            t1 = time.perf_counter()
+            self._probability[ck] = (p, (time.perf_counter() - t0) * 1e3)
+        return self._probability[ck][0]
+
+    def transcript(self, key: int, audio: np.ndarray) -> tuple[str, float | None]:
+        ck = (key, len(audio))
+        if ck not in self._text:
+            t0 = time.perf_counter()
             text = self.asr.transcribe(audio)
-            t2 = time.perf_counter()
-            self._cache[ck] = Check(p, str(text), getattr(text, "last_word_probability", None),
-                                    (t1 - t0) * 1e3, (t2 - t1) * 1e3)
-        return self._cache[ck]
+            self._text[ck] = (str(text), getattr(text, "last_word_probability", None),
+                              (time.perf_counter() - t0) * 1e3)
+        return self._text[ck][:2]
+
+    def model_ms(self) -> list[float]:
+        return [v[1] for v in self._probability.values()]
+
+    def asr_ms(self) -> list[float]:
+        return [v[2] for v in self._text.values()]
 
     def close(self) -> None:
         self.model.close()
         self.asr.close()
 
 
-def vad_events(x16: np.ndarray, check_ms: int, end_silence_ms: int) -> list[tuple[str, int, int]]:
-    """(kind, sample, now) of Silero VAD over x16 streamed in 20 ms chunks."""
+def vad_events(x16: np.ndarray, early_ms: int, end_silence_ms: int) -> list[tuple[str, int, int]]:
+    """(kind, sample, now) of Silero VAD over x16 streamed in 20 ms chunks; after each chunk's events an
+    ("audio", now, now) entry: the turn module's audio clock (on_audio)."""
     from audio.vad import SileroVadModel, VadParams, VadStream
 
     vad = VadStream(_vad_model(SileroVadModel), VadParams(silence_duration_ms=end_silence_ms,
-                                                          early_silence_ms=check_ms))
+                                                          early_silence_ms=early_ms))
     out, step = [], 16 * CHUNK_MS
     for i in range(0, len(x16), step):
         now = min(len(x16), i + step)
         out += [(e.kind, e.sample, now) for e in vad.process(x16[i:now])]
+        out.append(("audio", now, now))
     return out
 
 
@@ -122,32 +129,42 @@ def _vad_model(cls):
 
 def replay(policy, events, x16: np.ndarray, true_end: int, judge: Judge | None, key: int) -> Outcome:
     """The turn module on one utterance's VAD events, checks answered by the real witnesses at once."""
-    from voicefast.turns import EndTurn, StartCheck, TurnTaker
+    from voicefast.turns import AskModel, EndTurn, StartCheck, TurnTaker
 
     t = TurnTaker(policy)
     out = Outcome(cut=False, first_check=False, decided_after_ms=None)
+
+    def audio(start: int, end: int) -> np.ndarray:
+        return x16[max(0, start - 16 * PAD_MS):end]
+
     for kind, sample, now in events:
-        pending = list(t.on_vad(kind, sample, now))
+        pending = list(t.on_audio(now) if kind == "audio" else t.on_vad(kind, sample, now))
         while pending:
             a = pending.pop(0)
             if isinstance(a, StartCheck) and a.purpose == "end_of_turn":
-                c = judge.check(key, x16[max(0, a.start_sample - 16 * PAD_MS):a.end_sample])
-                pending += t.on_verdict(a.check_id, c.probability) if a.use_model else []
-                pending += t.on_transcript(a.check_id, c.text, c.last_word_probability)
+                clip = audio(a.start_sample, a.end_sample)
+                pending += t.on_verdict(a.check_id, judge.probability(key, clip)) if a.use_model else []
+                pending += t.on_transcript(a.check_id, *judge.transcript(key, clip))
                 out.checks += 1
+                out.checks_after_end += a.end_sample >= true_end
+                if t.utt is not None and t.utt.check is not None and t.utt.check.why:
+                    out.why.append(t.utt.check.why)
+            elif isinstance(a, AskModel):
+                pending += t.on_verdict(a.check_id, judge.probability(key, audio(a.start_sample, a.end_sample)))
                 if t.utt is not None and t.utt.check is not None and t.utt.check.why:
                     out.why.append(t.utt.check.why)
             elif isinstance(a, EndTurn):
                 decided_at = a.end_sample + 16 * a.silence_ms
                 out.cut = decided_at < true_end
-                out.first_check = a.reason == "complete" and a.checks == 1
+                out.first_check = a.reason == "complete" and out.checks_after_end == 1
                 out.decided_after_ms = (decided_at - true_end) / 16
                 return out
     return out
 
 
 def policies(witnesses: list[str], eagerness: list[str], custom: list[str] = ()):
-    """server_vad 500, each eagerness x witness, and custom "check_ms:max_silence_ms:threshold[:witness]" ones."""
+    """server_vad 500, each eagerness x witness, and custom "check_ms:max_silence_ms:threshold[:witness[:transcript_ms]]"
+    ones (transcript_ms: the check's transcript taken at that silence, before the model at check_ms)."""
     from voicefast.turns import TurnPolicy
 
     rows = [("server_vad 500", TurnPolicy.for_mode("server_vad", silence_duration_ms=500))] if eagerness else []
@@ -158,7 +175,8 @@ def policies(witnesses: list[str], eagerness: list[str], custom: list[str] = ())
         check, max_silence, threshold, *rest = spec.split(":")
         rows.append((f"semantic {spec}", TurnPolicy(semantic=True, check_ms=int(check),
                                                     end_silence_ms=int(max_silence), threshold=float(threshold),
-                                                    witness=rest[0] if rest else "both")))
+                                                    witness=rest[0] if rest else "both",
+                                                    transcript_ms=int(rest[1]) if len(rest) > 1 else None)))
     return rows
 
 
@@ -177,7 +195,7 @@ def run(rates: tuple[float, ...], witnesses: list[str], eagerness: list[str], lo
             events = {}
             res: dict[str, list[Outcome]] = {"paused": [], "complete": []}
             for k, (u, (x16, end)) in enumerate(zip(paused_set + complete, audio, strict=True)):
-                win = (policy.check_ms, policy.end_silence_ms)
+                win = (policy.early_ms, policy.end_silence_ms)
                 events = vad_events(x16, *win)
                 o = replay(policy, events, x16, end, judge if policy.semantic else None, k)
                 res["paused" if u.pause_ms else "complete"].append(o)
@@ -193,11 +211,9 @@ def run(rates: tuple[float, ...], witnesses: list[str], eagerness: list[str], lo
                                       if not o.first_check][:12]}
             rows.append(row)
             log(_line(row))
-        checks = list(judge._cache.values())
         return {"rows": rows, "rates": list(rates),
-                "model_ms_p50": _pct([c.model_ms for c in checks], 50),
-                "model_ms_p90": _pct([c.model_ms for c in checks], 90),
-                "asr_ms_p50": _pct([c.asr_ms for c in checks], 50), "checks": len(checks),
+                "model_ms_p50": _pct(judge.model_ms(), 50), "model_ms_p90": _pct(judge.model_ms(), 90),
+                "asr_ms_p50": _pct(judge.asr_ms(), 50), "checks": len(judge.model_ms()),
                 "paused_set": [{"text": u.text, "pause_ms": u.pause_ms, "voice": u.source} for u in paused_set]}
     finally:
         judge.close()
@@ -218,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", default=",".join(f"{r:g}" for r in SPEAKING_RATES), help="Piper speaking rates")
     ap.add_argument("--witnesses", default="both,audio,text")
     ap.add_argument("--eagerness", default="high,auto,low", help="'' for none")
-    ap.add_argument("--policy", action="append", default=[], metavar="CHECK_MS:MAX_SILENCE_MS:THRESHOLD[:WITNESS]",
+    ap.add_argument("--policy", action="append", default=[], metavar="CHECK_MS:MAX_SILENCE_MS:THRESHOLD[:WITNESS[:TRANSCRIPT_MS]]",
                     help="also a custom semantic policy (repeatable), for tuning the eagerness table")
     ap.add_argument("--out", default="bench/out/turns")
     a = ap.parse_args(argv)

@@ -287,10 +287,10 @@ class FakeVad:
 
 def _fake_vad(td) -> FakeVad:
     """server_vad: early silence at min(200, window/2), as before semantic_vad existed; semantic_vad: at the
-    eagerness' check (rounded up to the fake's 20 ms frames), stop at its maximum silence."""
+    eagerness' transcript time (rounded up to the fake's 20 ms frames), stop at its maximum silence."""
     if td.semantic:
         p = td.policy()
-        return FakeVad(silence_ms=p.end_silence_ms, early_ms=p.check_ms)
+        return FakeVad(silence_ms=p.end_silence_ms, early_ms=p.early_ms)
     return FakeVad(silence_ms=td.silence_duration_ms, early_ms=min(200, td.silence_duration_ms // 2))
 
 

@@ -300,6 +300,11 @@ def test_config_flags_env_and_security():
         ServerConfig(max_sessions=0)
     with pytest.raises(ValueError, match="VOICEFAST_PORT"):
         config_from([], {"VOICEFAST_PORT": "eighty"})
+    c = config_from(["--turn-transcript-ms", "0"], {})
+    assert c.turn_transcript_ms == 0 and c.turn_policy_kw() == {"transcript_ms": 0}
+    assert config_from([], {}).turn_policy_kw() == {}  # the eagerness' own
+    with pytest.raises(ValueError, match="turn_transcript_ms"):
+        ServerConfig(turn_transcript_ms=-5)
 
 
 def test_serve_refuses_open_host_without_keys(capsys):

@@ -7,9 +7,10 @@ import asyncio
 
 import numpy as np
 import pytest
-from fakes import FakeASR, FakeEngine, FakeTurnModel, silence, speech_like
+from fakes import FakeASR, FakeEngine, FakeTurnModel, FakeVad, silence, speech_like
 from test_session import Harness
 
+from voicefast.config import ServerConfig
 from voicefast.errors import ProtocolError
 from voicefast.session_config import TurnDetection
 
@@ -46,6 +47,38 @@ async def test_complete_turn_ends_at_the_first_check():
     assert h.of("input_audio_buffer.speech_stopped")[0]["audio_end_ms"] == 600
     (call,) = h.stack.turn_model.calls  # the model heard the turn (300 ms padding is before the start) + the pause
     assert abs(call - 16 * (600 + silence_ms)) < 16
+    await h.session.close()
+
+
+async def test_the_transcript_starts_before_the_model_is_asked():
+    """auto: the pause's ASR final (and the held reply on it) starts at 64 ms of silence, the end-of-turn model is
+    asked at 160 ms on the longer audio; the turn ends when both have answered, dated at the model's check."""
+    h = Harness(asr=FakeASR(["What time do you open on Saturday?"]), turn_model=FakeTurnModel(0.93))
+    h.audio(np.concatenate([speech_like(600), silence(400)]))
+    done = await h.wait_for("response.done")
+    t = timings(done)
+    assert t["end_of_turn_reason"] == "complete" and t["end_of_turn_checks"] == 1
+    (asr_call,) = [n for n in h.stack.asr.calls if n > 16 * 600]  # the check's final (partials are the fake's own)
+    (model_call,) = h.stack.turn_model.calls
+    assert 16 * (600 + 64) <= asr_call < 16 * (600 + 100)  # 64 ms of silence, rounded up to the fake's 20 ms frames
+    assert 16 * (600 + 160) <= model_call < 16 * (600 + 200) and t["end_of_turn_silence_ms"] >= 160
+    await h.session.close()
+
+
+async def test_turn_transcript_ms_zero_takes_both_witnesses_at_the_check():
+    opts = ServerConfig(output_lead_ms=100, turn_transcript_ms=0)
+
+    def vad(td):  # as the loader's factory: the VAD's early silence follows the server's setting
+        p = td.policy(**opts.turn_policy_kw())
+        return FakeVad(silence_ms=p.end_silence_ms, early_ms=p.early_ms)
+
+    h = Harness(asr=FakeASR(["What time do you open on Saturday?"]), turn_model=FakeTurnModel(0.93), opts=opts,
+                vad_factory=vad)
+    h.audio(np.concatenate([speech_like(600), silence(400)]))
+    await h.wait_for("response.done")
+    (asr_call,) = [n for n in h.stack.asr.calls if n > 16 * 600]
+    (model_call,) = h.stack.turn_model.calls
+    assert asr_call == model_call and model_call >= 16 * (600 + 160)
     await h.session.close()
 
 

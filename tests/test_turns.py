@@ -11,6 +11,7 @@ from voicefast.turn_text import is_backchannel, unfinished
 from voicefast.turns import (
     EAGERNESS,
     Announce,
+    AskModel,
     Begin,
     CancelCheck,
     DropUtterance,
@@ -28,6 +29,9 @@ def ms(x: int) -> int:
 
 
 def taker(mode: str = "semantic_vad", **kw) -> TurnTaker:
+    """transcript_ms=0 unless given: the transcript and the model both at the check, one StartCheck per pause (the
+    early transcript of the eagerness defaults has its own tests below)."""
+    kw.setdefault("transcript_ms", 0)
     ids = itertools.count(1)
     return TurnTaker(TurnPolicy.for_mode(mode, **kw), new_id=lambda: f"item{next(ids)}")
 
@@ -57,6 +61,50 @@ def test_complete_verdict_ends_the_turn_at_the_check():
     assert not t.in_turn
     # The VAD still thinks the silence goes on: its later stop belongs to a finished turn.
     assert t.on_vad("speech_stopped", ms(1800), ms(1800 + 1200)) == []
+
+
+def test_an_early_transcript_then_the_model_at_the_check():
+    """transcript_ms < check_ms: the ASR final and the held reply start at 64 ms of silence, the model is asked
+    only when the audio clock reaches 160 ms of silence; the turn ends when both have testified, dated at the model's
+    ask."""
+    t = taker(transcript_ms=64)
+    assert t.policy.early_ms == 64
+    t.on_vad("speech_started", ms(200), ms(296))
+    c = only(t.on_vad("early_silence", ms(1800), ms(1864)), StartCheck)
+    assert c.speculate and not c.use_model and c.end_sample == ms(1864)
+    assert t.on_transcript(c.check_id, "What time do you open on Saturday?") == []  # the model has not spoken
+    assert t.on_audio(ms(1940)) == []  # 140 ms of silence: not yet
+    ask = only(t.on_audio(ms(1960)), AskModel)
+    assert (ask.check_id, ask.start_sample, ask.end_sample) == (c.check_id, ms(200), ms(1960))
+    assert t.on_audio(ms(1980)) == []  # asked once
+    end = only(t.on_verdict(c.check_id, 0.8), EndTurn)
+    assert (end.reason, end.check_id, end.silence_ms) == ("complete", c.check_id, 160)
+
+
+def test_an_early_transcript_is_dropped_when_speech_resumes_before_the_model():
+    t = taker(transcript_ms=64)
+    t.on_vad("speech_started", 0, ms(96))
+    c = only(t.on_vad("early_silence", ms(1000), ms(1064)), StartCheck)
+    assert only(t.on_vad("speech_resumed", ms(1100), ms(1120)), CancelCheck).check_id == c.check_id
+    assert t.on_audio(ms(1200)) == []  # no model for a dropped check
+    c2 = only(t.on_vad("early_silence", ms(2000), ms(2080)), StartCheck)  # the next pause: a new check
+    assert not c2.use_model and t.on_audio(ms(2150)) == []
+    assert only(t.on_audio(ms(2160)), AskModel).check_id == c2.check_id
+
+
+def test_an_early_transcript_late_vad_asks_the_model_in_the_same_step():
+    """The VAD can report the pause after check_ms already passed (a big chunk): the model is asked at once."""
+    t = taker(transcript_ms=64)
+    t.on_vad("speech_started", 0, ms(96))
+    acts = t.on_vad("early_silence", ms(1000), ms(1200))
+    c, ask = only(acts, StartCheck), only(acts, AskModel)
+    assert ask.check_id == c.check_id and ask.end_sample == ms(1200)
+
+
+def test_transcript_ms_must_not_follow_the_check():
+    with pytest.raises(ValueError, match="transcript_ms"):
+        TurnPolicy(check_ms=160, transcript_ms=200)
+    assert TurnPolicy.for_mode("server_vad", transcript_ms=64).early_ms == 160  # server_vad: its own speculation
 
 
 @pytest.mark.parametrize("p, text, why", [

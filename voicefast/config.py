@@ -57,6 +57,9 @@ class ServerConfig:
     turn_witness: str = "both"  # semantic_vad: "both" (model and transcript agree), "audio" or "text" alone
     asr_context_prompt: bool = True  # the conversation (names, last reply) as Whisper's prompt
     speculative_start: bool = True  # start ASR final + LLM at the VAD's early silence, hold output
+    # semantic_vad: silence before a pause's transcript (and the held reply on it) starts, ahead of the end-of-turn
+    # model (None: the eagerness' own, voicefast.turns.EAGERNESS; 0: together with the model; capped at its check)
+    turn_transcript_ms: int | None = None
     output_frame_ms: int = 100  # audio per response.output_audio.delta
     output_lead_ms: int = 300  # how far ahead of real-time playout audio may be sent
     # The first phrase goes to TTS after at most this many words (speech starts early; a dangling "the"/"to" waits
@@ -129,6 +132,8 @@ class ServerConfig:
         if self.backchannel_max_ms < self.barge_in_min_ms:
             raise ValueError(f"backchannel_max_ms ({self.backchannel_max_ms}) must be >= barge_in_min_ms "
                              f"({self.barge_in_min_ms})")
+        if self.turn_transcript_ms is not None and not 0 <= self.turn_transcript_ms <= 2000:
+            raise ValueError(f"turn_transcript_ms must be in [0, 2000], got {self.turn_transcript_ms}")
         if self.turn_witness not in ("both", "audio", "text"):
             raise ValueError(f"turn_witness must be 'both', 'audio' or 'text', got {self.turn_witness!r}")
         if self.twilio_reprompt_after_s < 0 or self.twilio_max_reprompts < 0 or self.twilio_dtmf_pause_ms < 100:
@@ -157,6 +162,10 @@ class ServerConfig:
     @property
     def loopback_only(self) -> bool:
         return self.host in ("127.0.0.1", "localhost", "::1")
+
+    def turn_policy_kw(self) -> dict:
+        """The server's settings of voicefast.turns.TurnPolicy that also decide the VAD's early silence."""
+        return {} if self.turn_transcript_ms is None else {"transcript_ms": self.turn_transcript_ms}
 
     def check_security(self) -> None:
         """Refuse to expose an unauthenticated server beyond this machine unless explicitly told to."""

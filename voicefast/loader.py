@@ -59,11 +59,11 @@ def load_stack(opts: ServerConfig) -> Stack:
     def vad_factory(td) -> VadStream:
         # server_vad: silence_duration_ms ends the turn, early silence starts the speculative reply; semantic_vad:
         # early silence is the end-of-turn check, the stop is the eagerness' maximum silence (voicefast.turns).
-        policy = td.policy()
+        policy = td.policy(**opts.turn_policy_kw())
         return VadStream(vad_model, VadParams(threshold=min(max(td.threshold, 0.01), 0.99),
                                               prefix_padding_ms=td.prefix_padding_ms,
                                               silence_duration_ms=policy.end_silence_ms,
-                                              early_silence_ms=policy.check_ms))
+                                              early_silence_ms=policy.early_ms))
 
     # An utterance ends at max_utterance_s (the session's rule); the transcriber's own cap is above it (plus the
     # longest prefix padding) so it never drops audio in practice, yet is bounded on its own.

@@ -36,6 +36,8 @@ _HELP = {
     "turn_model": "end-of-turn model for semantic_vad: Smart Turn v3 .onnx (default: embedded Smart Turn v3.2)",
     "turn_witness": "semantic_vad ends a turn when 'both' the end-of-turn model and the transcript say so, or "
                     "'audio' / 'text' alone (for measuring)",
+    "turn_transcript_ms": "semantic_vad: ms of silence before a pause's ASR final and held reply start, ahead of the "
+                          "end-of-turn model (default: per eagerness, 64 for auto; 0: with the model)",
     "backchannel_max_ms": "speech during a reply longer than this interrupts it even if it is a backchannel",
     "asr_context_prompt": "give Whisper the conversation (names in the instructions, the last reply) as its prompt",
     "twilio_auth_token": "phone calls on /twilio: validate X-Twilio-Signature with this Twilio auth token",

@@ -19,6 +19,7 @@ from voicefast.errors import ProtocolError
 from voicefast.metrics import TurnTimings
 from voicefast.turns import (
     Announce,
+    AskModel,
     Begin,
     CancelCheck,
     DropUtterance,
@@ -44,6 +45,7 @@ class SessionTurns:
                                          barge_in_min_ms=self.opts.barge_in_min_ms,
                                          backchannel_max_ms=self.opts.backchannel_max_ms,
                                          witness=self.opts.turn_witness,
+                                         **self.opts.turn_policy_kw(),
                                          max_utterance_ms=self.max_utterance_samples * 1000 // RATE_HZ),
                                new_id=lambda: new_id("item")) if td is not None else None
         self._vad_base = self.in_samples
@@ -132,6 +134,8 @@ class SessionTurns:
                     r.cancel("turn_detected")
             elif isinstance(a, StartCheck):
                 self._start_check(a)
+            elif isinstance(a, AskModel):
+                self._ask_model(a)
             elif isinstance(a, CancelCheck):
                 self.work.cancel_check(a.check_id)
             elif isinstance(a, EndTurn):
@@ -163,12 +167,22 @@ class SessionTurns:
         c = self.work.add_check(a, asr, t)
         asr.add_done_callback(lambda task, cid=a.check_id: self._check_transcribed(cid, task))
         if a.use_model:
-            t.turn_model_s = time.monotonic()
-            fut = asyncio.wrap_future(self.stack.turn_model.submit(audio))
-            c.model = fut
-            fut.add_done_callback(lambda f, cid=a.check_id: self._check_judged(cid, f))
+            self._judge_turn(c, audio)
         if a.speculate:
             c.spec = self._start_response({}, t, asr, held=True, user_item_id=a.item_id)
+
+    def _ask_model(self, a: AskModel) -> None:
+        """The check's end-of-turn model, later than its transcript (TurnPolicy.transcript_ms): on the audio with
+        the longer silence it needs, while the ASR final and the held reply are already under way."""
+        c = self.work.checks.get(a.check_id)
+        if c is not None:
+            self._judge_turn(c, self.inbuf.slice(a.start_sample - self._pad_samples(), a.end_sample))
+
+    def _judge_turn(self, c, audio: np.ndarray) -> None:
+        c.t.turn_model_s = time.monotonic()
+        fut = asyncio.wrap_future(self.stack.turn_model.submit(audio))
+        c.model = fut
+        fut.add_done_callback(lambda f, cid=c.action.check_id: self._check_judged(cid, f))
 
     def _check_transcribed(self, check_id: int, task: asyncio.Task) -> None:
         if task.cancelled() or self.closed or self.work.checks.get(check_id) is None:

@@ -293,7 +293,11 @@ class WhisperASR:
             piece = tok.decode([t])
             if not probs and not piece.strip(" .,!?;:\"'-\u2026"):
                 continue  # trailing punctuation
-            lv = np.asarray(logits[i], dtype=np.float64)  # [vocab] this step's logits
+            step = logits[i]
+            if getattr(step, "device", "cpu") != "cpu":  # a CUDA StorageView: numpy reads host memory only
+                import ctranslate2
+                step = step.to_device(ctranslate2.Device.cpu)
+            lv = np.asarray(step, dtype=np.float64)  # [vocab] this step's logits
             m = lv.max()
             probs.append(float(np.exp(lv[t] - m - np.log(np.exp(lv - m).sum()))))
             if piece.startswith(" "):

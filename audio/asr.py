@@ -251,7 +251,25 @@ class WhisperASR:
 
     def _decode_short(self, audios: list[np.ndarray], window_frames: int,
                       prompts: list[list[int]]) -> tuple[list[str], list[bool]]:
-        """(texts, suspect) for utterances of at most 30 s, encoded as one batch on a window_frames window."""
+        """(texts, suspect) for utterances of at most 30 s on a window_frames window: one batch per position of
+        <|startoftranscript|> in the prompt (CTranslate2's Whisper generate needs it at the same position in every
+        row, so sessions whose previous-text prompts differ in length are decoded in separate batches)."""
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(p.index(self._tokenizer.sot) if self._tokenizer.sot in p else 0, []).append(i)
+        if len(groups) == 1:
+            return self._decode_batch_same_sot(audios, window_frames, prompts)
+        texts: list = [None] * len(audios)
+        suspect: list = [None] * len(audios)
+        for idx in groups.values():
+            t, s = self._decode_batch_same_sot([audios[i] for i in idx], window_frames, [prompts[i] for i in idx])
+            for i, ti, si in zip(idx, t, s, strict=True):
+                texts[i], suspect[i] = ti, si
+        return texts, suspect
+
+    def _decode_batch_same_sot(self, audios: list[np.ndarray], window_frames: int,
+                               prompts: list[list[int]]) -> tuple[list[str], list[bool]]:
+        """_decode_short for prompts with <|startoftranscript|> at one position: encoded and decoded as one batch."""
         from faster_whisper.audio import pad_or_trim
 
         fe = self.model.feature_extractor

@@ -264,6 +264,23 @@ def test_prompt_and_last_word_probability(asr):
 
 
 @pytest.mark.slow
+def test_one_batch_of_sessions_with_prompts_of_different_lengths(asr):
+    """The pool batches finals of different sessions, each with its own previous-text prompt: CTranslate2 needs
+    <|startoftranscript|> at one position per batch, so the batch is split by prompt length, and every row gets the
+    text its own prompt gives alone (on CUDA, where the pool batches most, this failed with a ValueError)."""
+    from audio.asr import DecodeRequest
+
+    sents = ["Where is your nearest shop located?", "I would like to cancel my subscription.",
+             "Can I speak with a manager please?"]
+    xs = [load_wav(speech_wav(s))[0] for s in sents]
+    reqs = [DecodeRequest(prompt="Maple Street Outfitters, Main Street, Springfield."), DecodeRequest(),
+            DecodeRequest(prompt="Thanks for calling.")]
+    alone = [asr.decode_batch([x], [r])[0] for x, r in zip(xs, reqs, strict=True)]
+    assert asr.decode_batch(xs, reqs) == alone
+    assert word_error_rate(sents, alone) <= 0.10, alone
+
+
+@pytest.mark.slow
 def test_whisper_silence_is_empty_and_bad_input_rejected(asr):
     assert asr.transcribe(np.zeros(16000, np.float32)) == ""
     with pytest.raises(ValueError):

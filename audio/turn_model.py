@@ -6,8 +6,8 @@ that the speaker has finished their turn. The model sees prosody and rhythm only
 with a falling pitch ("I'd like to book a table for") can score high, so callers combine it with the transcript.
 
 One SmartTurnModel per process, shared by every session: predict() is blocking and thread-safe; submit() runs
-it on the model's own worker thread (one inference at a time: the model has one core's budget) and returns a
-concurrent Future. The model file is given by path; where the embedded one lives is the caller's business."""
+it on the model's own worker threads (`workers`, one inference each at one intra-op thread: one on a small host,
+more where many callers' checks would queue) and returns a concurrent Future. The model file is given by path; where the embedded one lives is the caller's business."""
 
 from __future__ import annotations
 
@@ -35,11 +35,14 @@ def turn_features(x16k: np.ndarray) -> np.ndarray:
 
 
 class SmartTurnModel:
-    def __init__(self, path: str | Path, *, threads: int = 1):
+    def __init__(self, path: str | Path, *, threads: int = 1, workers: int = 1):
         try:
             import onnxruntime as ort
         except ImportError as e:  # pragma: no cover - onnxruntime is a core dependency
             raise RuntimeError("the end-of-turn model needs onnxruntime: pip install onnxruntime") from e
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"end-of-turn model {self.path} does not exist")
@@ -68,10 +71,10 @@ class SmartTurnModel:
         return float(np.clip(out.reshape(-1)[0], 0.0, 1.0))
 
     def submit(self, x16k: np.ndarray) -> Future:
-        """predict() on the model's worker thread; cancelling the Future drops it if it has not started."""
+        """predict() on one of the model's `workers` threads; cancelling the Future drops it if it has not started."""
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="voicefast-turn")
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="voicefast-turn")
             return self._pool.submit(self.predict, np.array(x16k, dtype=np.float32))
 
     def close(self) -> None:

@@ -41,6 +41,9 @@ class EngineConfig:
     speculative_ngram_min: int = 2  # shortest suffix n-gram looked up in the sequence's earlier tokens
     speculative_ngram_max: int = 4  # longest (tried first)
     speculative_max_rows: int = 32  # drafts only while a step's decode rows (1 + drafts per seq) stay <= this
+    # a step slower than this is logged with what it held (prefills, tokens, decodes; schedule / run / postprocess
+    # times), at most once a second: None = 250 ms on CUDA (a decode step is a few ms there), off on CPU; 0 = off
+    slow_step_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
@@ -71,6 +74,9 @@ class EngineConfig:
                 or self.tp_one_shot_max_bytes % 256:
             raise ValueError(f"tp_one_shot_max_bytes must be a multiple of 256 in [0, 64 MiB], got "
                              f"{self.tp_one_shot_max_bytes!r}")
+        if self.slow_step_ms is not None and not (isinstance(self.slow_step_ms, (int, float)) and
+                                                  0 <= self.slow_step_ms < 3.6e6):
+            raise ValueError(f"slow_step_ms must be >= 0 or None, got {self.slow_step_ms!r}")
         for name in ("speculative_tokens", "speculative_ngram_min", "speculative_ngram_max", "speculative_max_rows"):
             v = getattr(self, name)
             if v is None and name == "speculative_tokens":

@@ -115,6 +115,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) of recent steps
         self._steps, self._step_seqs, self._step_s = 0, 0, 0.0  # cumulative, over steps that ran a batch
+        slow = cfg.slow_step_ms if cfg.slow_step_ms is not None else (250.0 if self.device.type == "cuda" else 0.0)
+        self._slow_step_s = slow / 1e3
+        self._slow_logged_s, self._slow_unlogged = 0.0, 0
         self.num_finished = 0
         self._grammar: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
@@ -236,6 +239,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not len(batch):
             return outs
+        t_sched = time.perf_counter()
         try:
             sampled = self.runner.run(batch)
         except Exception as e:  # the step failed: end the affected requests, keep the engine alive
@@ -261,8 +265,23 @@ class LLMEngine:
             self._recent.popleft()
         self._steps += 1
         self._step_seqs += len(batch.seqs)
-        self._step_s += time.perf_counter() - t0
+        t_end = time.perf_counter()
+        self._step_s += t_end - t0
+        if self._slow_step_s and t_end - t0 > self._slow_step_s:
+            self._log_slow_step(batch, t0, t_sched, now, t_end)
         return outs
+
+    def _log_slow_step(self, batch, t0: float, t_sched: float, t_run: float, t_end: float) -> None:
+        """What a slow step held and where its time went, at most once a second (the rest are counted)."""
+        if t_end - self._slow_logged_s < 1.0:
+            self._slow_unlogged += 1
+            return
+        d = batch.num_decodes
+        log.warning("slow engine step: %.0f ms (schedule %.0f, run %.0f, postprocess %.0f ms): %d prefill seq(s), "
+                    "%d prefill tokens, %d decode seq(s), %d rows; %d more slow step(s) since the last report",
+                    (t_end - t0) * 1e3, (t_sched - t0) * 1e3, (t_run - t_sched) * 1e3, (t_end - t_run) * 1e3,
+                    len(batch.seqs) - d, sum(batch.num_tokens[d:]), d, batch.total_tokens, self._slow_unlogged)
+        self._slow_logged_s, self._slow_unlogged = t_end, 0
 
     def _advance_grammar(self, seq: Sequence, toks: list[int]) -> None:
         """The matcher consumes the new tokens (the next step's mask depends on them; a constrained request is never

@@ -278,3 +278,22 @@ def test_llm_engine_imports_without_voicefast_or_audio():
             "try:\n    EngineConfig().model_path()\nexcept ValueError as e:\n    assert 'model_assets' in str(e)\n"
             "else:\n    raise SystemExit('expected ValueError')\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_slow_step_is_logged_with_what_it_held(tiny_model, caplog):
+    """slow_step_ms: a step over it is logged (prefills, tokens, decodes, where the time went), at most once a
+    second; the others are counted into the next report. 0 turns it off; CPU engines default to off."""
+    import logging
+
+    eng = tiny_engine(tiny_model, slow_step_ms=1e-6)
+    assert tiny_engine(tiny_model)._slow_step_s == 0.0
+    with caplog.at_level(logging.WARNING, logger="llm_engine"):
+        eng.add_request("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=4, ignore_eos=True))
+        while eng.has_unfinished():
+            eng.step()
+    slow = [r.getMessage() for r in caplog.records if "slow engine step" in r.getMessage()]
+    assert len(slow) == 1, slow  # 4 steps in well under a second: one report
+    assert "1 prefill seq(s), 5 prefill tokens, 0 decode seq(s)" in slow[0]
+    assert eng._slow_unlogged == 3
+    with pytest.raises(ValueError, match="slow_step_ms"):
+        EngineConfig(slow_step_ms=-1)

@@ -20,3 +20,26 @@ def test_freeze_heap_takes_what_is_alive_out_of_full_collections():
         assert all(id(x) in tracked for x in young)
     finally:
         gc.unfreeze()
+
+
+def test_slow_collections_are_logged_with_their_generation(caplog):
+    import logging
+
+    from voicefast.loader import log_gc_pauses
+
+    cb = log_gc_pauses(threshold_ms=0.0)  # every collection counts as slow here
+    try:
+        with caplog.at_level(logging.WARNING, logger="voicefast.loader"):
+            gc.collect(1)
+    finally:
+        gc.callbacks.remove(cb)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("garbage collection of generation 1 took") for m in msgs), msgs
+    quiet = log_gc_pauses(threshold_ms=1e9)
+    try:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="voicefast.loader"):
+            gc.collect(0)
+        assert not caplog.records
+    finally:
+        gc.callbacks.remove(quiet)

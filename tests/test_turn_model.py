@@ -123,3 +123,29 @@ def test_combined_decision_on_real_audio_and_transcripts(model):
         assert not any(decided[s][0] for s in UNFINISHED), decided
     finally:
         asr.close()
+
+
+def test_workers_run_checks_side_by_side():
+    """workers=2: two sessions' checks run at once on two threads (one thread queued them at 32 callers); the
+    answers are the same as predict()'s; workers < 1 is refused."""
+    import threading
+
+    m = SmartTurnModel(assets.resolve_turn().path, workers=2)
+    try:
+        x = speech16("What time do you open on Saturday?", trail_ms=200)
+        seen, gate = set(), threading.Barrier(2, timeout=30)
+        real = m.predict
+
+        def predict(a):
+            seen.add(threading.current_thread().name)
+            gate.wait()  # both inferences are running at the same moment, or this times out
+            return real(a)
+
+        m.predict = predict
+        futs = [m.submit(x) for _ in range(2)]
+        ps = [f.result(timeout=60) for f in futs]
+        assert len(seen) == 2 and ps[0] == ps[1] == real(x)
+    finally:
+        m.close()
+    with pytest.raises(ValueError, match="workers"):
+        SmartTurnModel(assets.resolve_turn().path, workers=0)

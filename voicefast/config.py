@@ -97,6 +97,7 @@ class ServerConfig:
     tts_threads: int = 1
     tts_workers: int = 1  # concurrent Piper syntheses shared by every session
     vad_threads: int = 1  # threads running the Silero VAD off the event loop (0: on the event loop)
+    turn_workers: int = 1  # concurrent end-of-turn model inferences (semantic_vad checks), one thread each
     # Logging
     log_level: str = "info"
 
@@ -115,6 +116,8 @@ class ServerConfig:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.ready_max_waiting < 0:
             raise ValueError(f"ready_max_waiting must be >= 0, got {self.ready_max_waiting}")
+        if self.turn_workers < 1:
+            raise ValueError(f"turn_workers must be >= 1, got {self.turn_workers}")
         if self.vad_threads < 0:
             raise ValueError(f"vad_threads must be >= 0 (0: the VAD runs on the event loop), got {self.vad_threads}")
         for name in ("torch_threads", "asr_cpu_threads", "asr_workers", "tts_threads", "tts_workers",

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 HOST_FIELDS = ("torch_threads", "asr_cpu_threads", "asr_workers", "tts_threads", "tts_workers", "vad_threads",
-               "max_sessions", "max_num_seqs", "max_waiting")
+               "turn_workers", "max_sessions", "max_num_seqs", "max_waiting")
 MAX_SESSIONS_CAP = 256  # CUDA graphs are captured up to max_num_seqs; beyond this a host needs replicas anyway
 
 
@@ -75,7 +75,10 @@ def host_defaults(cpu_cores: int, llm_device: str, asr_device: str) -> dict[str,
             asr_workers = max(1, asr_cores * 3 // (2 * asr_cpu_threads))
         tts_workers = max(1, round(free * 0.3))
     return {"torch_threads": torch_threads, "asr_cpu_threads": asr_cpu_threads, "asr_workers": asr_workers,
-            "tts_threads": 1, "tts_workers": tts_workers, "vad_threads": max(1, c // 8), "max_sessions": max_sessions,
+            "tts_threads": 1, "tts_workers": tts_workers, "vad_threads": max(1, c // 8),
+            # the end-of-turn model: ~30-50 ms per check; one thread queued checks for hundreds of ms at 32 callers
+            # on the H200 host (turn_model_ms p50 168 ms); two there, one on a small host
+            "turn_workers": max(1, c // 8), "max_sessions": max_sessions,
             "max_num_seqs": max_num_seqs, "max_waiting": max(64, 2 * max_sessions)}
 
 
@@ -99,7 +102,7 @@ class HostReport:
         return (f"host: {f.cpu_cores} CPU cores, {gpu}; LLM on {self.llm_device}, ASR on {self.asr_device}{asr_note}; "
                 f"ASR {val('asr_workers')} workers x {val('asr_cpu_threads')} threads, TTS {val('tts_workers')} "
                 f"workers x {val('tts_threads')} thread(s), torch {val('torch_threads')} thread(s), VAD "
-                f"{val('vad_threads')}; max_sessions {val('max_sessions')}, max_num_seqs {val('max_num_seqs')}, "
+                f"{val('vad_threads')}, end-of-turn model {val('turn_workers')}; max_sessions {val('max_sessions')}, max_num_seqs {val('max_num_seqs')}, "
                 f"max_waiting {val('max_waiting')}" + ("  (* = set by flag/env)" if set(v) - self.auto else ""))
 
     def to_dict(self) -> dict:

@@ -50,7 +50,7 @@ def load_stack(opts: ServerConfig) -> Stack:
     from llm_engine import AsyncLLMEngine, SamplingParams
 
     vad_model = SileroVadModel(opts.vad_model)
-    turn_model = SmartTurnModel(resolve_turn(opts.turn_model).path, threads=1)
+    turn_model = SmartTurnModel(resolve_turn(opts.turn_model).path, threads=1, workers=opts.turn_workers)
     asr_device = "cpu" if opts.device == "cpu" and opts.asr_device == "auto" else opts.asr_device
     asr = WhisperASR(opts.asr_model, device=asr_device, cpu_threads=opts.asr_cpu_threads, workers=opts.asr_workers)
     tts = PiperTTS(opts.tts_voice, threads=opts.tts_threads)
@@ -124,6 +124,28 @@ async def warm_up(stack: Stack, instructions: str) -> None:
         speech.say("Hello.")
         async for _ in speech.frames():
             pass
+
+
+def log_gc_pauses(threshold_ms: float = 100.0):
+    """Log every garbage collection that takes threshold_ms or longer (its generation, time, objects found): a
+    collection stops every Python thread of the server (engine steps, the event loop), so a slow one shows up as a
+    stall of all sessions at once. Returns the callback (gc.callbacks.remove() it to stop)."""
+    import gc
+    import time
+
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        ms = (time.perf_counter() - started[0]) * 1e3
+        if ms >= threshold_ms:
+            log.warning("garbage collection of generation %d took %.0f ms (%d objects collected; every thread "
+                        "waited)", info.get("generation", -1), ms, info.get("collected", 0))
+
+    gc.callbacks.append(on_gc)
+    return on_gc
 
 
 def freeze_heap() -> int:

@@ -47,6 +47,7 @@ _HELP = {
     "asr_device": "where Whisper runs: auto (CUDA if CTranslate2 can use it: a GPU and CUDA 12 cuBLAS), cpu, cuda",
     "asr_workers": "concurrent ASR decodes (default: sized for this host, voicefast/host.py)",
     "tts_workers": "concurrent Piper syntheses (default: sized for this host)",
+    "turn_workers": "concurrent end-of-turn model inferences for semantic_vad (default: sized for this host)",
     "vad_threads": "threads running the Silero VAD off the event loop; 0 runs it on the loop (default: sized for "
                    "this host)",
     "max_sessions": "concurrent sessions (default: sized for this host: 4 per core with the LLM on a GPU)",
@@ -102,7 +103,7 @@ def resolve_config(argv: list[str], environ=None, detect=None):
 
 
 async def _run(opts: ServerConfig, host_report=None) -> int:
-    from voicefast.loader import freeze_heap, load_stack, warm_up
+    from voicefast.loader import freeze_heap, load_stack, log_gc_pauses, warm_up
     from voicefast.persona import DEFAULT_INSTRUCTIONS
     from voicefast.server import RealtimeServer, session_defaults
 
@@ -115,6 +116,7 @@ async def _run(opts: ServerConfig, host_report=None) -> int:
     await warm_up(stack, opts.instructions or DEFAULT_INSTRUCTIONS)
     frozen = freeze_heap()
     log.info("start-up heap frozen: %d objects out of the garbage collector's full passes", frozen)
+    log_gc_pauses()
     server.models_loaded = True
     for stage, what in stack.description.items():
         print(f"  {stage.upper():4} {what}")

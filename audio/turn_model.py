@@ -7,7 +7,8 @@ with a falling pitch ("I'd like to book a table for") can score high, so callers
 
 One SmartTurnModel per process, shared by every session: predict() is blocking and thread-safe; submit() runs
 it on the model's own worker threads (`workers`, one inference each at one intra-op thread: one on a small host,
-more where many callers' checks would queue) and returns a concurrent Future. The model file is given by path; where the embedded one lives is the caller's business."""
+more where many callers' checks would queue) and returns a concurrent Future. The model file is given by path;
+where the embedded one lives is the caller's business."""
 
 from __future__ import annotations
 

@@ -163,8 +163,9 @@ def replay(policy, events, x16: np.ndarray, true_end: int, judge: Judge | None, 
 
 
 def policies(witnesses: list[str], eagerness: list[str], custom: list[str] = ()):
-    """server_vad 500, each eagerness x witness, and custom "check_ms:max_silence_ms:threshold[:witness[:transcript_ms]]"
-    ones (transcript_ms: the check's transcript taken at that silence, before the model at check_ms)."""
+    """server_vad 500, each eagerness x witness, and custom
+    "check_ms:max_silence_ms:threshold[:witness[:transcript_ms]]" ones (transcript_ms: the check's transcript taken
+    at that silence, before the model at check_ms)."""
     from voicefast.turns import TurnPolicy
 
     rows = [("server_vad 500", TurnPolicy.for_mode("server_vad", silence_duration_ms=500))] if eagerness else []
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", default=",".join(f"{r:g}" for r in SPEAKING_RATES), help="Piper speaking rates")
     ap.add_argument("--witnesses", default="both,audio,text")
     ap.add_argument("--eagerness", default="high,auto,low", help="'' for none")
-    ap.add_argument("--policy", action="append", default=[], metavar="CHECK_MS:MAX_SILENCE_MS:THRESHOLD[:WITNESS[:TRANSCRIPT_MS]]",
+    ap.add_argument("--policy", action="append", default=[],
+                    metavar="CHECK_MS:MAX_SILENCE_MS:THRESHOLD[:WITNESS[:TRANSCRIPT_MS]]",
                     help="also a custom semantic policy (repeatable), for tuning the eagerness table")
     ap.add_argument("--out", default="bench/out/turns")
     a = ap.parse_args(argv)

@@ -188,9 +188,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Sequence i owns query rows [qsl[i], qsl[i+1]): the LAST query_len_i positions of its seq_len_i keys, which
     are read through block_tables[i]. Query j of the sequence (absolute position seq_len - query_len + j)
     sees keys 0..that position. Covers decode (query_len 1), prefill and chunked prefill over a cached prefix.
-    On the kernel path a step with any prefill row runs kernels/prefill_attention.py (one launch) when
-    VOICEFAST_PREFILL_ATTN=triton, else the per-sequence SDPA loop below (the CPU path, and the CUDA default until
-    the kernel is verified on a GPU)."""
+    On the kernel path a step with any prefill row runs kernels/prefill_attention.py (one launch; the default,
+    VOICEFAST_PREFILL_ATTN=triton), else the per-sequence SDPA loop below (the CPU path, and CUDA with
+    VOICEFAST_PREFILL_ATTN=sdpa)."""
     if meta.is_decode and _kern(q):  # Triton: GQA-grouped split-K over the paged cache, device metadata only
         return _kernels()[2].decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
                                               max_seq_len=meta.max_seq_len)

@@ -98,6 +98,9 @@ class ServerConfig:
     tts_workers: int = 1  # concurrent Piper syntheses shared by every session
     vad_threads: int = 1  # threads running the Silero VAD off the event loop (0: on the event loop)
     turn_workers: int = 1  # concurrent end-of-turn model inferences (semantic_vad checks), one thread each
+    # how long a Python thread may hold the GIL while another waits for it (sys.setswitchinterval); Python's 5 ms
+    # here, 0.5 ms with the LLM on a GPU (voicefast/host.py: the engine thread's eager prefill waited for it)
+    gil_switch_interval_us: int = 5000
     # Logging
     log_level: str = "info"
 
@@ -116,6 +119,8 @@ class ServerConfig:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.ready_max_waiting < 0:
             raise ValueError(f"ready_max_waiting must be >= 0, got {self.ready_max_waiting}")
+        if not 50 <= self.gil_switch_interval_us <= 100_000:
+            raise ValueError(f"gil_switch_interval_us must be in [50, 100000], got {self.gil_switch_interval_us}")
         if self.turn_workers < 1:
             raise ValueError(f"turn_workers must be >= 1, got {self.turn_workers}")
         if self.vad_threads < 0:

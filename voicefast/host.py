@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 HOST_FIELDS = ("torch_threads", "asr_cpu_threads", "asr_workers", "tts_threads", "tts_workers", "vad_threads",
-               "turn_workers", "max_sessions", "max_num_seqs", "max_waiting")
+               "turn_workers", "gil_switch_interval_us", "max_sessions", "max_num_seqs", "max_waiting")
 MAX_SESSIONS_CAP = 256  # CUDA graphs are captured up to max_num_seqs; beyond this a host needs replicas anyway
 
 
@@ -78,7 +78,12 @@ def host_defaults(cpu_cores: int, llm_device: str, asr_device: str) -> dict[str,
             "tts_threads": 1, "tts_workers": tts_workers, "vad_threads": max(1, c // 8),
             # the end-of-turn model: ~30-50 ms per check; one thread queued checks for hundreds of ms at 32 callers
             # on the H200 host (turn_model_ms p50 168 ms); two there, one on a small host
-            "turn_workers": max(1, c // 8), "max_sessions": max_sessions,
+            "turn_workers": max(1, c // 8),
+            # The engine thread's eager prefill makes ~470 torch calls, each giving the GIL up and waiting to get it
+            # back from whichever thread holds it, up to the switch interval each time. On the H200 host at 32
+            # callers a 1-30-token prefill took 0.3-1.0 s under Python's 5 ms; 0.5 ms cut LLM TTFT p95 1,295 -> 728
+            # ms and voice-to-voice p50 2,171 -> 1,777 ms (docs/gpu.md). A CPU host keeps Python's default.
+            "gil_switch_interval_us": 500 if llm_device == "cuda" else 5000, "max_sessions": max_sessions,
             "max_num_seqs": max_num_seqs, "max_waiting": max(64, 2 * max_sessions)}
 
 
@@ -102,7 +107,9 @@ class HostReport:
         return (f"host: {f.cpu_cores} CPU cores, {gpu}; LLM on {self.llm_device}, ASR on {self.asr_device}{asr_note}; "
                 f"ASR {val('asr_workers')} workers x {val('asr_cpu_threads')} threads, TTS {val('tts_workers')} "
                 f"workers x {val('tts_threads')} thread(s), torch {val('torch_threads')} thread(s), VAD "
-                f"{val('vad_threads')}, end-of-turn model {val('turn_workers')}; max_sessions {val('max_sessions')}, max_num_seqs {val('max_num_seqs')}, "
+                f"{val('vad_threads')}, end-of-turn model {val('turn_workers')}, GIL switch "
+                f"{val('gil_switch_interval_us')} us; max_sessions {val('max_sessions')}, "
+                f"max_num_seqs {val('max_num_seqs')}, "
                 f"max_waiting {val('max_waiting')}" + ("  (* = set by flag/env)" if set(v) - self.auto else ""))
 
     def to_dict(self) -> dict:

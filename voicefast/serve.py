@@ -47,6 +47,8 @@ _HELP = {
     "asr_device": "where Whisper runs: auto (CUDA if CTranslate2 can use it: a GPU and CUDA 12 cuBLAS), cpu, cuda",
     "asr_workers": "concurrent ASR decodes (default: sized for this host, voicefast/host.py)",
     "tts_workers": "concurrent Piper syntheses (default: sized for this host)",
+    "gil_switch_interval_us": "sys.setswitchinterval in microseconds: how long a thread may keep the GIL from one "
+                              "waiting for it (default: 500 with the LLM on a GPU, Python's 5000 otherwise)",
     "turn_workers": "concurrent end-of-turn model inferences for semantic_vad (default: sized for this host)",
     "vad_threads": "threads running the Silero VAD off the event loop; 0 runs it on the loop (default: sized for "
                    "this host)",
@@ -107,6 +109,7 @@ async def _run(opts: ServerConfig, host_report=None) -> int:
     from voicefast.persona import DEFAULT_INSTRUCTIONS
     from voicefast.server import RealtimeServer, session_defaults
 
+    sys.setswitchinterval(opts.gil_switch_interval_us / 1e6)
     stack = await asyncio.to_thread(load_stack, opts)
     voice = stack.voice_names[0]
     server = RealtimeServer(stack, opts, defaults=session_defaults(opts, opts.instructions or DEFAULT_INSTRUCTIONS,

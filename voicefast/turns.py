@@ -20,8 +20,9 @@ session began), so the same inputs always give the same actions and tests drive 
                 paused (a candidate barge-in is dropped), and the VAD starts afresh: speech that goes on is a new
                 turn. The utterance's audio, its partials and its final decode so stay bounded.
 
-Inputs: on_vad(kind, sample, now), on_audio(now) (it also asks the model when due), on_transcript(check_id, text), on_verdict(check_id, p),
-response_audio_ends(sample), reset(). Each returns the list of actions the session must carry out, in order."""
+Inputs: on_vad(kind, sample, now), on_audio(now) (it also asks the model when due), on_transcript(check_id, text),
+on_verdict(check_id, p), response_audio_ends(sample), reset(). Each returns the list of actions the session must
+carry out, in order."""
 
 from __future__ import annotations
 

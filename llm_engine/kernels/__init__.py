@@ -19,15 +19,16 @@ def set_gemv_enabled(on: bool) -> None:
 
 
 PREFILL_ATTN_BACKENDS = ("triton", "sdpa")
-# The default stays "sdpa" until the kernel has run compiled on a GPU (bench/prefill_gpu.py's A/B on an H200: its
-# speed and its logits against the SDPA loop); it is verified on the CPU under TRITON_INTERPRET=1 only.
-_PREFILL = [os.environ.get("VOICEFAST_PREFILL_ATTN", "sdpa") or "sdpa"]
+# "triton" by default since bench/prefill_gpu.py's A/B on an H200 (52ec6cc, docs/gpu.md): 1.2-8.6x faster steps
+# than the SDPA loop (32 x 24 new tokens: 26 vs 207 ms for SmolLM2, 31 vs 267 ms for the GLM-4-9B shape), no
+# cuDNN graph build per new shape (the loop's first steps of a new length took up to 0.7-1.6 s), same argmax on
+# 15 of 17 rows (bf16 ties). "sdpa" keeps the old path.
+_PREFILL = [os.environ.get("VOICEFAST_PREFILL_ATTN", "triton") or "triton"]
 
 
 def prefill_attention_backend() -> str:
     """How CUDA steps with prefill rows attend: "triton" (kernels/prefill_attention.py, one launch per layer for all
-    sequences) or "sdpa" (torch SDPA per sequence over gathered KV: the old path, the default until the kernel is
-    verified on a GPU).
+    sequences; the default) or "sdpa" (torch SDPA per sequence over gathered KV: the old path).
     Set by VOICEFAST_PREFILL_ATTN or set_prefill_attention_backend; any other value is an error."""
     if _PREFILL[0] not in PREFILL_ATTN_BACKENDS:
         raise ValueError(f"VOICEFAST_PREFILL_ATTN must be one of {PREFILL_ATTN_BACKENDS}, got {_PREFILL[0]!r}")

@@ -176,6 +176,16 @@ def test_call_plan_commands_fit_the_device_tool(tmp_path):
     assert all(len(c.command) <= 2000 and c.timeout_s <= 600 for c in calls)
     with pytest.raises(FileNotFoundError, match="--cublas12"):
         plan.build_plan(st, "abc1234", ["base", "cublas12"])
+    # with the cuBLAS group (Whisper on the GPU) its chunks come before the runs and its install measures the pools
+    stage.bundle([("wheels/c.whl", f)], st, "cublas12", chunk_bytes=4096)
+    gpu = plan.build_plan(st, "abc1234", ["base", "cublas12"])
+    carried = [c.carry[0] for c in gpu if c.carry]
+    assert carried[0] == ".stage/base-c01" and carried[-1].startswith(".stage/cublas12-c")
+    last_stage = max(i for i, c in enumerate(gpu) if c.carry)
+    assert all(not c.carry for c in gpu[last_stage + 1:]) and len(gpu) - last_stage - 1 == 2  # then the two runs
+    assert "asr_host" not in gpu[last_stage - len([x for x in carried if "cublas12" in x])].command  # base install
+    assert "install --group cublas12" in gpu[last_stage].command and "cuda:2x1" in gpu[last_stage].command
+    assert not any(c.optional for c in gpu)
     long = plan.Call("x", "y" * 2001)
     with pytest.raises(ValueError, match="2001 characters"):
         long.check()

@@ -79,26 +79,28 @@ def run_command(model: str, levels: str, tag: str, commit: str, extra: str = "")
 
 
 def build_plan(stage: Path, commit: str, groups: list[str]) -> list[Call]:
-    install_base = (f"{STAGE} install --group base && {ENV} && python3 -m bench.gpu_voice.asr_host "
-                    f"--out $OUT/asr_host.json --seconds 12 2>&1 | tee $OUT/asr_host.log")
-    calls = chunk_calls(stage, "base", install_base, 120, first_extra=HOST_FACTS)
+    """The staging calls, then the runs. With the cuBLAS group (Whisper on the GPU: the measured choice, docs/gpu.md)
+    its chunks follow the base ones and its install measures the ASR pools; without it the base install does."""
+    gpu_asr = "cublas12" in groups
+    install_base = f"{STAGE} install --group base" + ("" if gpu_asr else (
+        f" && {ENV} && python3 -m bench.gpu_voice.asr_host --out $OUT/asr_host.json --seconds 12 2>&1 | "
+        f"tee $OUT/asr_host.log"))
+    calls = chunk_calls(stage, "base", install_base, 20 if gpu_asr else 120, first_extra=HOST_FACTS)
+    if gpu_asr:
+        install_cublas = (f"{STAGE} install --group cublas12 && {ENV} && python3 -m bench.gpu_voice.asr_host "
+                          f"--out $OUT/asr_host_cuda.json --seconds 12 --configs cpu:6x2,cuda:2x1 2>&1 | "
+                          f"tee $OUT/asr_host_cuda.log")
+        calls += chunk_calls(stage, "cublas12", install_cublas, 60)
+    where = "Whisper on the GPU" if gpu_asr else "Whisper on a CPU pool"
     calls += [
         Call("embedded 1,8,32,64", run_command("embedded", "1,8,32,64", "emb", commit), [], 600, 360,
-             note="SmolLM2-135M on the GPU, Whisper + Piper on CPU pools (host defaults). A level that would not "
+             note=f"SmolLM2-135M on the GPU, {where}, Piper on CPU threads (host defaults). A level that would not "
                   "fit the call's 540 s budget is skipped and listed in emb.md: run it with the next call's "
                   "pattern (--levels <skipped> --tag emb_b)"),
         Call("glm4-9b 1,8,32,64", run_command("glm4-9b", "1,8,32,64", "glm", commit), [], 600, 450,
              note="writes the random checkpoint to /tmp/vf_glm4_9b (~1 min), then every level; skipped levels as "
                   "above with --tag glm_b (the checkpoint is reused while the machine is warm)"),
     ]
-    if "cublas12" in groups:
-        install_cublas = (f"{STAGE} install --group cublas12 && {ENV} && python3 -m bench.gpu_voice.asr_host "
-                          f"--out $OUT/asr_host_cuda.json --seconds 12 --configs cpu:4x2,cuda:2x1,cuda:1x1 2>&1 | "
-                          f"tee $OUT/asr_host_cuda.log")
-        calls += chunk_calls(stage, "cublas12", install_cublas, 90, optional=True)
-        calls.append(Call("embedded 32,64, ASR on the GPU", run_command("embedded", "32,64", "emb_gpuasr", commit,
-                                                                         " --serve-args '--asr-device cuda'"),
-                          [], 600, 240, optional=True, note="only if asr_host_cuda.json shows CUDA ahead"))
     for c in calls:
         c.check()
     return calls

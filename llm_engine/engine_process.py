@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import multiprocessing as mp
@@ -361,10 +362,8 @@ class ProcessLLMEngine:
                 decode_tok_s=None, finish_reason="error", text="", error=why))
             by_loop.setdefault(loop, []).append((queue, out))
         for loop, items in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody listens
                 loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that loop is closed: nobody listens
-                pass
         for fut in calls.values():
             fut.set_exception(RuntimeError(why))
 

@@ -240,7 +240,7 @@ class ProcessLLMEngine:
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop the engine process (open streams end with finish_reason "abort"), join it and the reader thread.
-        Idempotent; a process that does not stop within timeout_s is terminated, then killed."""
+        Idempotent; a process that does not stop within timeout_s is killed."""
         if self._stopping:
             return
         self._stopping = True
@@ -281,13 +281,10 @@ class ProcessLLMEngine:
         p = self._proc
         with self._join_lock:
             p.join(timeout_s)
-            if p.is_alive():
-                log.warning("the engine process did not stop within %.0f s: terminating it", timeout_s)
-                p.terminate()
+            if p.is_alive():  # it ignores SIGTERM (engine_worker.worker_main)
+                log.warning("the engine process did not stop within %.0f s: killing it", timeout_s)
+                p.kill()
                 p.join(5.0)
-                if p.is_alive():
-                    p.kill()
-                    p.join(5.0)
         self._cmd.close()
         if self._reader is None:  # start-up failed: nobody else reads the pipe
             self._out.close()

@@ -70,7 +70,10 @@ class _LogForwarder(logging.Handler):
 
 def worker_main(config: Any, cmd_conn: Any, out_conn: Any, log_level: int) -> None:
     """The engine process's entry point (multiprocessing spawn target)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    # Ctrl-C (the terminal's process group) and a SIGTERM to the whole group (systemd's control-group kill) would
+    # end the engine under a draining server: the parent decides when it stops; its exit alone (EOF) stops it too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sender = _Sender(out_conn)
     root = logging.getLogger("llm_engine")
     root.addHandler(_LogForwarder(sender))

@@ -202,3 +202,55 @@ def test_shutdown_aborts_open_streams_and_leaves_nothing():
     with pytest.raises(RuntimeError, match="shut down"):
         pe.generate(None, prompt="late")
     pe.shutdown()  # idempotent
+
+
+@pytest.mark.slow
+def test_the_real_server_with_the_engine_in_its_own_process():
+    """The embedded stack served with engine_process=True: a forced tool call (a grammar through the pipe) through
+    the official SDK, a spoken-style answer, the engine idle after, and its process gone with the server."""
+    from openai import AsyncOpenAI
+    from real_server import running_real_server
+
+    from voicefast.config import ServerConfig
+
+    tool = {"type": "function", "name": "check_order_status", "description": "Look up an order by its number",
+            "parameters": {"type": "object", "properties": {"order_number": {"type": "string"}},
+                           "required": ["order_number"]}}
+
+    async def talk(port: int) -> tuple:
+        client = AsyncOpenAI(api_key="local", websocket_base_url=f"ws://127.0.0.1:{port}/v1")
+        async with client.realtime.connect(model="voicefast") as conn:
+            await conn.session.update(session={"type": "realtime", "output_modalities": ["text"], "tools": [tool],
+                                               "audio": {"input": {"turn_detection": None}}})
+            await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "Where is my order A1234?"}]})
+            await conn.response.create(response={"tool_choice": {"type": "function", "name": "check_order_status"},
+                                                 "temperature": 0})
+            dones = []
+            async with asyncio.timeout(120):
+                async for ev in conn:
+                    assert ev.type != "error", ev
+                    if ev.type == "response.done":
+                        dones.append(ev.response)
+                        if len(dones) == 1:
+                            call = next(o for o in ev.response.output if o.type == "function_call")
+                            await conn.conversation.item.create(item={
+                                "type": "function_call_output", "call_id": call.call_id,
+                                "output": json.dumps({"status": "shipped", "arrives": "Friday"})})
+                            await conn.response.create(response={"temperature": 0})
+                        else:
+                            break
+            return call, dones
+
+    opts = ServerConfig(host="127.0.0.1", port=0, max_output_tokens=24, torch_threads=2, asr_cpu_threads=1,
+                        engine_process=True)
+    with running_real_server(opts, "real-server-engine-process") as (server, stack, _):
+        assert isinstance(stack.engine, ProcessLLMEngine) and "own process" in stack.description["llm"]
+        call, dones = asyncio.run(talk(server.port))
+        assert call.name == "check_order_status" and "order_number" in json.loads(call.arguments)
+        assert dones[0].status == "completed" and dones[1].status in ("completed", "incomplete")
+        answer = next(o for o in dones[1].output if o.type == "message").content[0].text
+        assert answer.strip()
+        assert asyncio.run(wait_idle(stack.engine))
+        proc = stack.engine._proc
+    assert not proc.is_alive() and proc.exitcode == 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import contextlib
 import itertools
 import logging
 import multiprocessing as mp
@@ -27,7 +26,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from llm_engine.async_engine import RequestStream
+from llm_engine.async_engine import RequestStream, post_outputs, tokenize
 from llm_engine.config import EngineConfig
 from llm_engine.engine_worker import worker_main
 from llm_engine.outputs import EngineStats, RequestResult, StreamOutput
@@ -95,7 +94,10 @@ class ProcessLLMEngine:
     def __init__(self, config: EngineConfig | None = None, *, start_timeout_s: float = 1800.0):
         self.config = config = config or EngineConfig()
         self._lock = threading.Lock()  # the request table and the child's reported counts
-        self._send_lock = threading.Lock()
+        # Reentrant: a dropped RequestStream's __del__ (run by a garbage collection that an allocation inside a send
+        # triggered, on the same thread) aborts through _send; the nested message goes out whole before the outer
+        # one's bytes (Connection.send pickles first, then writes with no tracked allocation in between).
+        self._send_lock = threading.RLock()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._calls: dict[int, concurrent.futures.Future] = {}
         self._ids, self._call_ids = itertools.count(), itertools.count()
@@ -193,15 +195,7 @@ class ProcessLLMEngine:
         self._check_alive()
         info = self.engine
         if prompt_token_ids is None:
-            tok = info.tokenizer
-            if tok is None:
-                raise ValueError("this engine has no tokenizer: pass prompt_token_ids=")
-            if messages is not None and tools is not None:
-                prompt_token_ids = self.tool_dialect.render(tok, messages, tools)
-            elif messages is not None:
-                prompt_token_ids = tok.apply_chat_template(messages, add_generation_prompt=True)
-            else:
-                prompt_token_ids = tok.encode(prompt)
+            prompt_token_ids = tokenize(info.tokenizer, self.tool_dialect, messages, prompt, tools)
         params = params or SamplingParams()
         rid = request_id or f"req-{next(self._ids)}"
         ids = checked_prompt(prompt_token_ids, info.vocab_size)  # LLMEngine.make_sequence's checks, here
@@ -330,15 +324,7 @@ class ProcessLLMEngine:
                 if sink is not None:
                     by_loop.setdefault(sink[0], []).append((sink[1], out))
         for loop, items in by_loop.items():
-            self._post(loop, items)
-
-    def _post(self, loop: asyncio.AbstractEventLoop, items: list) -> None:
-        try:
-            loop.call_soon_threadsafe(_put_all, items)
-        except RuntimeError:  # the caller's loop is closed: nobody listens, stop those requests
-            for _, out in items:
-                if isinstance(out, StreamOutput) and not out.finished:
-                    self.abort(out.request_id)
+            post_outputs(loop, items, self.abort)
 
     def _on_exit(self) -> None:
         """The engine process is gone (stopped, killed, crashed): end every open stream and pending call."""
@@ -359,15 +345,9 @@ class ProcessLLMEngine:
                 decode_tok_s=None, finish_reason="error", text="", error=why))
             by_loop.setdefault(loop, []).append((queue, out))
         for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody listens
-                loop.call_soon_threadsafe(_put_all, items)
+            post_outputs(loop, items, lambda rid: None)  # a closed loop: nobody listens, nothing left to stop
         for fut in calls.values():
             fut.set_exception(RuntimeError(why))
-
-
-def _put_all(items: list) -> None:
-    for queue, out in items:
-        queue.put_nowait(out)
 
 
 def _exit_text(proc: Any) -> str:

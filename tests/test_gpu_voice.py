@@ -99,6 +99,13 @@ def test_sampler_counts_the_servers_child_processes():
         child.wait()
 
 
+def test_serve_args_may_be_one_flag():
+    argv = run.glue_serve_args(["--out", "o", "--tag", "t", "--serve-args", "--engine-process"])
+    assert run.build_parser().parse_args(argv).serve_args == "--engine-process"
+    argv = run.glue_serve_args(["--out", "o", "--tag", "t", "--serve-args", "--asr-device cuda --engine-process"])
+    assert run.build_parser().parse_args(argv).serve_args == "--asr-device cuda --engine-process"
+
+
 def test_startup_report_parses_the_servers_lines():
     log = ("x\n  VAD  Silero VAD (/a.onnx)\n  ASR  Whisper tiny.en, CTranslate2 (cpu, int8)\n  LLM  SmolLM2 (cuda)\n"
            "  TTS  Piper joe (22050 Hz)\n  host: 16 CPU cores, 1 GPU (NVIDIA H200); LLM on cuda\nvoicefast serving\n")

@@ -11,6 +11,7 @@ _EXPORTS = {
     "EngineOverloaded": "llm_engine.scheduler",
     "LLMEngine": "llm_engine.engine",
     "AsyncLLMEngine": "llm_engine.async_engine",
+    "ProcessLLMEngine": "llm_engine.engine_process",
     "StreamOutput": "llm_engine.outputs",
     "RequestResult": "llm_engine.outputs",
     "EngineStats": "llm_engine.outputs",

@@ -107,15 +107,7 @@ class AsyncLLMEngine:
         if self._stopping:
             raise RuntimeError("AsyncLLMEngine is shut down")
         if prompt_token_ids is None:
-            tok = self.engine.tokenizer
-            if tok is None:
-                raise ValueError("this engine has no tokenizer: pass prompt_token_ids=")
-            if messages is not None and tools is not None:
-                prompt_token_ids = self.tool_dialect.render(tok, messages, tools)
-            elif messages is not None:
-                prompt_token_ids = tok.apply_chat_template(messages, add_generation_prompt=True)
-            else:
-                prompt_token_ids = tok.encode(prompt)
+            prompt_token_ids = tokenize(self.engine.tokenizer, self.tool_dialect, messages, prompt, tools)
         seq = self.engine.make_sequence(request_id, prompt_token_ids, params)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -223,12 +215,29 @@ class AsyncLLMEngine:
             self._post(loop, items)
 
     def _post(self, loop: asyncio.AbstractEventLoop, items: list) -> None:
-        try:
-            loop.call_soon_threadsafe(_put_all, items)
-        except RuntimeError:  # the caller's loop is closed: nobody listens, stop those requests
-            for _, out in items:
-                if isinstance(out, StreamOutput) and not out.finished:
-                    self.engine.abort(out.request_id)
+        post_outputs(loop, items, self.engine.abort)
+
+
+def tokenize(tok: Any, dialect: Any, messages: list[dict] | None, prompt: str | None, tools: list | None) -> list[int]:
+    """A request's prompt ids: messages through the chat template (in the tool dialect with tools), or the text."""
+    if tok is None:
+        raise ValueError("this engine has no tokenizer: pass prompt_token_ids=")
+    if messages is not None and tools is not None:
+        return dialect.render(tok, messages, tools)
+    if messages is not None:
+        return tok.apply_chat_template(messages, add_generation_prompt=True)
+    return tok.encode(prompt)
+
+
+def post_outputs(loop: asyncio.AbstractEventLoop, items: list, abort: Any) -> None:
+    """Put items [(asyncio.Queue, StreamOutput or exception)] on their queues from another thread: one call into
+    `loop`. If that loop is closed nobody listens: abort(request_id) stops those requests."""
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:
+        for _, out in items:
+            if isinstance(out, StreamOutput) and not out.finished:
+                abort(out.request_id)
 
 
 def _put_all(items: list) -> None:

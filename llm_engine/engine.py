@@ -23,7 +23,7 @@ from llm_engine.model_runner import ModelRunner
 from llm_engine.outputs import EngineStats, RequestResult, StreamOutput
 from llm_engine.sampling_params import SamplingParams
 from llm_engine.scheduler import Scheduler
-from llm_engine.sequence import Sequence
+from llm_engine.sequence import Sequence, checked_prompt
 from llm_engine.spec_decode import SpecPolicy
 from llm_engine.stop_strings import StopStringMatcher
 from llm_engine.tool_format import ToolDialect, dialect_for
@@ -163,11 +163,7 @@ class LLMEngine:
                       params: SamplingParams | None = None) -> Sequence:
         """Validate a request without touching engine state (safe from any thread)."""
         params = params or SamplingParams()
-        ids = [int(t) for t in prompt_token_ids]
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        ids = checked_prompt(prompt_token_ids, self.model_config.vocab_size)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)

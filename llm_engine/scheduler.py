@@ -27,6 +27,23 @@ def max_completion_tokens(params) -> int:
     return params.max_tokens + g.max_tokens if g.triggers else g.max_tokens
 
 
+def check_request_fits(request_id: str, num_prompt_tokens: int, params, max_model_len: int,
+                       kv_capacity_tokens: int) -> None:
+    """ValueError if a request of this prompt length and these SamplingParams could never run: empty, longer than
+    max_model_len, or more than the whole KV cache holds (pure: ProcessLLMEngine checks it outside the engine)."""
+    n = num_prompt_tokens
+    if n == 0:
+        raise ValueError(f"request {request_id!r}: empty prompt")
+    max_tokens = max_completion_tokens(params)
+    need = n + max_tokens
+    if need > max_model_len:
+        raise ValueError(f"request {request_id!r}: prompt ({n} tokens) + max_tokens "
+                         f"({max_tokens}) = {need} exceeds max_model_len={max_model_len}")
+    if need > kv_capacity_tokens:
+        raise ValueError(f"request {request_id!r}: prompt ({n} tokens) + max_tokens "
+                         f"({max_tokens}) = {need} exceeds the KV cache capacity of {kv_capacity_tokens} tokens")
+
+
 class EngineOverloaded(RuntimeError):
     """Too many requests are waiting; the caller should shed load or retry later."""
 
@@ -75,18 +92,8 @@ class Scheduler:
     # ---- requests --------------------------------------------------------------------------------
     def check_fits(self, seq: Sequence) -> None:
         """ValueError if the request could never run (read-only, safe from any thread)."""
-        n = len(seq)
-        if n == 0:
-            raise ValueError(f"request {seq.request_id!r}: empty prompt")
-        max_tokens = max_completion_tokens(seq.params)
-        need = n + max_tokens
-        if need > self.max_model_len:
-            raise ValueError(f"request {seq.request_id!r}: prompt ({n} tokens) + max_tokens "
-                             f"({max_tokens}) = {need} exceeds max_model_len={self.max_model_len}")
-        capacity = self.bm.num_blocks * self.bm.block_size
-        if need > capacity:
-            raise ValueError(f"request {seq.request_id!r}: prompt ({n} tokens) + max_tokens "
-                             f"({max_tokens}) = {need} exceeds the KV cache capacity of {capacity} tokens")
+        check_request_fits(seq.request_id, len(seq), seq.params, self.max_model_len,
+                           self.bm.num_blocks * self.bm.block_size)
 
     def add(self, seq: Sequence) -> None:
         self.check_fits(seq)

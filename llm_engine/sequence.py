@@ -15,6 +15,15 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+def checked_prompt(prompt_token_ids, vocab_size: int) -> list[int]:
+    """The prompt as a list of ints; ValueError naming the first ids outside [0, vocab_size)."""
+    ids = [int(t) for t in prompt_token_ids]
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
+    return ids
+
+
 class Sequence:
     """token_ids = prompt + generated. KV exists for token_ids[:num_computed_tokens]; a step computes the
     next chunk of uncomputed tokens and, once all are computed, samples one new token."""

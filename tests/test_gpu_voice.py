@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from bench.gpu_voice import report, run
-from bench.gpu_voice.sampler import Sampler, parse_metrics, parse_pid_ticks, parse_proc_stat, window_summary
+from bench.gpu_voice.sampler import (
+    Sampler,
+    parse_metrics,
+    parse_pid_ticks,
+    parse_proc_stat,
+    process_tree,
+    window_summary,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +87,23 @@ def test_sampler_reads_this_process():
     b = s.sample()
     assert b["server_ticks"] >= a["server_ticks"] and b["cpu_total"] > a["cpu_total"]
     assert b["server_top_threads_pct"] and b["engine"] == {}
+
+
+def test_sampler_counts_the_servers_child_processes():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert child.pid in process_tree(os.getpid()) and process_tree(None) == []
+        assert os.getpid() == process_tree(os.getpid())[0]
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_serve_args_may_be_one_flag():
+    argv = run.glue_serve_args(["--out", "o", "--tag", "t", "--serve-args", "--engine-process"])
+    assert run.build_parser().parse_args(argv).serve_args == "--engine-process"
+    argv = run.glue_serve_args(["--out", "o", "--tag", "t", "--serve-args", "--asr-device cuda --engine-process"])
+    assert run.build_parser().parse_args(argv).serve_args == "--asr-device cuda --engine-process"
 
 
 def test_startup_report_parses_the_servers_lines():

@@ -1,5 +1,5 @@
-"""Build the real Stack: one AsyncLLMEngine, one WhisperASR, the Piper voice(s) and the Silero VAD model,
-each with an explicit CPU thread budget so the stages do not fight over a small machine's cores."""
+"""Build the real Stack: one AsyncLLMEngine (or ProcessLLMEngine), one WhisperASR, the Piper voice(s) and the Silero
+VAD model, each with an explicit CPU thread budget so the stages do not fight over a small machine's cores."""
 
 from __future__ import annotations
 
@@ -47,14 +47,16 @@ def load_stack(opts: ServerConfig) -> Stack:
     from audio.tts import PiperTTS
     from audio.turn_model import SmartTurnModel
     from audio.vad import SileroVadModel, VadParams, VadStream
-    from llm_engine import AsyncLLMEngine, SamplingParams
+    from llm_engine import AsyncLLMEngine, ProcessLLMEngine, SamplingParams
 
     vad_model = SileroVadModel(opts.vad_model)
     turn_model = SmartTurnModel(resolve_turn(opts.turn_model).path, threads=1, workers=opts.turn_workers)
     asr_device = "cpu" if opts.device == "cpu" and opts.asr_device == "auto" else opts.asr_device
     asr = WhisperASR(opts.asr_model, device=asr_device, cpu_threads=opts.asr_cpu_threads, workers=opts.asr_workers)
     tts = PiperTTS(opts.tts_voice, threads=opts.tts_threads)
-    engine = AsyncLLMEngine(engine_config(opts))
+    # The engine on a thread of this process, or (engine_process) in its own process: the same API; there
+    # `engine.engine` is an llm_engine.engine_process.EngineInfo (device, max_model_len, ...), not the LLMEngine.
+    engine = (ProcessLLMEngine if opts.engine_process else AsyncLLMEngine)(engine_config(opts))
 
     def vad_factory(td) -> VadStream:
         # server_vad: silence_duration_ms ends the turn, early silence starts the speculative reply; semantic_vad:
@@ -81,7 +83,8 @@ def load_stack(opts: ServerConfig) -> Stack:
     desc = {"vad": f"Silero VAD ({vad_model.path})", "turn": f"Smart Turn ({turn_model.path})",
             "asr": f"{asr.name} ({asr.device}, {asr.compute_type})",
             "llm": f"{getattr(inner, 'model_name', None) or opts.llm_model or 'embedded SmolLM2'} "
-                   f"({getattr(inner, 'device', opts.device)}, max_model_len {inner.max_model_len})",
+                   f"({getattr(inner, 'device', opts.device)}, max_model_len {inner.max_model_len}"
+                   f"{', own process' if opts.engine_process else ''})",
             "tts": f"Piper {tts.name} ({tts.sample_rate_hz} Hz)"}
     return Stack(engine=engine, asr=asr, voices={tts.name: tts}, vad_factory=vad_factory,
                  chunker_factory=functools.partial(TextChunker, first_max_words=opts.tts_first_phrase_words),

@@ -33,6 +33,8 @@ _HELP = {
                        "response in progress is finished (docs/deploy.md)",
     "ready_max_waiting": "/readyz fails while more LLM requests than this wait for a batch slot",
     "tensor_parallel": "split the LLM over this many GPUs of this host (tensor parallelism, NCCL; docs/gpu.md)",
+    "engine_process": "run the LLM engine in its own process, so its steps never wait for the server's GIL "
+                      "(default: off, on a thread of the server, until measured on the GPU; docs/gpu.md)",
     "turn_model": "end-of-turn model for semantic_vad: Smart Turn v3 .onnx (default: embedded Smart Turn v3.2)",
     "turn_witness": "semantic_vad ends a turn when 'both' the end-of-turn model and the transcript say so, or "
                     "'audio' / 'text' alone (for measuring)",
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
-        if kind == "bool":
+        if kind in ("bool", "bool | None"):
             ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                             help=_HELP.get(f.name))
         elif "tuple" in kind:

@@ -16,8 +16,8 @@ for _ in $(seq 120); do
 done
 echo "[profile] server pid ${SRV:-none}"
 sleep 25  # the callers' first turns
-"$PYSPY" record --pid "$SRV" --gil --threads --rate 100 --duration 15 --format raw -o "$OUT/prof_gil.txt" --nonblocking 2>&1 | tail -2
-"$PYSPY" record --pid "$SRV" --threads --rate 100 --duration 15 --format raw -o "$OUT/prof_all.txt" --nonblocking 2>&1 | tail -2
-"$PYSPY" dump --pid "$SRV" > "$OUT/prof_dump.txt" 2>&1
+"$PYSPY" record --pid "$SRV" --subprocesses --gil --threads --rate 100 --duration 15 --format raw -o "$OUT/prof_gil.txt" --nonblocking 2>&1 | tail -2
+"$PYSPY" record --pid "$SRV" --subprocesses --threads --rate 100 --duration 15 --format raw -o "$OUT/prof_all.txt" --nonblocking 2>&1 | tail -2
+"$PYSPY" dump --pid "$SRV" --subprocesses > "$OUT/prof_dump.txt" 2>&1
 wait $RUN
 tail -3 "$OUT/prof_run.log"

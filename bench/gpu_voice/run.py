@@ -403,8 +403,22 @@ class Run:
         return 0 if self.doc["levels"] else 1
 
 
+def glue_serve_args(argv: list[str]) -> list[str]:
+    """`--serve-args '--engine-process'`: argparse takes a lone value that starts with "--" for an option (only one
+    with a space, '--asr-device cuda', passes), so the value is glued on: `--serve-args=--engine-process`."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--serve-args" and i + 1 < len(argv):
+            out.append(f"--serve-args={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    a = build_parser().parse_args(glue_serve_args(sys.argv[1:] if argv is None else argv))
     try:
         return Run(a).main()
     except (RuntimeError, ValueError, OSError) as e:

@@ -1,8 +1,9 @@
-"""Utilisation while a benchmark runs, sampled twice a second: the host's CPU (all cores, /proc/stat), the CPU time
-of the server and of the bench client (/proc/<pid>/stat, whole processes) and the server's busiest threads (the
-event loop or the engine thread near 100 % means Python, not cores, is the limit), the GPU's utilisation and
-memory (NVML, where present), and the server's engine counters (/metrics: running, waiting, decode tok/s and the
-cumulative steps / step seconds / step sequences). Parsing and the window summary are pure functions."""
+"""Utilisation while a benchmark runs, sampled twice a second: the host's CPU (all cores, /proc/stat), the CPU time of
+the server and of the bench client (/proc/<pid>/stat, whole processes; the server's with its child processes: the
+engine's own process under --engine-process, tensor-parallel ranks) and the server's busiest threads, its children's
+included (the event loop or the engine thread near 100 % means Python, not cores, is the limit), the GPU's
+utilisation and memory (NVML, where present), and the server's engine counters (/metrics: running, waiting, decode
+tok/s and the cumulative steps / step seconds / step sequences). Parsing and the window summary are pure functions."""
 
 from __future__ import annotations
 
@@ -60,18 +61,41 @@ def _process_ticks(pid: int | None) -> int | None:
     return None if text is None else parse_pid_ticks(text)
 
 
-def _thread_ticks(pid: int | None) -> dict[int, int]:
-    out: dict[int, int] = {}
+def process_tree(pid: int | None) -> list[int]:
+    """pid and its descendants (/proc/<pid>/task/<tid>/children), parents first; [] for None."""
     if pid is None:
-        return out
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        text = _read(f"/proc/{pid}/task/{tid}/stat")
-        if text:
-            out[int(tid)] = parse_pid_ticks(text)
+        return []
+    out, todo = [], [pid]
+    while todo and len(out) < 256:
+        p = todo.pop(0)
+        out.append(p)
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            todo += [int(c) for c in (_read(f"/proc/{p}/task/{tid}/children") or "").split()]
+    return out
+
+
+def _tree_ticks(pid: int | None) -> int | None:
+    """CPU ticks of pid and its live descendants (None if pid cannot be read)."""
+    ticks = [_process_ticks(p) for p in process_tree(pid)]
+    return None if not ticks or ticks[0] is None else sum(t for t in ticks if t is not None)
+
+
+def _thread_ticks(pid: int | None) -> dict[int, int]:
+    """Ticks per thread id of pid and its descendants (thread ids are unique on the host)."""
+    out: dict[int, int] = {}
+    for p in process_tree(pid):
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            text = _read(f"/proc/{p}/task/{tid}/stat")
+            if text:
+                out[int(tid)] = parse_pid_ticks(text)
     return out
 
 
@@ -134,7 +158,7 @@ class Sampler(threading.Thread):
                     engine = parse_metrics(r.read().decode())
             except OSError:
                 engine = {}
-        s = {"t": round(t, 3), "cpu_busy": busy, "cpu_total": total, "server_ticks": _process_ticks(self.server_pid),
+        s = {"t": round(t, 3), "cpu_busy": busy, "cpu_total": total, "server_ticks": _tree_ticks(self.server_pid),
              "client_ticks": _process_ticks(self.client_pid), "client_pid": self.client_pid,
              "server_top_threads_pct": top, "gpu_util_pct": gpu_util, "gpu_mem_mib": gpu_mem, "engine": engine}
         self.samples.append(s)

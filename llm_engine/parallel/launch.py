@@ -54,6 +54,10 @@ def load_rank_model(cfg, group: TPGroup, dtype: torch.dtype, *, tokenizer: bool)
     tok = None
     if isinstance(cfg.model, RandomCheckpoint):
         full, tensors = cfg.model.config, cfg.model.tensors(group.device, dtype)
+        if tokenizer and cfg.model.tokenizer is not None:
+            from llm_engine.tokenizer import Tokenizer
+
+            tok = Tokenizer.from_path(cfg.model.tokenizer)
     else:
         path = cfg.model_path()
         full, tensors = load_checkpoint(path)

@@ -3,7 +3,9 @@ benchmarks and tests at real shapes without downloading a model. Each tensor is 
 a generator seeded by (seed, tensor name), so every rank of a tensor-parallel group sees the same full tensors
 (and takes its slice), and a TP=1 engine loads exactly the weights a TP=2 engine splits.
 
-Pass it as `EngineConfig(model=RandomCheckpoint(cfg))`; norms ~ N(1, 0.1), everything else ~ N(0, std)."""
+Pass it as `EngineConfig(model=RandomCheckpoint(cfg))`; norms ~ N(1, 0.1), everything else ~ N(0, std). It has no
+tokenizer (token ids only) unless `tokenizer` names a checkpoint dir or .gguf to take a real one from (its vocabulary
+must fit the config's vocab_size): random weights, real text in and out."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class RandomCheckpoint:
     config: ModelConfig
     seed: int = 0
     std: float = 0.02
+    tokenizer: str | None = None  # a checkpoint dir (tokenizer.json) or .gguf whose tokenizer the engine uses
 
     def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """(Hugging Face name, shape) of every tensor the checkpoint holds."""

@@ -87,6 +87,8 @@ def test_bad_timeouts_are_rejected():
     (dict(engine_waiting=9), "overloaded"),
     (dict(engine_waiting=8), "ready"),
     (dict(engine_waiting=None, engine_running=None), "ready"),
+    (dict(engine_error="engine process exited with signal SIGKILL"), "engine_failed"),
+    (dict(engine_error="gone", draining=True), "engine_failed"),
 ])
 def test_readiness_verdicts(kw, status):
     args = dict(models_loaded=True, draining=False, sessions=3, max_sessions=4, engine_waiting=0, engine_running=2,
@@ -97,3 +99,4 @@ def test_readiness_verdicts(kw, status):
     assert r.body["sessions"] == args["sessions"] and r.body["max_sessions"] == 4
     assert r.body["free_slots"] == 4 - args["sessions"]
     assert r.body["engine"]["waiting"] == args["engine_waiting"]
+    assert r.body["engine"].get("error") == kw.get("engine_error")

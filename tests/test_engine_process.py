@@ -174,9 +174,11 @@ def test_killed_child_ends_streams_with_an_error_then_generate_raises():
             pe.generate(None, prompt="after")
         return outs
 
+    assert pe.error is None
     outs = asyncio.run(main())
     assert outs[-1].finished and outs[-1].result.finish_reason == "error"
     assert "killed by signal 9" in outs[-1].result.error
+    assert "signal 9" in pe.error  # what /readyz reports (voicefast.readiness: engine_failed)
     with pytest.raises(RuntimeError, match="signal 9"):
         pe.warm_up()
     pe.shutdown()

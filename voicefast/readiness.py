@@ -2,6 +2,7 @@
 `ready: true`, or 503 with the first reason it is not, and always the numbers behind the verdict:
 
 - "loading": the models are not loaded (or warmed up) yet;
+- "engine_failed": the LLM engine is gone (its own process died: `--engine-process`); every request would fail;
 - "draining": a drain began (SIGTERM): live sessions finish, new ones must go elsewhere;
 - "full": every session slot is taken (max_sessions);
 - "overloaded": more LLM requests wait for a batch slot than `ready_max_waiting` (the engine is saturated:
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class Readiness:
     ready: bool
-    status: str  # "ready" | "loading" | "draining" | "full" | "overloaded"
+    status: str  # "ready" | "loading" | "engine_failed" | "draining" | "full" | "overloaded"
     body: dict
 
     @property
@@ -28,11 +29,13 @@ class Readiness:
 
 def readiness(*, models_loaded: bool, draining: bool, sessions: int, max_sessions: int,
               engine_waiting: int | None, engine_running: int | None, ready_max_waiting: int,
-              drain_remaining_s: float | None = None) -> Readiness:
+              drain_remaining_s: float | None = None, engine_error: str | None = None) -> Readiness:
     """The verdict and the JSON body of `/readyz`. engine_* None: the engine's stats were unavailable (not a
-    reason to refuse callers on its own)."""
+    reason to refuse callers on its own); engine_error: why the engine is gone (it is, when set)."""
     if not models_loaded:
         status = "loading"
+    elif engine_error is not None:
+        status = "engine_failed"
     elif draining:
         status = "draining"
     elif sessions >= max_sessions:
@@ -44,6 +47,8 @@ def readiness(*, models_loaded: bool, draining: bool, sessions: int, max_session
     body = {"ready": status == "ready", "status": status, "sessions": sessions, "max_sessions": max_sessions,
             "free_slots": max(0, max_sessions - sessions),
             "engine": {"running": engine_running, "waiting": engine_waiting, "ready_max_waiting": ready_max_waiting}}
+    if engine_error is not None:
+        body["engine"]["error"] = engine_error
     if drain_remaining_s is not None:
         body["drain_remaining_s"] = round(drain_remaining_s, 1)
     return Readiness(status == "ready", status, body)

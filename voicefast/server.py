@@ -298,7 +298,8 @@ class RealtimeServer:
         return readiness(models_loaded=self.models_loaded, draining=not self.drain_state.accepting,
                          sessions=len(self.sessions), max_sessions=self.opts.max_sessions, engine_waiting=waiting,
                          engine_running=running, ready_max_waiting=self.opts.ready_max_waiting,
-                         drain_remaining_s=self.drain_state.remaining_s(time.monotonic()))
+                         drain_remaining_s=self.drain_state.remaining_s(time.monotonic()),
+                         engine_error=getattr(self.stack.engine, "error", None))
 
     def link(self, session: Session, ws: ServerConnection, send_queue: asyncio.Queue) -> None:
         """A live session's socket and outgoing queue (either transport), so a drain can close it once idle."""

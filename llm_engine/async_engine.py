@@ -177,10 +177,7 @@ class AsyncLLMEngine:
                     else:
                         eng.abort(arg)
                 if self._stopping:
-                    for rid in list(eng._seqs):
-                        eng.abort(rid)
-                    self._deliver(eng.step())
-                    eng.close()  # tensor-parallel workers stop with the engine
+                    self._deliver(eng.stop())
                     return
                 outs = eng.step()
             except Exception as e:  # a bug outside the model step: fail in-flight requests, keep looping

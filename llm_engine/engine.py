@@ -217,6 +217,15 @@ class LLMEngine:
         self._pending.append(self._final(seq, StreamOutput(request_id)))
         return True
 
+    def stop(self) -> list[StreamOutput]:
+        """Abort every request, run the step that reports them (each ends with finish_reason "abort"), and close:
+        how an engine loop (AsyncLLMEngine's thread, ProcessLLMEngine's process) ends."""
+        for rid in list(self._seqs):
+            self.abort(rid)
+        outs = self.step()
+        self.close()  # tensor-parallel workers stop with the engine
+        return outs
+
     def fail_all(self, message: str) -> list[StreamOutput]:
         """End every in-flight request with finish_reason "error" (after an unexpected engine failure)."""
         outs = []

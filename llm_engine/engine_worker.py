@@ -143,10 +143,7 @@ class _Loop:
                     elif kind == "stop":
                         stopping = True
                 if stopping or self.sender.broken:
-                    for rid in list(eng._seqs):
-                        eng.abort(rid)
-                    self._report(eng.step(), failed, final=True)
-                    eng.close()  # tensor-parallel workers stop with the engine
+                    self._report(eng.stop(), failed, final=True)
                     return
                 outs = eng.step()
             except Exception as e:  # a bug outside the model step: fail in-flight requests, keep looping

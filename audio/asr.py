@@ -257,8 +257,6 @@ class WhisperASR:
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(p.index(self._tokenizer.sot) if self._tokenizer.sot in p else 0, []).append(i)
-        if len(groups) == 1:
-            return self._decode_batch_same_sot(audios, window_frames, prompts)
         texts: list = [None] * len(audios)
         suspect: list = [None] * len(audios)
         for idx in groups.values():

@@ -30,9 +30,9 @@ class ServerConfig:
     num_kv_blocks: int | None = None
     max_waiting: int = 64
     tensor_parallel: int = 1  # GPUs one model is split over (Megatron-style, one process per GPU; llm_engine.parallel)
-    # The engine in its own process (llm_engine.engine_process): its steps never wait for this process's GIL. None
-    # (the default): off, the engine runs on a thread here, until the GPU run measures it (docs/gpu.md)
-    engine_process: bool | None = None
+    # The engine in its own process (llm_engine.engine_process): its steps never wait for this process's GIL. Off
+    # (the engine runs on a thread here) until the GPU run measures it (docs/gpu.md)
+    engine_process: bool = False
     # Session limits
     max_sessions: int = 16
     max_message_bytes: int = 1 << 21  # websockets max_size; one append of 15 MiB is OpenAI's cap, ours is lower

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
-        if kind in ("bool", "bool | None"):
+        if kind == "bool":
             ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                             help=_HELP.get(f.name))
         elif "tuple" in kind:

@@ -35,6 +35,7 @@ def test_a_16_core_gpu_host_is_sized_for_64_callers():
     assert d["vad_threads"] == 2  # the VAD model off the event loop (27 % of it at 64 callers when inline)
     assert d["turn_workers"] == 2 and host_defaults(2, "cpu", "cpu")["turn_workers"] == 1
     assert d["gil_switch_interval_us"] == 500 and host_defaults(16, "cpu", "cpu")["gil_switch_interval_us"] == 5000
+    assert d["engine_process"] is True and host_defaults(16, "cpu", "cpu")["engine_process"] is False
     assert _cores_used(d, "cuda") <= 16  # ASR + TTS pools + event loop + engine thread fit the cores
 
 
@@ -50,7 +51,8 @@ def test_sizes_grow_with_cores_and_stay_within_them(llm, asr):
     prev = None
     for c in range(1, 129):
         d = host_defaults(c, llm, asr)
-        assert all(isinstance(v, int) and v >= 1 for v in d.values())
+        assert all(isinstance(v, int) and v >= 1 for k, v in d.items() if k != "engine_process")
+        assert d["engine_process"] is (llm == "cuda")
         assert d["max_num_seqs"] <= d["max_sessions"] <= 256 and d["max_waiting"] >= d["max_sessions"]
         if c >= 4:
             assert _cores_used(d, llm, asr) <= c, (c, d)
@@ -88,6 +90,9 @@ def test_explicit_values_win_and_are_reported():
     assert "16 CPU cores, 1 GPU (NVIDIA H200)" in text and "ASR on cpu (libcublas.so.12" in text
     assert "ASR 3* workers x 2 threads" in text and "max_sessions 100*" in text and "max_num_seqs 64," in text
     assert rep.to_dict()["values"]["asr_workers"] == 3
+    assert "engine in its own process;" in text  # the GPU-host default
+    _, rep = resolve_host({"engine_process": False}, H200)
+    assert "engine in a thread*;" in rep.describe()
 
 
 def test_serve_resolves_flags_env_then_host_defaults():
@@ -100,9 +105,14 @@ def test_serve_resolves_flags_env_then_host_defaults():
     opts, rep = resolve_config(["--asr-workers", "5"], {"VOICEFAST_MAX_SESSIONS": "32"}, detect=detect)
     assert seen == ["auto"]
     assert (opts.asr_workers, opts.max_sessions, opts.max_num_seqs, opts.tts_workers) == (5, 32, 64, 4)
-    assert rep.llm_device == "cuda" and rep.asr_device == "cpu"
+    assert rep.llm_device == "cuda" and rep.asr_device == "cpu" and opts.engine_process is True
+    opts, _ = resolve_config(["--no-engine-process"], {}, detect=detect)
+    assert opts.engine_process is False  # an explicit flag wins over the host default
+    opts, _ = resolve_config([], {"VOICEFAST_ENGINE_PROCESS": "0"}, detect=detect)
+    assert opts.engine_process is False
     opts, rep = resolve_config(["--device", "cpu"], {}, detect=lambda d: seen.append(d) or HostFacts(16))
     assert seen[-1] == "cpu" and opts.max_num_seqs == 16 and opts.torch_threads == 4 and rep.llm_device == "cpu"
+    assert opts.engine_process is False
     with pytest.raises(ValueError, match="asr_workers"):
         resolve_config(["--asr-workers", "0"], {}, detect=detect)
     with pytest.raises(ValueError, match="asr_device"):

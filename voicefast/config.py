@@ -30,8 +30,8 @@ class ServerConfig:
     num_kv_blocks: int | None = None
     max_waiting: int = 64
     tensor_parallel: int = 1  # GPUs one model is split over (Megatron-style, one process per GPU; llm_engine.parallel)
-    # The engine in its own process (llm_engine.engine_process): its steps never wait for this process's GIL. Off
-    # (the engine runs on a thread here) until the GPU run measures it (docs/gpu.md)
+    # The engine in its own process (llm_engine.engine_process): its steps never wait for this process's GIL.
+    # voicefast.host turns it on where the LLM runs on a GPU (measured: docs/gpu.md); a thread here (the 2-core value)
     engine_process: bool = False
     # Session limits
     max_sessions: int = 16

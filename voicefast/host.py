@@ -15,7 +15,8 @@ import os
 from dataclasses import dataclass, field
 
 HOST_FIELDS = ("torch_threads", "asr_cpu_threads", "asr_workers", "tts_threads", "tts_workers", "vad_threads",
-               "turn_workers", "gil_switch_interval_us", "max_sessions", "max_num_seqs", "max_waiting")
+               "turn_workers", "gil_switch_interval_us", "engine_process", "max_sessions", "max_num_seqs",
+               "max_waiting")
 MAX_SESSIONS_CAP = 256  # CUDA graphs are captured up to max_num_seqs; beyond this a host needs replicas anyway
 
 
@@ -42,7 +43,7 @@ def placement(facts: HostFacts, device: str = "auto", asr_device: str = "auto") 
     return llm, ("cuda" if llm == "cuda" and facts.asr_cuda else "cpu")
 
 
-def host_defaults(cpu_cores: int, llm_device: str, asr_device: str) -> dict[str, int]:
+def host_defaults(cpu_cores: int, llm_device: str, asr_device: str) -> dict[str, int | bool]:
     """Every HOST_FIELDS value for a host with `cpu_cores` cores, the LLM on `llm_device` and the ASR on
     `asr_device` ("cpu" | "cuda"). Pure: the same inputs always give the same sizes."""
     if cpu_cores < 1:
@@ -83,7 +84,12 @@ def host_defaults(cpu_cores: int, llm_device: str, asr_device: str) -> dict[str,
             # back from whichever thread holds it, up to the switch interval each time. On the H200 host at 32
             # callers a 1-30-token prefill took 0.3-1.0 s under Python's 5 ms; 0.5 ms cut LLM TTFT p95 1,295 -> 728
             # ms and voice-to-voice p50 2,171 -> 1,777 ms (docs/gpu.md). A CPU host keeps Python's default.
-            "gil_switch_interval_us": 500 if llm_device == "cuda" else 5000, "max_sessions": max_sessions,
+            "gil_switch_interval_us": 500 if llm_device == "cuda" else 5000,
+            # The engine in its own process where it runs on a GPU: its eager prefill then waits for no server
+            # thread. On the H200 host at 32 callers (72c7bec, same session): LLM TTFT p95 1,258 -> 136 ms, slow
+            # steps 17 -> 0, voice-to-voice p50 2,458 -> 723 ms (docs/gpu.md). A CPU engine computes its steps on
+            # the cores the server's stages also need, so a CPU host keeps it on a thread (one process, less memory).
+            "engine_process": llm_device == "cuda", "max_sessions": max_sessions,
             "max_num_seqs": max_num_seqs, "max_waiting": max(64, 2 * max_sessions)}
 
 
@@ -92,7 +98,7 @@ class HostReport:
     facts: HostFacts
     llm_device: str
     asr_device: str
-    values: dict[str, int]  # the HOST_FIELDS values in force
+    values: dict[str, int | bool]  # the HOST_FIELDS values in force
     auto: frozenset[str] = field(default_factory=frozenset)  # which of them came from host_defaults
 
     def describe(self) -> str:
@@ -108,7 +114,9 @@ class HostReport:
                 f"ASR {val('asr_workers')} workers x {val('asr_cpu_threads')} threads, TTS {val('tts_workers')} "
                 f"workers x {val('tts_threads')} thread(s), torch {val('torch_threads')} thread(s), VAD "
                 f"{val('vad_threads')}, end-of-turn model {val('turn_workers')}, GIL switch "
-                f"{val('gil_switch_interval_us')} us; max_sessions {val('max_sessions')}, "
+                f"{val('gil_switch_interval_us')} us, engine in "
+                f"{'its own process' if v['engine_process'] else 'a thread'}{'' if 'engine_process' in self.auto else '*'}"
+                f"; max_sessions {val('max_sessions')}, "
                 f"max_num_seqs {val('max_num_seqs')}, "
                 f"max_waiting {val('max_waiting')}" + ("  (* = set by flag/env)" if set(v) - self.auto else ""))
 

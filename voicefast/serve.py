@@ -34,7 +34,7 @@ _HELP = {
     "ready_max_waiting": "/readyz fails while more LLM requests than this wait for a batch slot",
     "tensor_parallel": "split the LLM over this many GPUs of this host (tensor parallelism, NCCL; docs/gpu.md)",
     "engine_process": "run the LLM engine in its own process, so its steps never wait for the server's GIL "
-                      "(default: off, on a thread of the server, until measured on the GPU; docs/gpu.md)",
+                      "(default: on where the LLM runs on a GPU, a thread of the server on a CPU host; docs/gpu.md)",
     "turn_model": "end-of-turn model for semantic_vad: Smart Turn v3 .onnx (default: embedded Smart Turn v3.2)",
     "turn_witness": "semantic_vad ends a turn when 'both' the end-of-turn model and the transcript say so, or "
                     "'audio' / 'text' alone (for measuring)",

@@ -110,13 +110,14 @@ class HostReport:
         def val(k: str) -> str:
             return f"{v[k]}" + ("" if k in self.auto else "*")
 
+        engine = ("its own process" if v["engine_process"] else "a thread") + ("" if "engine_process" in self.auto
+                                                                              else "*")
+
         return (f"host: {f.cpu_cores} CPU cores, {gpu}; LLM on {self.llm_device}, ASR on {self.asr_device}{asr_note}; "
                 f"ASR {val('asr_workers')} workers x {val('asr_cpu_threads')} threads, TTS {val('tts_workers')} "
                 f"workers x {val('tts_threads')} thread(s), torch {val('torch_threads')} thread(s), VAD "
                 f"{val('vad_threads')}, end-of-turn model {val('turn_workers')}, GIL switch "
-                f"{val('gil_switch_interval_us')} us, engine in "
-                f"{'its own process' if v['engine_process'] else 'a thread'}{'' if 'engine_process' in self.auto else '*'}"
-                f"; max_sessions {val('max_sessions')}, "
+                f"{val('gil_switch_interval_us')} us, engine in {engine}; max_sessions {val('max_sessions')}, "
                 f"max_num_seqs {val('max_num_seqs')}, "
                 f"max_waiting {val('max_waiting')}" + ("  (* = set by flag/env)" if set(v) - self.auto else ""))
 

@@ -164,13 +164,18 @@ class FakeTranscriber:
         self.samples = 0
         self.submit_kw = submit_kw
         self._n = itertools.count(1)
+        self.words: list[str] = []  # every partial's word so far (the real one's published words)
 
     def feed(self, x16k: np.ndarray) -> None:
         self.samples += len(x16k)
 
     async def partial(self) -> str:
         await asyncio.sleep(0)
-        return f"w{next(self._n)} "
+        self.words.append(f"w{next(self._n)}")
+        return self.words[-1] + " "
+
+    def text(self) -> str:
+        return " ".join(self.words)
 
 
 # -- end-of-turn model -----------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ def test_a_16_core_gpu_host_is_sized_for_64_callers():
     assert d["torch_threads"] == 1  # the engine thread only replays CUDA graphs
     assert (d["asr_workers"], d["asr_cpu_threads"], d["tts_workers"]) == (6, 2, 4)  # the measured best ASR pool
     assert d["vad_threads"] == 2  # the VAD model off the event loop (27 % of it at 64 callers when inline)
-    assert d["turn_workers"] == 2 and host_defaults(2, "cpu", "cpu")["turn_workers"] == 1
+    assert d["turn_workers"] == 4 and host_defaults(2, "cpu", "cpu")["turn_workers"] == 1
+    assert host_defaults(16, "cpu", "cpu")["turn_workers"] == 2
     assert d["gil_switch_interval_us"] == 500 and host_defaults(16, "cpu", "cpu")["gil_switch_interval_us"] == 5000
     assert d["engine_process"] is True and host_defaults(16, "cpu", "cpu")["engine_process"] is False
     assert _cores_used(d, "cuda") <= 16  # ASR + TTS pools + event loop + engine thread fit the cores

@@ -77,9 +77,10 @@ def host_defaults(cpu_cores: int, llm_device: str, asr_device: str) -> dict[str,
         tts_workers = max(1, round(free * 0.3))
     return {"torch_threads": torch_threads, "asr_cpu_threads": asr_cpu_threads, "asr_workers": asr_workers,
             "tts_threads": 1, "tts_workers": tts_workers, "vad_threads": max(1, c // 8),
-            # the end-of-turn model: ~30-50 ms per check; one thread queued checks for hundreds of ms at 32 callers
-            # on the H200 host (turn_model_ms p50 168 ms); two there, one on a small host
-            "turn_workers": max(1, c // 8),
+            # the end-of-turn model: ~30-50 ms per check. On the H200 host at 32 callers (0d28475, same session) 2
+            # workers queued the first turns' checks (turn model p50 531 ms, steady v2v p50 / p95 673 / 1,789 ms); 4
+            # cut that to 232 ms (487 / 1,075 ms). A GPU host gives it a quarter of its cores, a CPU host an eighth
+            "turn_workers": max(1, c // 4) if llm_device == "cuda" else max(1, c // 8),
             # The engine thread's eager prefill makes ~470 torch calls, each giving the GIL up and waiting to get it
             # back from whichever thread holds it, up to the switch interval each time. On the H200 host at 32
             # callers a 1-30-token prefill took 0.3-1.0 s under Python's 5 ms; 0.5 ms cut LLM TTFT p95 1,295 -> 728

@@ -33,6 +33,9 @@ _HELP = {
                        "response in progress is finished (docs/deploy.md)",
     "ready_max_waiting": "/readyz fails while more LLM requests than this wait for a batch slot",
     "tensor_parallel": "split the LLM over this many GPUs of this host (tensor parallelism, NCCL; docs/gpu.md)",
+    "llm_prefix_warm": "while a caller speaks, prefill the reply's likely prompt (the conversation + the partial "
+                       "transcript) in idle engine time, so the reply prefills only what the final changed "
+                       "(default: on)",
     "engine_process": "run the LLM engine in its own process, so its steps never wait for the server's GIL "
                       "(default: on where the LLM runs on a GPU, a thread of the server on a CPU host; docs/gpu.md)",
     "turn_model": "end-of-turn model for semantic_vad: Smart Turn v3 .onnx (default: embedded Smart Turn v3.2)",

@@ -19,11 +19,12 @@ from voicefast.conversation import Conversation, Item, new_id
 from voicefast.errors import ProtocolError
 from voicefast.input_buffer import InputBuffer
 from voicefast.metrics import TurnTimings
+from voicefast.prefix_warm import PrefixWarmer
 from voicefast.protocol import ClientEvent
 from voicefast.response import Response, ResponseParams
 from voicefast.session_config import SessionConfig
 from voicefast.session_turns import SessionTurns
-from voicefast.tools import client_tool_item, tools_prompt_tokens
+from voicefast.tools import client_tool_item, plain_request_kwargs, tools_prompt_tokens
 from voicefast.turn_work import TurnWork
 
 log = logging.getLogger("voicefast.session")
@@ -55,6 +56,8 @@ class Session(SessionTurns):
         self.work = TurnWork(transcriber_factory=self._new_transcriber if stack.transcriber_factory else None,
                              partial_interval_ms=opts.asr_partial_interval_ms, spawn=self._spawn,
                              on_partial=self._partial_transcript)
+        self._warmer = (PrefixWarmer(stack.engine, stack.sampling_params, self._spawn)
+                        if opts.llm_prefix_warm and getattr(stack, "engine", None) is not None else None)
         self._vad = self.turns = None
         self._vad_base = 0
         self._new_turn_detection()
@@ -393,7 +396,6 @@ class Session(SessionTurns):
     def _start_response(self, over: dict, t: TurnTimings, asr: asyncio.Task | None, *, held: bool,
                         answer_silence: bool = False, user_item_id: str | None = None) -> Response:
         p, instructions = ResponseParams.from_request(over, self.cfg, self.opts, self.stack.voice_names)
-        max_tok = p.max_output_tokens
         isolated = over.get("conversation") == "none"
         previous = self.active
 
@@ -417,16 +419,7 @@ class Session(SessionTurns):
                 if over == {} and last_user is not None and last_user.kind == "audio" and not last_user.text \
                         and not answer_silence:
                     return None  # the turn transcribed to nothing (noise): no response
-            # The prompt keeps at least half the context, whatever max_output_tokens (and a tool call's own budget)
-            # asks (the reply is then cut at the context's end: status incomplete).
-            tools = p.tools is not None and p.tools.active
-            reserve = (256 if max_tok == "inf" else int(max_tok)) + (p.tool_call_max_tokens if tools else 0)
-            budget = self.stack.max_model_len - min(reserve, self.stack.max_model_len // 2)
-            if tools:  # the tool descriptions are part of the prompt
-                budget -= tools_prompt_tokens(p.tools.tools, self.stack.count_tokens)
-            conv = self.conv if not isolated else type(self.conv)()
-            msgs = conv.messages(instructions, count_tokens=self.stack.count_tokens, max_prompt_tokens=budget,
-                                 extra=extra)
+            msgs = self._prompt_messages(p, instructions, isolated=isolated, extra=extra)
             return msgs or None  # nothing to say (the conversation emptied meanwhile): no response
 
         r = Response(stack=self.stack, params=p, emit=self.emit, messages=messages, timings=t, held=held,
@@ -436,6 +429,38 @@ class Session(SessionTurns):
             self._supersede(r)
             self.active = r
         return r
+
+    def _prompt_messages(self, p: ResponseParams, instructions: str, *, isolated: bool = False,
+                         extra: list[Item] = ()) -> list[dict]:
+        """The chat messages of a response with params `p`. The prompt keeps at least half the context, whatever
+        max_output_tokens (and a tool call's own budget) asks (the reply is then cut at the context's end: status
+        incomplete)."""
+        max_tok = p.max_output_tokens
+        tools = p.tools is not None and p.tools.active
+        reserve = (256 if max_tok == "inf" else int(max_tok)) + (p.tool_call_max_tokens if tools else 0)
+        budget = self.stack.max_model_len - min(reserve, self.stack.max_model_len // 2)
+        if tools:  # the tool descriptions are part of the prompt
+            budget -= tools_prompt_tokens(p.tools.tools, self.stack.count_tokens)
+        conv = self.conv if not isolated else type(self.conv)()
+        return conv.messages(instructions, count_tokens=self.stack.count_tokens, max_prompt_tokens=budget,
+                             extra=extra)
+
+    def _warm_reply_prefix(self) -> None:
+        """While the caller speaks: prefill the prompt of the reply a turn ending now would get (the published
+        partial words as the user's message), so the reply's prefill at the end of the turn is only what the final
+        transcript changed (voicefast.prefix_warm). Not while a response of this session is queued or running."""
+        u, w = self.work.utt, self._warmer
+        if w is None or u is None or u.transcriber is None or self.closed:
+            return
+        if self.active is not None and not self.active.done.is_set():
+            return
+        text = u.transcriber.text()
+        if not text:
+            return
+        p, instructions = ResponseParams.from_request({}, self.cfg, self.opts, self.stack.voice_names)
+        msgs = self._prompt_messages(p, instructions, extra=[Item("pending", "user", text)])
+        kw = {"tools": p.tools.tools} if p.tools is not None and p.tools.active else plain_request_kwargs(msgs)
+        w.warm(msgs, kw)
 
     @staticmethod
     def _supersede(r: Response) -> None:

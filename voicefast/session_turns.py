@@ -152,6 +152,7 @@ class SessionTurns:
     def _partial_transcript(self, item_id: str, delta: str) -> None:
         self.emit({"type": "conversation.item.input_audio_transcription.delta", "item_id": item_id,
                    "content_index": 0, "delta": delta})
+        self._warm_reply_prefix()
 
     def _speech_started(self, item_id: str, start_sample: int) -> None:
         self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": self.ms(start_sample),

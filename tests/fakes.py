@@ -174,6 +174,7 @@ class FakeTranscriber:
         self.words.append(f"w{next(self._n)}")
         return self.words[-1] + " "
 
+    @property
     def text(self) -> str:
         return " ".join(self.words)
 

@@ -103,7 +103,7 @@ def test_the_session_warms_the_reply_prompt_with_the_partial_words():
     async def main():
         h = Harness(opts=ServerConfig(output_lead_ms=100, asr_partial_interval_ms=200))
         await _speak(h, 1200)  # still speaking: a partial every 200 ms of speech, a warm after each
-        await until(lambda: len(_warms(h)) >= 2)
+        await until(lambda: len(_warms(h)) >= 3)
         deltas = h.of("conversation.item.input_audio_transcription.delta")
         await h.session.close()
         return h, deltas
@@ -113,7 +113,30 @@ def test_the_session_warms_the_reply_prompt_with_the_partial_words():
     for rid, msgs in warms:  # the reply's prompt: the persona, then the published words as the user's message
         assert msgs[0] == {"role": "system", "content": "You are a test."} and msgs[-1]["role"] == "user"
         assert h.stack.engine.params[rid][0].max_tokens == 1
-    assert warms[0][1][-1]["content"] == "w1" and warms[-1][1][-1]["content"].startswith("w1 w2")
+    # at the start of speech the conversation up to the user's turn, then the words as they are published
+    assert warms[0][1][-1]["content"] == "" and h.of("input_audio_buffer.speech_started")
+    assert warms[1][1][-1]["content"] == "w1" and warms[-1][1][-1]["content"].startswith("w1 w2")
+
+
+def test_the_fake_transcriber_has_the_real_ones_shape():
+    """Every member the fake offers is a property / method / coroutine exactly where audio.transcriber's
+    StreamingTranscriber has one (the session read `text` as a method once: the fake allowed it, the real one did
+    not)."""
+    import inspect
+
+    from fakes import FakeTranscriber
+
+    from audio.transcriber import StreamingTranscriber
+
+    def kind(cls, name):
+        v = inspect.getattr_static(cls, name)
+        return "property" if isinstance(v, property) else "coroutine" if inspect.iscoroutinefunction(v) else \
+            "method" if callable(v) else "attribute"
+    members = [n for n, _ in inspect.getmembers(FakeTranscriber) if not n.startswith("_")]
+    assert "text" in members and "partial" in members
+    for name in members:
+        assert hasattr(StreamingTranscriber, name), name
+        assert kind(FakeTranscriber, name) == kind(StreamingTranscriber, name), name
 
 
 def test_no_warm_when_turned_off_or_while_a_reply_is_in_flight():

@@ -48,14 +48,17 @@ class PrefixWarmer:
             st = self._engine.stats()
             if st.running or st.waiting:
                 self.skipped_busy += 1
+                log.debug("prefix warm skipped: engine busy (%d running, %d waiting)", st.running, st.waiting)
                 return False
+            rid = f"warm-{next(_ids)}"
             stream = self._engine.generate(self._sp(temperature=0.0, max_tokens=1), messages=messages,
-                                           request_id=f"warm-{next(_ids)}", **(generate_kwargs or {}))
+                                           request_id=rid, **(generate_kwargs or {}))
         except Exception as e:  # noqa: BLE001 - overloaded, too long, engine gone: no warm, nothing else changes
             log.debug("prefix warm not sent: %s", e)
             return False
         self._last = key
         self.sent += 1
+        log.debug("prefix warm %s: %d messages, the user's so far %r", rid, len(messages), messages[-1]["content"])
         self._task = self._spawn(self._drain(stream), "llm-prefix-warm")
         return True
 

@@ -446,21 +446,26 @@ class Session(SessionTurns):
                              extra=extra)
 
     def _warm_reply_prefix(self) -> None:
-        """While the caller speaks: prefill the prompt of the reply a turn ending now would get (the published
-        partial words as the user's message), so the reply's prefill at the end of the turn is only what the final
-        transcript changed (voicefast.prefix_warm). Not while a response of this session is queued or running."""
+        """While the caller speaks (at the start of speech, then after each partial): prefill the prompt of the reply
+        a turn ending now would get (the published partial words as the user's message), so the reply's prefill at
+        the end of the turn is only what the final transcript changed (voicefast.prefix_warm). Not while a response
+        of this session is queued or running."""
         u, w = self.work.utt, self._warmer
         if w is None or u is None or u.transcriber is None or self.closed:
             return
         if self.active is not None and not self.active.done.is_set():
             return
-        text = u.transcriber.text()
-        if not text:
-            return
-        p, instructions = ResponseParams.from_request({}, self.cfg, self.opts, self.stack.voice_names)
-        msgs = self._prompt_messages(p, instructions, extra=[Item("pending", "user", text)])
-        kw = {"tools": p.tools.tools} if p.tools is not None and p.tools.active else plain_request_kwargs(msgs)
-        w.warm(msgs, kw)
+        try:
+            text = u.transcriber.text
+            p, instructions = ResponseParams.from_request({}, self.cfg, self.opts, self.stack.voice_names)
+            if text:
+                msgs = self._prompt_messages(p, instructions, extra=[Item("pending", "user", text)])
+            else:  # at the start of speech, no words yet: the conversation up to the user's turn marker
+                msgs = self._prompt_messages(p, instructions) + [{"role": "user", "content": ""}]
+            kw = {"tools": p.tools.tools} if p.tools is not None and p.tools.active else plain_request_kwargs(msgs)
+            w.warm(msgs, kw)
+        except Exception:  # an optimization: its failure must never reach the turn handling that called it
+            log.error("prefix warm failed", exc_info=True)
 
     @staticmethod
     def _supersede(r: Response) -> None:

@@ -157,6 +157,7 @@ class SessionTurns:
     def _speech_started(self, item_id: str, start_sample: int) -> None:
         self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": self.ms(start_sample),
                    "item_id": item_id})
+        self._warm_reply_prefix()
 
     def _start_check(self, a: StartCheck) -> None:
         """A pause (or a candidate barge-in) to judge: transcribe the turn so far and, for an end-of-turn check, ask

@@ -8,7 +8,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from fakes import FakeEngine, FakeSamplingParams, FakeStats, speech_like
+from fakes import FakeASR, FakeEngine, FakeSamplingParams, FakeStats, speech_like
 from test_session import Harness
 from test_session_turns import until
 
@@ -116,6 +116,34 @@ def test_the_session_warms_the_reply_prompt_with_the_partial_words():
     # at the start of speech the conversation up to the user's turn, then the words as they are published
     assert warms[0][1][-1]["content"] == "" and h.of("input_audio_buffer.speech_started")
     assert warms[1][1][-1]["content"] == "w1" and warms[-1][1][-1]["content"].startswith("w1 w2")
+
+
+def test_no_warm_once_the_pause_began():
+    """The pause's check (ASR final, held reply) is the critical path: a partial that lands after the speech
+    stopped sends no warm, one that lands while the caller speaks does. The check's ASR final takes 5 s here, so
+    its held reply has not reached the engine yet (an idle engine: only the pause rule holds the warm back)."""
+    async def main():
+        h = Harness(opts=ServerConfig(output_lead_ms=100, asr_partial_interval_ms=200), asr=FakeASR(delay_s=5.0))
+        await _speak(h, 600)
+        s, tr = h.session, h.session.work.utt.transcriber
+        await until(lambda: not s._warmer.in_flight)
+        tr.words.append("speaking")  # a new word published while the caller speaks: warmed
+        n = s._warmer.sent
+        s._warm_reply_prefix()
+        speaking = s._warmer.sent - n
+        await until(lambda: not s._warmer.in_flight)
+        h.audio(np.zeros(2400, np.float32))  # 100 ms of silence: the pause began (its check starts at 64 ms)
+        await asyncio.sleep(0.01)
+        assert s.work.utt is not None and not s.turns.speaking and s.work.checks
+        assert h.stack.engine.stats().running == 0
+        tr.words.append("paused")  # a partial landing in the pause
+        n = s._warmer.sent
+        s._warm_reply_prefix()
+        paused = s._warmer.sent - n
+        await h.session.close()
+        return speaking, paused
+    speaking, paused = asyncio.run(main())
+    assert (speaking, paused) == (1, 0)
 
 
 def test_the_fake_transcriber_has_the_real_ones_shape():

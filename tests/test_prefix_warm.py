@@ -16,6 +16,7 @@ from voicefast.config import ServerConfig
 from voicefast.prefix_warm import PrefixWarmer
 from voicefast.session_config import TurnDetection
 
+WARM = ServerConfig(output_lead_ms=100, asr_partial_interval_ms=200, llm_prefix_warm=True)
 MSGS = [{"role": "system", "content": "You are a shop assistant."}, {"role": "user", "content": "What time do"}]
 
 
@@ -101,7 +102,7 @@ def _warms(h) -> list[tuple[str, list[dict]]]:
 
 def test_the_session_warms_the_reply_prompt_with_the_partial_words():
     async def main():
-        h = Harness(opts=ServerConfig(output_lead_ms=100, asr_partial_interval_ms=200))
+        h = Harness(opts=WARM)
         await _speak(h, 1200)  # still speaking: a partial every 200 ms of speech, a warm after each
         await until(lambda: len(_warms(h)) >= 3)
         deltas = h.of("conversation.item.input_audio_transcription.delta")
@@ -123,7 +124,7 @@ def test_no_warm_once_the_pause_began():
     stopped sends no warm, one that lands while the caller speaks does. The check's ASR final takes 5 s here, so
     its held reply has not reached the engine yet (an idle engine: only the pause rule holds the warm back)."""
     async def main():
-        h = Harness(opts=ServerConfig(output_lead_ms=100, asr_partial_interval_ms=200), asr=FakeASR(delay_s=5.0))
+        h = Harness(opts=WARM, asr=FakeASR(delay_s=5.0))
         await _speak(h, 600)
         s, tr = h.session, h.session.work.utt.transcriber
         await until(lambda: not s._warmer.in_flight)
@@ -177,7 +178,7 @@ def test_no_warm_when_turned_off_or_while_a_reply_is_in_flight():
 
         # interrupt_response false: the caller's speech does not cancel the reply (with it, a barge-in ends the
         # reply and the warm for the new turn is right)
-        h2 = Harness(opts=ServerConfig(output_lead_ms=100, asr_partial_interval_ms=200), engine=FakeEngine(ttft_s=5),
+        h2 = Harness(opts=WARM, engine=FakeEngine(ttft_s=5),
                      td=TurnDetection(interrupt_response=False))
         h2.send("conversation.item.create", item={"type": "message", "role": "user",
                                                   "content": [{"type": "input_text", "text": "Tell me a story."}]})

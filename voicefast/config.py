@@ -71,8 +71,10 @@ class ServerConfig:
     tts_first_phrase_words: int = 2
     asr_partial_interval_ms: int = 800  # streaming partials at most this often per speaking session (0: off)
     # prefill the likely reply prompt (conversation + published partial words) while the caller speaks, in idle
-    # engine time, so the reply prefills only what the final changed (voicefast.prefix_warm; needs partials)
-    llm_prefix_warm: bool = True
+    # engine time, so the reply prefills only what the final changed (voicefast.prefix_warm; needs partials).
+    # Off by default: on the 2-core VM it cut LLM TTFT p50 142 -> 110 ms but the end-to-end p50 stayed within
+    # noise (docs/benchmarks.md); off until it is shown to win end to end
+    llm_prefix_warm: bool = False
     max_output_tokens: int = 96  # default per response
     tool_call_max_tokens: int = 256  # a tool call's own budget (forced: the whole reply; auto: from the call on)
     temperature: float = 0.3  # the small default model wanders at higher temperatures

@@ -35,7 +35,7 @@ _HELP = {
     "tensor_parallel": "split the LLM over this many GPUs of this host (tensor parallelism, NCCL; docs/gpu.md)",
     "llm_prefix_warm": "while a caller speaks, prefill the reply's likely prompt (the conversation + the partial "
                        "transcript) in idle engine time, so the reply prefills only what the final changed "
-                       "(default: on)",
+                       "(default: off; docs/benchmarks.md)",
     "engine_process": "run the LLM engine in its own process, so its steps never wait for the server's GIL "
                       "(default: on where the LLM runs on a GPU, a thread of the server on a CPU host; docs/gpu.md)",
     "turn_model": "end-of-turn model for semantic_vad: Smart Turn v3 .onnx (default: embedded Smart Turn v3.2)",
